@@ -1,0 +1,132 @@
+//! Checks module files against the target kernel and the config before any
+//! insert, so a mismatch is our clear error rather than a kernel message.
+
+use std::fs;
+use std::path::Path;
+
+use anyhow::{Result, bail};
+
+use crate::kernel::KernelRelease;
+use crate::kmod::{ModInfo, ModuleFile};
+
+/// The vermagic of the host's own modules for a kernel (from the first entry of its `modules.dep`).
+pub fn reference_vermagic(host_tree: &Path) -> Option<String> {
+    let dep = fs::read_to_string(host_tree.join("modules.dep")).ok()?;
+    let first = dep.lines().next()?.split(':').next()?;
+    ModInfo::read(&host_tree.join(first)).ok()?.vermagic
+}
+
+/// Checks one of our module files; `expected_version` is the config's `version` for configured modules.
+pub fn check(
+    file: &ModuleFile,
+    info: &ModInfo,
+    kernel: &KernelRelease,
+    reference: Option<&str>,
+    expected_version: Option<&str>,
+) -> Result<()> {
+    let Some(vermagic) = info.vermagic.as_deref() else {
+        bail!(
+            "module {} ({}) has no vermagic: not a module built for a Linux kernel",
+            file.name,
+            file.path.display()
+        );
+    };
+    let release = info.vermagic_release().unwrap_or_default();
+    if release != kernel.as_str() {
+        bail!(
+            "module {} ({}) was built for kernel {release}, but the target kernel is {kernel} (vermagic {:?})",
+            file.name,
+            file.path.display(),
+            vermagic.trim_end()
+        );
+    }
+    if let Some(reference) = reference {
+        let flags = |v: &str| v.split_whitespace().skip(1).collect::<Vec<_>>().join(" ");
+        if flags(vermagic) != flags(reference) {
+            bail!(
+                "module {} ({}) was built with kernel options {:?}, but kernel {kernel}'s modules have {:?}",
+                file.name,
+                file.path.display(),
+                flags(vermagic),
+                flags(reference)
+            );
+        }
+    }
+    if let (Some(want), Some(have)) = (expected_version, info.version.as_deref()) {
+        if want != have {
+            bail!(
+                "module {} ({}) is version {have}, but the config expects version {want}",
+                file.name,
+                file.path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kmod::ModName;
+
+    fn file() -> ModuleFile {
+        ModuleFile {
+            name: ModName::parse("m").unwrap(),
+            path: "/x/m.ko".into(),
+            in_tree: false,
+        }
+    }
+
+    fn info(vermagic: &str, version: Option<&str>) -> ModInfo {
+        ModInfo {
+            vermagic: Some(vermagic.into()),
+            version: version.map(Into::into),
+            signer: None,
+            depends: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn release_flags_and_version() {
+        let k = KernelRelease::parse("6.1.0-27-amd64").unwrap();
+        let good = info(
+            "6.1.0-27-amd64 SMP preempt mod_unload modversions ",
+            Some("1.2.0"),
+        );
+        let reference = Some("6.1.0-27-amd64 SMP preempt mod_unload modversions ");
+        check(&file(), &good, &k, reference, Some("1.2.0")).unwrap();
+        check(&file(), &good, &k, None, None).unwrap();
+
+        let e = check(&file(), &info("6.1.0-28-amd64 SMP", None), &k, None, None).unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "was built for kernel 6.1.0-28-amd64, but the target kernel is 6.1.0-27-amd64"
+            ),
+            "{e}"
+        );
+
+        let e = check(
+            &file(),
+            &info("6.1.0-27-amd64 SMP mod_unload ", None),
+            &k,
+            reference,
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("kernel options \"SMP mod_unload\""),
+            "{e}"
+        );
+
+        let e = check(&file(), &good, &k, reference, Some("1.3.0")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("is version 1.2.0, but the config expects version 1.3.0"),
+            "{e}"
+        );
+
+        let none = ModInfo::default();
+        let e = check(&file(), &none, &k, None, None).unwrap_err();
+        assert!(e.to_string().contains("has no vermagic"), "{e}");
+    }
+}

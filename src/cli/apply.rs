@@ -1,0 +1,126 @@
+//! `kvcd apply`: one reconcile in the foreground, without D-Bus.
+
+use std::collections::BTreeMap;
+use std::fs;
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+use nix::fcntl::{Flock, FlockArg};
+
+use super::{EXIT_FAILED, PathArgs};
+use crate::artifacts::RootLayout;
+use crate::kernel::KernelRelease;
+use crate::kmod::Libkmod;
+use crate::reconciler::{Engine, Outcome, RecordStore, Step, StepLog, order};
+
+/// `kvcd apply` arguments.
+#[derive(Debug, Args)]
+pub(super) struct ApplyArgs {
+    /// Unload instead of load (reverse order; in-tree modules put back).
+    #[arg(long)]
+    unload: bool,
+    /// Target kernel release; default the running kernel.
+    #[arg(long, value_name = "RELEASE")]
+    kernel: Option<String>,
+    /// Print one JSON document instead of progress lines.
+    #[arg(long)]
+    json: bool,
+    /// Module config names (modules.d/NAME.toml).
+    #[arg(required = true, value_name = "NAME")]
+    names: Vec<String>,
+}
+
+fn print_step(name: &str, s: &StepLog) {
+    println!("{name}: {}: {}", s.step.as_str(), s.detail);
+}
+
+/// Runs `kvcd apply`; returns the exit code.
+pub(super) fn run(paths: &PathArgs, args: &ApplyArgs) -> Result<u8> {
+    let config = paths.load();
+    if !config.errors.is_empty() {
+        for e in &config.errors {
+            eprintln!("{e}");
+        }
+        anyhow::bail!("the configuration has errors outside the module configs (see above)");
+    }
+    let kernel = match &args.kernel {
+        Some(k) => KernelRelease::parse(k)?,
+        None => KernelRelease::running()?,
+    };
+    let d = &config.daemon;
+    fs::create_dir_all(&d.runtime_dir)
+        .with_context(|| format!("creating runtime directory {}", d.runtime_dir.display()))?;
+    let lock_path = d.runtime_dir.join("kvcd.lock");
+    let lock_file =
+        fs::File::create(&lock_path).with_context(|| format!("opening {}", lock_path.display()))?;
+    let _lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((f, _)) => {
+            eprintln!("waiting for another kvcd holding {}", lock_path.display());
+            Flock::lock(f, FlockArg::LockExclusive)
+                .map_err(|(_, e)| e)
+                .with_context(|| format!("locking {}", lock_path.display()))?
+        }
+    };
+
+    let kmods = Libkmod::new()?;
+    let on_step = print_step;
+    let engine = Engine {
+        layout: RootLayout {
+            state_dir: d.state_dir.clone(),
+            kernel_modules_dir: d.kernel_modules_dir.clone(),
+            depmod: d.depmod.clone(),
+        },
+        kernel: kernel.clone(),
+        kmods: &kmods,
+        records: RecordStore::new(&d.runtime_dir),
+        on_step: if args.json { None } else { Some(&on_step) },
+    };
+
+    let after: BTreeMap<String, Vec<String>> = config
+        .modules
+        .iter()
+        .filter_map(|(n, e)| {
+            let c = e.result.as_ref().ok()?;
+            Some((n.clone(), c.after.iter().map(ToString::to_string).collect()))
+        })
+        .collect();
+    let mut names = order::load_order(&args.names, &after);
+    if args.unload {
+        names.reverse();
+    }
+
+    let mut outcomes = Vec::new();
+    for name in &names {
+        let outcome = if args.unload {
+            let force = config.module(name).is_ok_and(|c| c.force_unload);
+            engine.unload(name, force)
+        } else {
+            match config.module(name) {
+                Ok(c) => engine.load(c),
+                Err(e) => Outcome::failed(name, &kernel, Step::Config, e.to_string()),
+            }
+        };
+        if !args.json {
+            match &outcome.error {
+                None => println!("{name}: {}", outcome.state),
+                Some(e) => println!(
+                    "{name}: {} at {}: {}",
+                    outcome.state,
+                    e.step.as_str(),
+                    e.message
+                ),
+            }
+        }
+        outcomes.push(outcome);
+    }
+    if args.json {
+        let doc = serde_json::json!({ "kernel": kernel.as_str(), "results": outcomes });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    }
+    Ok(if outcomes.iter().all(|o| o.state.is_ok()) {
+        0
+    } else {
+        EXIT_FAILED
+    })
+}

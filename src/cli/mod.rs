@@ -1,0 +1,134 @@
+//! Command-line verbs of `kvcd` and `kvcctl`; the `main.rs` files only call [`kvcd_main`] and [`kvcctl_main`].
+
+mod apply;
+mod config;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, DEFAULT_CONFIG_DIRS, Overrides};
+
+/// Exit code: a module config failed, was busy, or is invalid.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code: the command line or the environment is wrong (clap uses 2 as well).
+pub const EXIT_USAGE: u8 = 2;
+
+/// Where configuration and state live; every verb takes these.
+#[derive(Debug, Clone, Args)]
+pub struct PathArgs {
+    /// A configuration directory (repeatable, lowest precedence first); default /usr/lib/kvcd, /run/kvcd, /etc/kvcd.
+    #[arg(long = "config-dir", value_name = "DIR", global = true)]
+    pub config_dirs: Vec<PathBuf>,
+    /// State directory (module trees); default from kvcd.toml, else /var/lib/kvcd.
+    #[arg(long, value_name = "DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
+    /// Runtime directory (what kvcd loaded); default from kvcd.toml, else /run/kvcd.
+    #[arg(long, value_name = "DIR", global = true)]
+    pub runtime_dir: Option<PathBuf>,
+}
+
+impl PathArgs {
+    /// The configuration directories in effect.
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        if self.config_dirs.is_empty() {
+            DEFAULT_CONFIG_DIRS.iter().map(PathBuf::from).collect()
+        } else {
+            self.config_dirs.clone()
+        }
+    }
+
+    /// Loads the configuration with the command-line overrides applied.
+    pub fn load(&self) -> Config {
+        Config::load(
+            &self.dirs(),
+            &Overrides {
+                state_dir: self.state_dir.clone(),
+                runtime_dir: self.runtime_dir.clone(),
+            },
+        )
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kvcd",
+    version,
+    about = "Loads out-of-tree kernel modules from driver packages"
+)]
+struct KvcdCli {
+    #[command(flatten)]
+    paths: PathArgs,
+    /// Log progress to stderr (repeat for debug); KVCD_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: KvcdCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum KvcdCommand {
+    /// Apply module configs once, in the foreground, without D-Bus.
+    Apply(apply::ApplyArgs),
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "kvcctl", version, about = "Inspects and controls kvcd")]
+struct KvcctlCli {
+    #[command(flatten)]
+    paths: PathArgs,
+    #[command(subcommand)]
+    command: KvcctlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum KvcctlCommand {
+    /// Work with configuration files offline.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "off",
+        1 => "kvcd=info",
+        _ => "kvcd=debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KVCD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// `kvcd` entry point.
+pub fn kvcd_main() -> ExitCode {
+    let cli = KvcdCli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        KvcdCommand::Apply(args) => apply::run(&cli.paths, &args),
+    };
+    finish(result)
+}
+
+/// `kvcctl` entry point.
+pub fn kvcctl_main() -> ExitCode {
+    let cli = KvcctlCli::parse();
+    init_logging(0);
+    let result = match cli.command {
+        KvcctlCommand::Config(cmd) => config::run(&cli.paths, &cmd),
+    };
+    finish(result)
+}
+
+fn finish(result: anyhow::Result<u8>) -> ExitCode {
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}

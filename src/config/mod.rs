@@ -1,0 +1,395 @@
+//! Configuration: on-disk files (`raw`) → merge across directories (`merge`) →
+//! validated settings (`validate`).
+//!
+//! Layout of each configuration directory: `kvcd.toml` for the daemon and
+//! `modules.d/NAME.toml`, one per module config. A broken module config fails
+//! only itself; its errors name the file, the line and column, and the key.
+
+pub mod merge;
+mod raw;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use regex::Regex;
+use serde::Serialize;
+
+use crate::kmod::ModName;
+
+pub use validate::InstanceName;
+
+/// Default configuration directories, lowest precedence first.
+pub const DEFAULT_CONFIG_DIRS: &[&str] = &["/usr/lib/kvcd", "/run/kvcd", "/etc/kvcd"];
+/// Default state directory (module roots, caches).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/kvcd";
+/// Default runtime directory (what kvcd loaded, lock).
+pub const DEFAULT_RUNTIME_DIR: &str = "/run/kvcd";
+/// Default directory holding `KERNEL/` module trees.
+pub const DEFAULT_KERNEL_MODULES_DIR: &str = "/usr/lib/modules";
+/// Default `depmod` program (looked up in `PATH`).
+pub const DEFAULT_DEPMOD: &str = "depmod";
+
+/// One configuration problem, pointing at the file and, where known, line, column and key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConfigError {
+    /// The file at fault.
+    pub file: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
+    /// The key at fault (dotted for tables, e.g. `directory.path`), when known.
+    pub key: Option<String>,
+    /// What is wrong and what was expected.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(col) = self.column {
+                write!(f, ":{col}")?;
+            }
+        }
+        write!(f, ": ")?;
+        if let Some(key) = &self.key {
+            write!(f, "key `{key}`: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where the artifacts (the `.ko` files) of a module config come from.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// A directory on the host holding `.ko` files (a precompiled driver package).
+    Directory {
+        /// Path template, e.g. `/usr/lib/kvcd/acme/${KERNEL_FULL_VERSION}`.
+        path: String,
+    },
+}
+
+/// A validated module config (`modules.d/NAME.toml`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ModuleConfig {
+    /// Instance name: the file stem.
+    pub name: InstanceName,
+    /// The file it was read from.
+    pub file: PathBuf,
+    /// SHA-256 of the file's content (cache key part).
+    pub digest: String,
+    /// Free text for status output; default none.
+    pub description: Option<String>,
+    /// Expected `MODULE_VERSION` of the modules; default none (not checked).
+    pub version: Option<String>,
+    /// Modules to load, in this order; unload reverses it.
+    pub modules: Vec<ModName>,
+    /// Module configs that must be loaded first; default none.
+    pub after: Vec<InstanceName>,
+    /// In-tree modules unloaded before loading and restored after unloading; default none.
+    pub replace_in_tree: Vec<ModName>,
+    /// Kernels this config supports; default all.
+    #[serde(serialize_with = "serialize_regex")]
+    pub kernel_match: Option<Regex>,
+    /// Force removal of modules that are in use; default false.
+    pub force_unload: bool,
+    /// Module parameters (`name=value`) per module; default none.
+    pub parameters: BTreeMap<ModName, Vec<String>>,
+    /// Where the `.ko` files come from.
+    pub source: Source,
+}
+
+fn serialize_regex<S: serde::Serializer>(r: &Option<Regex>, s: S) -> Result<S::Ok, S::Error> {
+    match r {
+        Some(r) => s.serialize_some(r.as_str()),
+        None => s.serialize_none(),
+    }
+}
+
+impl ModuleConfig {
+    /// True when the config applies to `kernel` (no `kernel_match`, or it matches).
+    pub fn supports(&self, kernel: &crate::kernel::KernelRelease) -> bool {
+        self.kernel_match
+            .as_ref()
+            .is_none_or(|re| re.is_match(kernel.as_str()))
+    }
+
+    /// The parameters for `module`, empty when none are configured.
+    pub fn parameters_for(&self, module: &ModName) -> &[String] {
+        self.parameters.get(module).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Daemon-wide settings (`kvcd.toml`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DaemonSettings {
+    /// The `kvcd.toml` in effect, if any.
+    pub file: Option<PathBuf>,
+    /// Module roots and caches; default `/var/lib/kvcd`.
+    pub state_dir: PathBuf,
+    /// What kvcd loaded, and its lock; default `/run/kvcd`.
+    pub runtime_dir: PathBuf,
+    /// Directory holding the kernels' module trees; default `/usr/lib/modules`.
+    pub kernel_modules_dir: PathBuf,
+    /// The `depmod` program; default `depmod` from `PATH`.
+    pub depmod: PathBuf,
+}
+
+impl Default for DaemonSettings {
+    fn default() -> Self {
+        Self {
+            file: None,
+            state_dir: DEFAULT_STATE_DIR.into(),
+            runtime_dir: DEFAULT_RUNTIME_DIR.into(),
+            kernel_modules_dir: DEFAULT_KERNEL_MODULES_DIR.into(),
+            depmod: DEFAULT_DEPMOD.into(),
+        }
+    }
+}
+
+/// A module config as found on disk: where it came from and whether it is valid.
+#[derive(Debug, Clone)]
+pub struct ModuleEntry {
+    /// The file in effect.
+    pub file: PathBuf,
+    /// Lower-precedence files with the same name that it overrides.
+    pub shadows: Vec<PathBuf>,
+    /// The validated config, or every problem found in it.
+    pub result: Result<ModuleConfig, Vec<ConfigError>>,
+}
+
+/// Everything read from the configuration directories.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The directories read, lowest precedence first.
+    pub dirs: Vec<PathBuf>,
+    /// Daemon settings (defaults where `kvcd.toml` is absent or broken).
+    pub daemon: DaemonSettings,
+    /// Problems with `kvcd.toml` and with files that cannot be module configs.
+    pub errors: Vec<ConfigError>,
+    /// Module configs by instance name.
+    pub modules: BTreeMap<String, ModuleEntry>,
+    /// Files that mask a name (symlinks to `/dev/null`).
+    pub masked: Vec<PathBuf>,
+}
+
+/// Overrides given on the command line; they win over `kvcd.toml`.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--runtime-dir`.
+    pub runtime_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads and validates everything under `dirs` (lowest precedence first).
+    pub fn load(dirs: &[PathBuf], overrides: &Overrides) -> Self {
+        let mut found = Found::default();
+        for d in dirs {
+            found.add_dir(d);
+        }
+        found.assemble(dirs, overrides)
+    }
+
+    /// Reads what `kvcctl config validate PATH…` names: configuration
+    /// directories (holding `kvcd.toml` or `modules.d/`), directories of module
+    /// configs (`*.toml`), or single files; later paths win as later directories do.
+    pub fn load_paths(paths: &[PathBuf]) -> Self {
+        let mut found = Found::default();
+        for p in paths {
+            if p.is_dir() && (p.join("modules.d").is_dir() || p.join("kvcd.toml").exists()) {
+                found.add_dir(p);
+            } else if p.is_dir() {
+                found.add_modules_dir(p);
+            } else if p.file_name().is_some_and(|n| n == "kvcd.toml") {
+                found.daemon.push(candidate(p.clone()));
+            } else if fs::symlink_metadata(p).is_ok() {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                found.modules.push(BTreeMap::from([(
+                    name,
+                    merge::Candidate {
+                        path: p.clone(),
+                        masked: merge::is_mask(p),
+                    },
+                )]));
+            } else {
+                found.errors.push(ConfigError {
+                    file: p.clone(),
+                    line: None,
+                    column: None,
+                    key: None,
+                    message: "no such file or directory".to_owned(),
+                });
+            }
+        }
+        found.assemble(paths, &Overrides::default())
+    }
+
+    /// Every problem found, global ones first.
+    pub fn all_errors(&self) -> Vec<&ConfigError> {
+        let mut out: Vec<_> = self.errors.iter().collect();
+        for entry in self.modules.values() {
+            if let Err(errs) = &entry.result {
+                out.extend(errs);
+            }
+        }
+        out
+    }
+
+    /// The validated module config named `name`.
+    pub fn module(&self, name: &str) -> Result<&ModuleConfig, ModuleLookupError> {
+        match self.modules.get(name) {
+            None => Err(ModuleLookupError::NotFound(
+                name.to_owned(),
+                self.dirs.clone(),
+            )),
+            Some(ModuleEntry { result: Ok(c), .. }) => Ok(c),
+            Some(ModuleEntry {
+                result: Err(errs), ..
+            }) => Err(ModuleLookupError::Invalid(errs.clone())),
+        }
+    }
+}
+
+/// Why a module config could not be used.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ModuleLookupError {
+    /// No file defines it.
+    #[error("no module config named {0:?} in {dirs}", dirs = display_dirs(.1))]
+    NotFound(String, Vec<PathBuf>),
+    /// Its file is invalid.
+    #[error("invalid configuration:\n  {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+    Invalid(Vec<ConfigError>),
+}
+
+fn display_dirs(dirs: &[PathBuf]) -> String {
+    dirs.iter()
+        .map(|d| format!("{}/modules.d", d.display()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn candidate(path: PathBuf) -> BTreeMap<String, merge::Candidate> {
+    let masked = merge::is_mask(&path);
+    BTreeMap::from([("kvcd.toml".to_owned(), merge::Candidate { path, masked })])
+}
+
+/// Files found, before merging and validation.
+#[derive(Default)]
+struct Found {
+    daemon: Vec<BTreeMap<String, merge::Candidate>>,
+    modules: Vec<BTreeMap<String, merge::Candidate>>,
+    errors: Vec<ConfigError>,
+}
+
+impl Found {
+    fn add_dir(&mut self, dir: &Path) {
+        let p = dir.join("kvcd.toml");
+        if fs::symlink_metadata(&p).is_ok() {
+            self.daemon.push(candidate(p));
+        }
+        self.add_modules_dir(&dir.join("modules.d"));
+    }
+
+    fn add_modules_dir(&mut self, md: &Path) {
+        match merge::list_toml(md) {
+            Ok(l) => self.modules.push(l),
+            Err(e) => self.errors.push(ConfigError {
+                file: md.to_owned(),
+                line: None,
+                column: None,
+                key: None,
+                message: format!("cannot read directory: {e}"),
+            }),
+        }
+    }
+
+    fn assemble(self, dirs: &[PathBuf], overrides: &Overrides) -> Config {
+        let mut errors = self.errors;
+        let mut masked = Vec::new();
+
+        let mut daemon = DaemonSettings::default();
+        if let Some(m) = merge::merge(self.daemon).remove("kvcd.toml") {
+            if m.winner.masked {
+                masked.push(m.winner.path);
+            } else {
+                match read(&m.winner.path).and_then(|text| validate::daemon(&m.winner.path, &text))
+                {
+                    Ok(d) => daemon = d,
+                    Err(mut e) => errors.append(&mut e),
+                }
+            }
+        }
+        if let Some(dir) = &overrides.state_dir {
+            daemon.state_dir.clone_from(dir);
+        }
+        if let Some(dir) = &overrides.runtime_dir {
+            daemon.runtime_dir.clone_from(dir);
+        }
+
+        let mut modules = BTreeMap::new();
+        for (file_name, m) in merge::merge(self.modules) {
+            if m.winner.masked {
+                masked.push(m.winner.path);
+                continue;
+            }
+            let stem = file_name.trim_end_matches(".toml");
+            let name = match InstanceName::parse(stem) {
+                Ok(n) => n,
+                Err(msg) => {
+                    errors.push(ConfigError {
+                        file: m.winner.path,
+                        line: None,
+                        column: None,
+                        key: None,
+                        message: format!("file name is not a valid module config name: {msg}"),
+                    });
+                    continue;
+                }
+            };
+            let result = read(&m.winner.path)
+                .and_then(|text| validate::module(&name, &m.winner.path, &text));
+            modules.insert(
+                name.to_string(),
+                ModuleEntry {
+                    file: m.winner.path,
+                    shadows: m.shadowed,
+                    result,
+                },
+            );
+        }
+        validate::cross_check(&mut modules);
+
+        Config {
+            dirs: dirs.to_vec(),
+            daemon,
+            errors,
+            modules,
+            masked,
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, Vec<ConfigError>> {
+    fs::read_to_string(path).map_err(|e| {
+        vec![ConfigError {
+            file: path.to_owned(),
+            line: None,
+            column: None,
+            key: None,
+            message: format!("cannot read file: {e}"),
+        }]
+    })
+}

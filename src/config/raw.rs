@@ -1,0 +1,45 @@
+//! On-disk shape of `kvcd.toml` and `modules.d/*.toml`: every field optional,
+//! unknown keys rejected, spans kept so validation errors can point at a line.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A value with its byte range in the file.
+pub(crate) type S<T> = Spanned<T>;
+
+/// A spanned list of spanned strings.
+pub(crate) type SList = S<Vec<S<String>>>;
+
+/// `kvcd.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDaemon {
+    pub(crate) state_dir: Option<S<String>>,
+    pub(crate) runtime_dir: Option<S<String>>,
+    pub(crate) kernel_modules_dir: Option<S<String>>,
+    pub(crate) depmod: Option<S<String>>,
+}
+
+/// `modules.d/NAME.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawModuleConfig {
+    pub(crate) description: Option<S<String>>,
+    pub(crate) version: Option<S<String>>,
+    pub(crate) modules: Option<SList>,
+    pub(crate) after: Option<SList>,
+    pub(crate) replace_in_tree: Option<SList>,
+    pub(crate) kernel_match: Option<S<String>>,
+    pub(crate) force_unload: Option<bool>,
+    pub(crate) parameters: Option<BTreeMap<S<String>, SList>>,
+    pub(crate) directory: Option<S<RawDirectory>>,
+}
+
+/// `[directory]`: a precompiled driver package on the host.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDirectory {
+    pub(crate) path: Option<S<String>>,
+}

@@ -1,0 +1,478 @@
+//! Raw config → validated settings, collecting every error with its location.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use regex::Regex;
+use serde::Serialize;
+
+use super::raw::{RawDaemon, RawModuleConfig, S, SList};
+use super::{ConfigError, DaemonSettings, ModuleConfig, ModuleEntry, Source};
+use crate::kernel::check_template;
+use crate::kmod::ModName;
+use crate::util::sha256_hex;
+
+/// A module config (instance) name: the file stem, also used in unit and D-Bus names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct InstanceName(String);
+
+impl InstanceName {
+    /// Letters, digits, `_`, `-` and `.` (not first), at most 64 characters.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(format!(
+                "{s:?}: expected 1-64 characters of letters, digits, '_', '-' and '.', starting with a letter or digit"
+            ))
+        }
+    }
+
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for InstanceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Collects errors for one file, turning byte spans into line and column.
+struct Diag<'a> {
+    file: &'a Path,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl<'a> Diag<'a> {
+    fn new(file: &'a Path, text: &'a str) -> Self {
+        Self {
+            file,
+            text,
+            errors: Vec::new(),
+        }
+    }
+
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.text.len());
+        let before = &self.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+        (line, col)
+    }
+
+    fn error(
+        &mut self,
+        span: Option<Range<usize>>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        let (line, column) = match span {
+            Some(s) => {
+                let (l, c) = self.line_col(s.start);
+                (Some(l), Some(c))
+            }
+            None => (None, None),
+        };
+        self.errors.push(ConfigError {
+            file: self.file.to_owned(),
+            line,
+            column,
+            key: Some(key.into()),
+            message: message.into(),
+        });
+    }
+
+    /// A TOML syntax or type error, with the key guessed from the line it points at.
+    fn parse_error(&mut self, err: &toml::de::Error) {
+        let (line, column) = err
+            .span()
+            .map(|s| self.line_col(s.start))
+            .map_or((None, None), |(l, c)| (Some(l), Some(c)));
+        let key = err.span().and_then(|s| self.key_at(s.start));
+        self.errors.push(ConfigError {
+            file: self.file.to_owned(),
+            line,
+            column,
+            key,
+            message: err.message().trim_end().to_owned(),
+        });
+    }
+
+    /// The dotted key assigned on the line holding `offset`, with its table header.
+    fn key_at(&self, offset: usize) -> Option<String> {
+        let offset = offset.min(self.text.len());
+        let start = self.text[..offset].rfind('\n').map_or(0, |i| i + 1);
+        let line = self.text[start..].lines().next().unwrap_or("");
+        let key = line.split_once('=')?.0.trim();
+        if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+            return None;
+        }
+        let key = key.trim_matches('"');
+        let table = self.text[..start]
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('['))
+            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+        Some(match table {
+            Some(t) => format!("{t}.{key}"),
+            None => key.to_owned(),
+        })
+    }
+
+    fn finish<T>(self, value: T) -> Result<T, Vec<ConfigError>> {
+        if self.errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(self.errors)
+        }
+    }
+}
+
+fn absolute_path(d: &mut Diag<'_>, key: &str, v: &S<String>) -> Option<PathBuf> {
+    let p = Path::new(v.get_ref());
+    if p.is_absolute() {
+        Some(p.to_owned())
+    } else {
+        d.error(
+            Some(v.span()),
+            key,
+            format!("expected an absolute path, found {:?}", v.get_ref()),
+        );
+        None
+    }
+}
+
+/// Validates `kvcd.toml`.
+pub(super) fn daemon(file: &Path, text: &str) -> Result<DaemonSettings, Vec<ConfigError>> {
+    let mut d = Diag::new(file, text);
+    let raw: RawDaemon = match toml::from_str(text) {
+        Ok(r) => r,
+        Err(e) => {
+            d.parse_error(&e);
+            return Err(d.errors);
+        }
+    };
+    let mut s = DaemonSettings {
+        file: Some(file.to_owned()),
+        ..DaemonSettings::default()
+    };
+    let dirs: [(&str, &Option<S<String>>, &mut PathBuf); 3] = [
+        ("state_dir", &raw.state_dir, &mut s.state_dir),
+        ("runtime_dir", &raw.runtime_dir, &mut s.runtime_dir),
+        (
+            "kernel_modules_dir",
+            &raw.kernel_modules_dir,
+            &mut s.kernel_modules_dir,
+        ),
+    ];
+    for (key, value, slot) in dirs {
+        if let Some(v) = value {
+            if let Some(p) = absolute_path(&mut d, key, v) {
+                *slot = p;
+            }
+        }
+    }
+    if let Some(v) = &raw.depmod {
+        if v.get_ref().is_empty() {
+            d.error(
+                Some(v.span()),
+                "depmod",
+                "expected a program name or absolute path, found an empty string",
+            );
+        } else {
+            s.depmod = PathBuf::from(v.get_ref());
+        }
+    }
+    d.finish(s)
+}
+
+/// Parses a list of module names, reporting bad and duplicate entries.
+fn mod_names(d: &mut Diag<'_>, key: &str, list: &SList) -> Vec<ModName> {
+    let mut out: Vec<ModName> = Vec::new();
+    for item in list.get_ref() {
+        match ModName::parse(item.get_ref()) {
+            Ok(n) if out.contains(&n) => d.error(
+                Some(item.span()),
+                key,
+                format!(
+                    "module {:?} is listed twice ('-' and '_' are the same)",
+                    item.get_ref()
+                ),
+            ),
+            Ok(n) => out.push(n),
+            Err(msg) => d.error(Some(item.span()), key, msg),
+        }
+    }
+    out
+}
+
+/// One kernel module parameter: `name` or `name=value`; a value with blanks must be double-quoted.
+fn check_parameter(p: &str) -> Result<(), String> {
+    let (name, value) = p.split_once('=').unwrap_or((p, ""));
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(format!(
+            "parameter {p:?}: expected `name=value` with a name of letters, digits and '_'"
+        ));
+    }
+    let quoted = value.len() >= 2 && value.starts_with('"') && value.ends_with('"');
+    if value.chars().any(char::is_control) || (!quoted && value.chars().any(char::is_whitespace)) {
+        return Err(format!(
+            "parameter {p:?}: a value with blanks must be in double quotes, and control characters are not allowed"
+        ));
+    }
+    Ok(())
+}
+
+/// Validates one `modules.d/NAME.toml`.
+pub(super) fn module(
+    name: &InstanceName,
+    file: &Path,
+    text: &str,
+) -> Result<ModuleConfig, Vec<ConfigError>> {
+    let mut d = Diag::new(file, text);
+    let raw: RawModuleConfig = match toml::from_str(text) {
+        Ok(r) => r,
+        Err(e) => {
+            d.parse_error(&e);
+            return Err(d.errors);
+        }
+    };
+
+    let version = raw.version.as_ref().and_then(|v| {
+        let s = v.get_ref();
+        if s.is_empty() || s.chars().any(char::is_whitespace) {
+            d.error(
+                Some(v.span()),
+                "version",
+                format!("expected a version string without blanks, found {s:?}"),
+            );
+            None
+        } else {
+            Some(s.clone())
+        }
+    });
+
+    let modules = match &raw.modules {
+        None => {
+            d.error(None, "modules", "missing: expected a list of kernel module names to load, e.g. modules = [\"simple-kmod\"]");
+            Vec::new()
+        }
+        Some(list) if list.get_ref().is_empty() => {
+            d.error(
+                Some(list.span()),
+                "modules",
+                "expected at least one kernel module name",
+            );
+            Vec::new()
+        }
+        Some(list) => mod_names(&mut d, "modules", list),
+    };
+
+    let mut after = Vec::new();
+    if let Some(list) = &raw.after {
+        for item in list.get_ref() {
+            match InstanceName::parse(item.get_ref()) {
+                Ok(n) if n == *name => d.error(
+                    Some(item.span()),
+                    "after",
+                    "a module config cannot come after itself",
+                ),
+                Ok(n) => after.push(n),
+                Err(msg) => d.error(
+                    Some(item.span()),
+                    "after",
+                    format!("not a module config name: {msg}"),
+                ),
+            }
+        }
+    }
+
+    let replace_in_tree = raw
+        .replace_in_tree
+        .as_ref()
+        .map(|l| mod_names(&mut d, "replace_in_tree", l))
+        .unwrap_or_default();
+
+    let kernel_match = raw
+        .kernel_match
+        .as_ref()
+        .and_then(|v| match Regex::new(v.get_ref()) {
+            Ok(re) => Some(re),
+            Err(e) => {
+                d.error(
+                    Some(v.span()),
+                    "kernel_match",
+                    format!("expected a regular expression: {e}"),
+                );
+                None
+            }
+        });
+
+    let mut parameters = BTreeMap::new();
+    for (module, values) in raw.parameters.iter().flatten() {
+        let key = format!("parameters.{}", module.get_ref());
+        let m = match ModName::parse(module.get_ref()) {
+            Ok(m) => m,
+            Err(msg) => {
+                d.error(Some(module.span()), key, msg);
+                continue;
+            }
+        };
+        if !modules.is_empty() && !modules.contains(&m) {
+            d.error(
+                Some(module.span()),
+                key.clone(),
+                format!("module {:?} is not in `modules`; parameters apply only to the modules this config loads", module.get_ref()),
+            );
+        }
+        let mut vals = Vec::new();
+        for v in values.get_ref() {
+            match check_parameter(v.get_ref()) {
+                Ok(()) => vals.push(v.get_ref().clone()),
+                Err(msg) => d.error(Some(v.span()), key.clone(), msg),
+            }
+        }
+        parameters.insert(m, vals);
+    }
+
+    let source = match &raw.directory {
+        None => {
+            d.error(None, "directory", "missing artifact source: expected a [directory] table with `path` pointing at the .ko files");
+            None
+        }
+        Some(dir) => match &dir.get_ref().path {
+            None => {
+                d.error(Some(dir.span()), "directory.path", "missing: expected the directory holding the .ko files, e.g. \"/usr/lib/kvcd/NAME/${KERNEL_FULL_VERSION}\"");
+                None
+            }
+            Some(p) => {
+                if let Err(e) = check_template(p.get_ref()) {
+                    d.error(Some(p.span()), "directory.path", e.to_string());
+                    None
+                } else if !p.get_ref().starts_with('/') {
+                    d.error(
+                        Some(p.span()),
+                        "directory.path",
+                        format!("expected an absolute path, found {:?}", p.get_ref()),
+                    );
+                    None
+                } else if p.get_ref().contains("${MOD_VERSION}") && raw.version.is_none() {
+                    d.error(
+                        Some(p.span()),
+                        "directory.path",
+                        "uses ${MOD_VERSION} but the config sets no `version`",
+                    );
+                    None
+                } else {
+                    Some(Source::Directory {
+                        path: p.get_ref().clone(),
+                    })
+                }
+            }
+        },
+    };
+
+    let Some(source) = source else {
+        return Err(d.errors);
+    };
+    d.finish(ModuleConfig {
+        name: name.clone(),
+        file: file.to_owned(),
+        digest: sha256_hex(text.as_bytes()),
+        description: raw.description.map(S::into_inner),
+        version,
+        modules,
+        after,
+        replace_in_tree,
+        kernel_match,
+        force_unload: raw.force_unload.unwrap_or(false),
+        parameters,
+        source,
+    })
+}
+
+/// Checks what spans files: `after` must name existing configs and form no cycle.
+pub(super) fn cross_check(modules: &mut BTreeMap<String, ModuleEntry>) {
+    let known: BTreeSet<String> = modules.keys().cloned().collect();
+    let graph: BTreeMap<String, Vec<String>> = modules
+        .iter()
+        .filter_map(|(n, e)| {
+            let c = e.result.as_ref().ok()?;
+            Some((n.clone(), c.after.iter().map(ToString::to_string).collect()))
+        })
+        .collect();
+    for (name, entry) in modules.iter_mut() {
+        let Ok(cfg) = &entry.result else { continue };
+        let mut errors = Vec::new();
+        for a in &cfg.after {
+            if !known.contains(a.as_str()) {
+                errors.push(ConfigError {
+                    file: entry.file.clone(),
+                    line: None,
+                    column: None,
+                    key: Some("after".to_owned()),
+                    message: format!("no module config named {:?} (expected the name of another modules.d/*.toml)", a.as_str()),
+                });
+            }
+        }
+        if let Some(cycle) = find_cycle(&graph, name) {
+            errors.push(ConfigError {
+                file: entry.file.clone(),
+                line: None,
+                column: None,
+                key: Some("after".to_owned()),
+                message: format!("ordering cycle: {}", cycle.join(" -> ")),
+            });
+        }
+        if !errors.is_empty() {
+            entry.result = Err(errors);
+        }
+    }
+}
+
+/// A path from `start` back to itself through `after` edges, if there is one.
+fn find_cycle(graph: &BTreeMap<String, Vec<String>>, start: &str) -> Option<Vec<String>> {
+    fn walk(
+        graph: &BTreeMap<String, Vec<String>>,
+        start: &str,
+        node: &str,
+        path: &mut Vec<String>,
+        seen: &mut BTreeSet<String>,
+    ) -> bool {
+        for next in graph.get(node).into_iter().flatten() {
+            if next == start {
+                path.push(next.clone());
+                return true;
+            }
+            if seen.insert(next.clone()) {
+                path.push(next.clone());
+                if walk(graph, start, next, path, seen) {
+                    return true;
+                }
+                path.pop();
+            }
+        }
+        false
+    }
+    let mut path = vec![start.to_owned()];
+    walk(graph, start, start, &mut path, &mut BTreeSet::new()).then_some(path)
+}
+
+#[cfg(test)]
+mod tests;

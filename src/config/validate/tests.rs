@@ -1,0 +1,320 @@
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::config::{Config, ConfigError, Overrides, Source};
+
+const GOOD: &str = r#"
+description = "example"
+version = "1.2.0"
+modules = ["simple-kmod", "simple_procfs_kmod"]
+replace_in_tree = ["dummy"]
+kernel_match = '^6\.'
+
+[parameters]
+simple-kmod = ["debug=1", 'label="two words"']
+
+[directory]
+path = "/usr/lib/kvcd/simple-kmod/${KERNEL_FULL_VERSION}"
+"#;
+
+struct Tree {
+    _tmp: tempfile::TempDir,
+    dirs: Vec<PathBuf>,
+}
+
+impl Tree {
+    /// Three config dirs: usr < run < etc.
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs: Vec<PathBuf> = ["usr", "run", "etc"]
+            .iter()
+            .map(|d| tmp.path().join(d))
+            .collect();
+        for d in &dirs {
+            fs::create_dir_all(d.join("modules.d")).unwrap();
+        }
+        Self { _tmp: tmp, dirs }
+    }
+
+    fn module(&self, dir: usize, name: &str, text: &str) -> PathBuf {
+        let p = self.dirs[dir]
+            .join("modules.d")
+            .join(format!("{name}.toml"));
+        fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn load(&self) -> Config {
+        Config::load(&self.dirs, &Overrides::default())
+    }
+}
+
+/// Loads a single module config and returns its errors.
+fn errors_of(text: &str) -> (PathBuf, Vec<ConfigError>) {
+    let t = Tree::new();
+    let file = t.module(2, "x", text);
+    let c = t.load();
+    let errs = c.modules["x"]
+        .result
+        .clone()
+        .expect_err("config should be invalid");
+    (file, errs)
+}
+
+fn one_error(text: &str) -> ConfigError {
+    let (file, mut errs) = errors_of(text);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    let e = errs.remove(0);
+    assert_eq!(e.file, file);
+    e
+}
+
+#[test]
+fn good_config_validates_into_domain_types() {
+    let t = Tree::new();
+    t.module(0, "simple-kmod", GOOD);
+    let c = t.load();
+    assert!(c.all_errors().is_empty(), "{:#?}", c.all_errors());
+    let m = c.module("simple-kmod").unwrap();
+    let names: Vec<_> = m.modules.iter().map(|n| n.as_str()).collect();
+    assert_eq!(names, ["simple_kmod", "simple_procfs_kmod"]);
+    assert_eq!(m.version.as_deref(), Some("1.2.0"));
+    assert_eq!(m.replace_in_tree[0].as_str(), "dummy");
+    assert_eq!(
+        m.parameters_for(&m.modules[0]),
+        ["debug=1", "label=\"two words\""]
+    );
+    assert!(m.parameters_for(&m.modules[1]).is_empty());
+    let Source::Directory { path } = &m.source;
+    assert_eq!(path, "/usr/lib/kvcd/simple-kmod/${KERNEL_FULL_VERSION}");
+    assert!(m.supports(&crate::kernel::KernelRelease::parse("6.1.0-27-amd64").unwrap()));
+    assert!(!m.supports(&crate::kernel::KernelRelease::parse("5.14.0-1.el9").unwrap()));
+}
+
+#[test]
+fn later_dir_wins_and_dev_null_masks() {
+    let t = Tree::new();
+    t.module(0, "a", &GOOD.replace("1.2.0", "0.1"));
+    let etc_a = t.module(2, "a", GOOD);
+    t.module(0, "b", GOOD);
+    std::os::unix::fs::symlink("/dev/null", t.dirs[1].join("modules.d/b.toml")).unwrap();
+    let c = t.load();
+    assert_eq!(c.module("a").unwrap().version.as_deref(), Some("1.2.0"));
+    assert_eq!(c.modules["a"].file, etc_a);
+    assert_eq!(
+        c.modules["a"].shadows,
+        vec![t.dirs[0].join("modules.d/a.toml")]
+    );
+    assert!(!c.modules.contains_key("b"));
+    assert_eq!(c.masked, vec![t.dirs[1].join("modules.d/b.toml")]);
+    let err = c.module("b").unwrap_err().to_string();
+    assert!(err.contains("no module config named \"b\""), "{err}");
+}
+
+#[test]
+fn a_broken_file_fails_only_itself() {
+    let t = Tree::new();
+    t.module(2, "good", GOOD);
+    t.module(2, "bad", "modules = [");
+    let c = t.load();
+    assert!(c.module("good").is_ok());
+    assert!(c.module("bad").is_err());
+    assert_eq!(c.all_errors().len(), 1);
+}
+
+#[test]
+fn malformed_toml_names_file_line_and_column() {
+    let e = one_error("description = \"x\"\nmodules = [\"a\"\n");
+    let shown = e.to_string();
+    assert!(
+        shown.ends_with("x.toml:2:15: key `modules`: unclosed array, expected `]`"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let e = one_error(&format!("{GOOD}\n[directory2]\npath = \"/x\"\n"));
+    assert!(e.message.contains("unknown field `directory2`"), "{e}");
+    assert!(e.line.is_some());
+
+    let e = one_error(&GOOD.replace("path =", "pth = \"/x\"\npath ="));
+    assert!(e.message.contains("unknown field `pth`"), "{e}");
+    assert_eq!(e.key.as_deref(), Some("directory.pth"), "{e}");
+}
+
+#[test]
+fn wrong_type_names_the_key() {
+    let e = one_error(&GOOD.replace(
+        "modules = [\"simple-kmod\", \"simple_procfs_kmod\"]",
+        "modules = \"simple-kmod\"",
+    ));
+    assert_eq!(e.key.as_deref(), Some("modules"), "{e}");
+    assert!(e.message.contains("expected a sequence"), "{e}");
+    assert_eq!(e.line, Some(4));
+
+    let e = one_error(&format!("force_unload = \"yes\"\n{GOOD}"));
+    assert_eq!(e.key.as_deref(), Some("force_unload"), "{e}");
+    assert!(e.message.contains("expected a boolean"), "{e}");
+}
+
+#[test]
+fn unknown_template_variable_is_an_error() {
+    let e = one_error(&GOOD.replace("${KERNEL_FULL_VERSION}", "${KERNEL_VERSION}"));
+    assert_eq!(e.key.as_deref(), Some("directory.path"));
+    assert!(
+        e.message
+            .contains("unknown template variable ${KERNEL_VERSION}"),
+        "{e}"
+    );
+    assert_eq!(e.line, Some(12));
+    assert_eq!(e.column, Some(8));
+}
+
+#[test]
+fn mod_version_without_version_is_an_error() {
+    let text = GOOD
+        .replace("version = \"1.2.0\"\n", "")
+        .replace("${KERNEL_FULL_VERSION}", "${MOD_VERSION}");
+    let e = one_error(&text);
+    assert_eq!(e.key.as_deref(), Some("directory.path"));
+    assert!(e.message.contains("sets no `version`"), "{e}");
+}
+
+#[test]
+fn bad_instance_name_is_reported_against_the_file() {
+    let t = Tree::new();
+    let p = t.module(2, "-bad name", GOOD);
+    let c = t.load();
+    assert!(c.modules.is_empty());
+    assert_eq!(c.errors.len(), 1);
+    assert_eq!(c.errors[0].file, p);
+    assert!(
+        c.errors[0]
+            .message
+            .contains("not a valid module config name"),
+        "{}",
+        c.errors[0]
+    );
+}
+
+#[test]
+fn collects_every_error_in_a_file() {
+    let (_, errs) = errors_of(
+        r#"
+version = "1 2"
+modules = ["ok", "bad/name", "ok"]
+kernel_match = "("
+after = ["x"]
+[parameters]
+other = ["a=1"]
+ok = ["=1", "v=a b"]
+[directory]
+path = "relative/${ARCH}"
+"#,
+    );
+    let keys: Vec<_> = errs
+        .iter()
+        .map(|e| e.key.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "version",
+            "modules",
+            "modules",
+            "after",
+            "kernel_match",
+            "parameters.ok",
+            "parameters.ok",
+            "parameters.other",
+            "directory.path"
+        ],
+        "{errs:#?}"
+    );
+    assert!(errs.iter().all(|e| e.line.is_some()), "{errs:#?}");
+}
+
+#[test]
+fn missing_required_keys() {
+    let (_, errs) = errors_of("description = \"nothing\"\n");
+    let msgs: Vec<_> = errs.iter().map(ToString::to_string).collect();
+    assert!(msgs[0].contains("key `modules`: missing"), "{msgs:?}");
+    assert!(
+        msgs[1].contains("key `directory`: missing artifact source"),
+        "{msgs:?}"
+    );
+
+    let e = one_error("modules = []\n[directory]\npath = \"/x\"\n");
+    assert!(e.message.contains("at least one"), "{e}");
+    let e = one_error("modules = [\"a\"]\n[directory]\n");
+    assert_eq!(e.key.as_deref(), Some("directory.path"));
+}
+
+#[test]
+fn after_must_exist_and_not_cycle() {
+    let t = Tree::new();
+    t.module(2, "a", &format!("after = [\"b\"]\n{GOOD}"));
+    t.module(2, "b", &format!("after = [\"a\"]\n{GOOD}"));
+    t.module(2, "c", &format!("after = [\"nope\"]\n{GOOD}"));
+    t.module(2, "d", &format!("after = [\"c\"]\n{GOOD}"));
+    let c = t.load();
+    let msg = |n: &str| c.module(n).unwrap_err().to_string();
+    assert!(
+        msg("a").contains("ordering cycle: a -> b -> a"),
+        "{}",
+        msg("a")
+    );
+    assert!(
+        msg("b").contains("ordering cycle: b -> a -> b"),
+        "{}",
+        msg("b")
+    );
+    assert!(
+        msg("c").contains("key `after`: no module config named \"nope\""),
+        "{}",
+        msg("c")
+    );
+    // d waits for a broken config, which is its own problem, not d's.
+    assert!(c.module("d").is_ok());
+}
+
+#[test]
+fn daemon_settings_and_overrides() {
+    let t = Tree::new();
+    fs::write(
+        t.dirs[0].join("kvcd.toml"),
+        "state_dir = \"/srv/state\"\nkernel_modules_dir = \"/opt/mods\"\n",
+    )
+    .unwrap();
+    let c = t.load();
+    assert!(c.errors.is_empty(), "{:?}", c.errors);
+    assert_eq!(c.daemon.state_dir, Path::new("/srv/state"));
+    assert_eq!(c.daemon.kernel_modules_dir, Path::new("/opt/mods"));
+    assert_eq!(c.daemon.runtime_dir, Path::new("/run/kvcd"));
+
+    let c = Config::load(
+        &t.dirs,
+        &Overrides {
+            state_dir: Some("/tmp/s".into()),
+            runtime_dir: None,
+        },
+    );
+    assert_eq!(c.daemon.state_dir, Path::new("/tmp/s"));
+
+    // A later kvcd.toml replaces the earlier one as a whole file.
+    fs::write(
+        t.dirs[2].join("kvcd.toml"),
+        "runtime_dir = \"relative\"\nfoo = 1\n",
+    )
+    .unwrap();
+    let c = t.load();
+    assert_eq!(c.daemon.state_dir, Path::new("/var/lib/kvcd"));
+    assert_eq!(c.errors.len(), 1, "{:?}", c.errors);
+    assert!(
+        c.errors[0].message.contains("unknown field `foo`"),
+        "{}",
+        c.errors[0]
+    );
+    assert_eq!(c.errors[0].file, t.dirs[2].join("kvcd.toml"));
+}

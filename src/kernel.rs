@@ -1,0 +1,259 @@
+//! Kernel releases and `${VAR}` template expansion.
+//!
+//! Template variables follow the names Kernel Module Management uses so that
+//! module specs port over: `${KERNEL_FULL_VERSION}`, `${KERNEL_XYZ}`,
+//! `${KERNEL_X}`, `${KERNEL_Y}`, `${KERNEL_Z}`, plus `${ARCH}`, `${MOD_NAME}`
+//! and `${MOD_VERSION}`.
+
+use std::fmt;
+
+use anyhow::{Context as _, Result};
+use thiserror::Error;
+
+/// Every variable a template may use.
+pub const TEMPLATE_VARIABLES: &[&str] = &[
+    "KERNEL_FULL_VERSION",
+    "KERNEL_XYZ",
+    "KERNEL_X",
+    "KERNEL_Y",
+    "KERNEL_Z",
+    "ARCH",
+    "MOD_NAME",
+    "MOD_VERSION",
+];
+
+/// A kernel release as `uname -r` prints it, e.g. `6.1.0-27-amd64`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KernelRelease(String);
+
+impl KernelRelease {
+    /// Checks that `s` is usable as a kernel release (and as a path component).
+    pub fn parse(s: &str) -> Result<Self> {
+        let ok = !s.is_empty()
+            && s.len() <= 128
+            && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+' | '~'));
+        if !ok {
+            anyhow::bail!(
+                "invalid kernel release {s:?}: expected something like `uname -r` prints (letters, digits, '.', '-', '_', '+', '~')"
+            );
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// The release of the running kernel (`uname -r`).
+    pub fn running() -> Result<Self> {
+        let uts = nix::sys::utsname::uname().context("uname failed")?;
+        let release = uts.release().to_string_lossy().into_owned();
+        Self::parse(&release)
+    }
+
+    /// The release as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The leading `X.Y.Z` numbers, when the release starts with them (`Z` is 0 when absent).
+    pub fn xyz(&self) -> Option<(u32, u32, u32)> {
+        let head: String = self
+            .0
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
+        let mut parts = head.split('.').filter(|p| !p.is_empty());
+        let x = parts.next()?.parse().ok()?;
+        let y = parts.next()?.parse().ok()?;
+        let z = parts.next().map_or(Some(0), |p| p.parse().ok())?;
+        Some((x, y, z))
+    }
+}
+
+impl fmt::Display for KernelRelease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The machine architecture as `uname -m` prints it.
+pub fn arch() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.machine().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| std::env::consts::ARCH.to_owned())
+}
+
+/// Why a template could not be checked or expanded.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum TemplateError {
+    /// `${NAME}` with a name we do not know.
+    #[error("unknown template variable ${{{0}}}; known variables: {known}", known = known_list())]
+    Unknown(String),
+    /// `${` without a closing `}`.
+    #[error("unterminated '${{' at byte {0}")]
+    Unterminated(usize),
+    /// A known variable that has no value in this context.
+    #[error("template variable ${{{0}}} has no value: {1}")]
+    NoValue(String, String),
+}
+
+fn known_list() -> String {
+    TEMPLATE_VARIABLES.join(", ")
+}
+
+/// Values for template expansion.
+#[derive(Debug, Clone)]
+pub struct TemplateVars {
+    /// Target kernel.
+    pub kernel: KernelRelease,
+    /// Machine architecture (`uname -m`).
+    pub arch: String,
+    /// Module config (instance) name.
+    pub mod_name: String,
+    /// The config's `version`, if it has one.
+    pub mod_version: Option<String>,
+}
+
+impl TemplateVars {
+    fn value(&self, var: &str) -> Result<String, TemplateError> {
+        let xyz = || {
+            self.kernel.xyz().ok_or_else(|| {
+                TemplateError::NoValue(
+                    var.to_owned(),
+                    format!("kernel release {} does not start with X.Y.Z", self.kernel),
+                )
+            })
+        };
+        Ok(match var {
+            "KERNEL_FULL_VERSION" => self.kernel.to_string(),
+            "KERNEL_XYZ" => {
+                let (x, y, z) = xyz()?;
+                format!("{x}.{y}.{z}")
+            }
+            "KERNEL_X" => xyz()?.0.to_string(),
+            "KERNEL_Y" => xyz()?.1.to_string(),
+            "KERNEL_Z" => xyz()?.2.to_string(),
+            "ARCH" => self.arch.clone(),
+            "MOD_NAME" => self.mod_name.clone(),
+            "MOD_VERSION" => self.mod_version.clone().ok_or_else(|| {
+                TemplateError::NoValue(var.to_owned(), "the config sets no `version`".to_owned())
+            })?,
+            other => return Err(TemplateError::Unknown(other.to_owned())),
+        })
+    }
+}
+
+/// Splits a template into literal text and variable names; `$` not followed by `{` is literal.
+fn parse(template: &str) -> Result<Vec<(bool, &str)>, TemplateError> {
+    let mut out = Vec::new();
+    let mut rest = template;
+    let mut offset = 0;
+    while let Some(start) = rest.find("${") {
+        if start > 0 {
+            out.push((false, &rest[..start]));
+        }
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or(TemplateError::Unterminated(offset + start))?;
+        let name = &after[..end];
+        if !TEMPLATE_VARIABLES.contains(&name) {
+            return Err(TemplateError::Unknown(name.to_owned()));
+        }
+        out.push((true, name));
+        let consumed = start + 2 + end + 1;
+        offset += consumed;
+        rest = &rest[consumed..];
+    }
+    if !rest.is_empty() {
+        out.push((false, rest));
+    }
+    Ok(out)
+}
+
+/// Checks that a template only uses known variables and is well formed.
+pub fn check_template(template: &str) -> Result<(), TemplateError> {
+    parse(template).map(|_| ())
+}
+
+/// Expands every `${VAR}` in `template`.
+pub fn expand(template: &str, vars: &TemplateVars) -> Result<String, TemplateError> {
+    let mut out = String::with_capacity(template.len());
+    for (is_var, text) in parse(template)? {
+        if is_var {
+            out.push_str(&vars.value(text)?);
+        } else {
+            out.push_str(text);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(kernel: &str) -> TemplateVars {
+        TemplateVars {
+            kernel: KernelRelease::parse(kernel).unwrap(),
+            arch: "x86_64".into(),
+            mod_name: "simple-kmod".into(),
+            mod_version: Some("1.2.0".into()),
+        }
+    }
+
+    #[test]
+    fn expands_every_variable() {
+        let v = vars("5.14.0-284.30.1.el9_2.x86_64");
+        let t = "${KERNEL_FULL_VERSION}|${KERNEL_XYZ}|${KERNEL_X}|${KERNEL_Y}|${KERNEL_Z}|${ARCH}|${MOD_NAME}|${MOD_VERSION}";
+        assert_eq!(
+            expand(t, &v).unwrap(),
+            "5.14.0-284.30.1.el9_2.x86_64|5.14.0|5|14|0|x86_64|simple-kmod|1.2.0"
+        );
+    }
+
+    #[test]
+    fn dollar_without_brace_is_literal() {
+        assert_eq!(expand("a$b$", &vars("6.1.0-27-amd64")).unwrap(), "a$b$");
+    }
+
+    #[test]
+    fn unknown_and_unterminated_are_errors() {
+        assert_eq!(
+            check_template("/x/${KERNEL}/y"),
+            Err(TemplateError::Unknown("KERNEL".into()))
+        );
+        let msg = check_template("/x/${KERNEL}").unwrap_err().to_string();
+        assert!(msg.contains("unknown template variable ${KERNEL}"), "{msg}");
+        assert!(msg.contains("KERNEL_FULL_VERSION"), "{msg}");
+        assert_eq!(
+            check_template("/x/${ARCH"),
+            Err(TemplateError::Unterminated(3))
+        );
+    }
+
+    #[test]
+    fn missing_version_is_an_error_when_used() {
+        let mut v = vars("6.1.0-27-amd64");
+        v.mod_version = None;
+        let err = expand("${MOD_VERSION}", &v).unwrap_err();
+        assert!(err.to_string().contains("sets no `version`"), "{err}");
+        assert_eq!(expand("${KERNEL_X}", &v).unwrap(), "6");
+    }
+
+    #[test]
+    fn xyz_needs_leading_numbers() {
+        let v = vars("custom-kernel");
+        assert!(matches!(
+            expand("${KERNEL_XYZ}", &v),
+            Err(TemplateError::NoValue(..))
+        ));
+        assert_eq!(KernelRelease::parse("6.1").unwrap().xyz(), Some((6, 1, 0)));
+    }
+
+    #[test]
+    fn release_rejects_path_tricks() {
+        assert!(KernelRelease::parse("../etc").is_err());
+        assert!(KernelRelease::parse("6.1/0").is_err());
+        assert!(KernelRelease::parse("").is_err());
+    }
+}

@@ -1,0 +1,264 @@
+//! Kernel modules through libkmod: lookups and dependency order in a module
+//! tree made by `depmod`, module file info, and the live kernel behind the
+//! narrow [`KernelModules`] trait (faked in unit tests, real in the VM).
+
+mod error;
+mod name;
+mod sys;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+
+pub use error::{KmodError, KmodErrorKind, Op};
+pub use name::ModName;
+pub use sys::InitState;
+
+/// A module file resolved in a module tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModuleFile {
+    /// Module name.
+    pub name: ModName,
+    /// Path of the `.ko` file.
+    pub path: PathBuf,
+    /// True for the kernel's own modules (under `kernel/` in the tree).
+    pub in_tree: bool,
+}
+
+/// What `.modinfo` says about a module file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ModInfo {
+    /// `vermagic`, e.g. `6.1.0-27-amd64 SMP preempt mod_unload modversions `.
+    pub vermagic: Option<String>,
+    /// `version` (`MODULE_VERSION`).
+    pub version: Option<String>,
+    /// `signer`, when the file is signed.
+    pub signer: Option<String>,
+    /// `depends`: modules it needs symbols from.
+    pub depends: Vec<String>,
+}
+
+impl ModInfo {
+    /// Reads `.modinfo` from the module file at `path`.
+    pub fn read(path: &Path) -> Result<Self> {
+        let ctx = sys::Ctx::new(None).context("creating libkmod context")?;
+        let m = ctx
+            .by_path(path)
+            .with_context(|| format!("{}: not a readable module file", path.display()))?;
+        let info = m
+            .info()
+            .with_context(|| format!("{}: cannot read module info", path.display()))?;
+        let mut out = Self::default();
+        for (k, v) in info {
+            match k.as_str() {
+                "vermagic" => out.vermagic = Some(v),
+                "version" => out.version = Some(v),
+                "signer" => out.signer = Some(v),
+                "depends" => {
+                    out.depends = v
+                        .split(',')
+                        .filter(|d| !d.is_empty())
+                        .map(str::to_owned)
+                        .collect();
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// The kernel release a module was built for: the first word of vermagic.
+    pub fn vermagic_release(&self) -> Option<&str> {
+        self.vermagic.as_deref()?.split_whitespace().next()
+    }
+}
+
+/// A `lib/modules/KERNEL` directory indexed by depmod.
+#[derive(Debug)]
+pub struct ModuleTree {
+    dir: PathBuf,
+    ctx: sys::Ctx,
+}
+
+impl ModuleTree {
+    /// Opens the tree at `dir` (the directory holding `modules.dep`).
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.join("modules.dep").exists() && !dir.join("modules.dep.bin").exists() {
+            bail!(
+                "{}: no modules.dep (depmod has not run there)",
+                dir.display()
+            );
+        }
+        let ctx = sys::Ctx::new(Some(dir))
+            .with_context(|| format!("{}: cannot create libkmod context", dir.display()))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            ctx,
+        })
+    }
+
+    /// The tree's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn file(&self, m: &sys::Module) -> Result<ModuleFile> {
+        let name = ModName::parse(&m.name()).map_err(anyhow::Error::msg)?;
+        let Some(path) = m.path() else {
+            bail!(
+                "module {name} is built into kernel {} or has no file in its modules.dep",
+                self.kernel_label()
+            );
+        };
+        let in_tree = path.starts_with(self.dir.join("kernel"));
+        Ok(ModuleFile {
+            name,
+            path,
+            in_tree,
+        })
+    }
+
+    fn kernel_label(&self) -> String {
+        self.dir
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+    }
+
+    /// Resolves one module name to its file.
+    pub fn resolve(&self, name: &ModName) -> Result<ModuleFile> {
+        self.lookup(name).map(|m| self.file(&m)).and_then(|r| r)
+    }
+
+    fn lookup(&self, name: &ModName) -> Result<sys::Module> {
+        let found = self
+            .ctx
+            .lookup(name.as_str())
+            .with_context(|| format!("looking up module {name} in {}", self.dir.display()))?;
+        found
+            .into_iter()
+            .find(|m| ModName::parse(&m.name()).is_ok_and(|n| n == *name))
+            .with_context(|| format!("no module named {name} in {}", self.dir.display()))
+    }
+
+    /// The files for `names` and everything they depend on, dependencies first, each once.
+    pub fn load_order(&self, names: &[ModName]) -> Result<Vec<ModuleFile>> {
+        let mut out = Vec::new();
+        let mut seen = BTreeSet::new();
+        for name in names {
+            let m = self.lookup(name)?;
+            self.visit(&m, &mut seen, &mut Vec::new(), &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn visit(
+        &self,
+        m: &sys::Module,
+        seen: &mut BTreeSet<String>,
+        stack: &mut Vec<String>,
+        out: &mut Vec<ModuleFile>,
+    ) -> Result<()> {
+        let name = m.name();
+        if seen.contains(&name) {
+            return Ok(());
+        }
+        if stack.contains(&name) {
+            bail!("dependency cycle: {} -> {name}", stack.join(" -> "));
+        }
+        stack.push(name.clone());
+        for dep in m.dependencies() {
+            self.visit(&dep, seen, stack, out)?;
+        }
+        stack.pop();
+        seen.insert(name);
+        out.push(self.file(m)?);
+        Ok(())
+    }
+
+    /// modprobe.d `options` for `name`, as modprobe would pass them.
+    pub fn modprobe_options(&self, name: &ModName) -> Vec<String> {
+        self.lookup(name)
+            .ok()
+            .and_then(|m| m.options())
+            .map(|o| o.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// A module as the running kernel has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LiveModule {
+    /// Init state.
+    pub state: InitState,
+    /// Reference count (each holder counts one).
+    pub refcount: i32,
+    /// Modules that use this one.
+    pub holders: Vec<ModName>,
+}
+
+/// The running kernel's modules: the narrow seam the reconciler works through.
+pub trait KernelModules {
+    /// The module's state in the kernel, `None` when it is not there.
+    fn live(&self, name: &ModName) -> Result<Option<LiveModule>>;
+    /// Inserts `file` with `params` (`name=value` each).
+    fn insert(&self, file: &ModuleFile, params: &[String]) -> Result<(), KmodError>;
+    /// Removes `name`; `force` only when the config asks for it.
+    fn remove(&self, name: &ModName, force: bool) -> Result<(), KmodError>;
+}
+
+/// The real kernel, through libkmod and sysfs.
+#[derive(Debug)]
+pub struct Libkmod {
+    ctx: sys::Ctx,
+}
+
+impl Libkmod {
+    /// Opens libkmod for the running kernel.
+    pub fn new() -> Result<Self> {
+        Ok(Self {
+            ctx: sys::Ctx::new(None).context("creating libkmod context")?,
+        })
+    }
+}
+
+impl KernelModules for Libkmod {
+    fn live(&self, name: &ModName) -> Result<Option<LiveModule>> {
+        let m = self
+            .ctx
+            .by_name(name.as_str())
+            .with_context(|| format!("module {name}: libkmod lookup failed"))?;
+        let Some(state) = m.initstate() else {
+            return Ok(None);
+        };
+        let holders = m
+            .holders()
+            .iter()
+            .filter_map(|h| ModName::parse(&h.name()).ok())
+            .collect();
+        Ok(Some(LiveModule {
+            state,
+            refcount: m.refcount().unwrap_or(0),
+            holders,
+        }))
+    }
+
+    fn insert(&self, file: &ModuleFile, params: &[String]) -> Result<(), KmodError> {
+        let m = self
+            .ctx
+            .by_path(&file.path)
+            .map_err(|e| KmodError::new(Op::Insert, &file.name, e))?;
+        m.insert(&params.join(" "))
+            .map_err(|e| KmodError::new(Op::Insert, &file.name, e))
+    }
+
+    fn remove(&self, name: &ModName, force: bool) -> Result<(), KmodError> {
+        let m = self
+            .ctx
+            .by_name(name.as_str())
+            .map_err(|e| KmodError::new(Op::Remove, name, e))?;
+        m.remove(force)
+            .map_err(|e| KmodError::new(Op::Remove, name, e))
+    }
+}

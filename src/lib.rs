@@ -1,0 +1,13 @@
+//! kvcd: gets out-of-tree kernel modules onto a node from driver packages and
+//! images, loads them in dependency order with libkmod, and reports what it did.
+//!
+//! The binaries (`kvcd`, `kvcctl`) are thin; everything they do lives here so
+//! tests can drive it directly.
+
+pub mod artifacts;
+pub mod cli;
+pub mod config;
+pub mod kernel;
+pub mod kmod;
+pub mod reconciler;
+pub mod util;

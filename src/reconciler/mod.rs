@@ -1,0 +1,609 @@
+//! Applying module configs to the running kernel.
+//!
+//! [`Engine::load`] takes a module config from its files to modules live in
+//! the kernel: resolve the source, build (or reuse) the module tree, verify
+//! every file, take out in-tree modules it replaces, insert in dependency
+//! order. [`Engine::unload`] reverses what the runtime record says kvcd did,
+//! and refuses (changing nothing) when a module is in use. Both are
+//! idempotent, and a failed load rolls back what that load changed.
+
+pub mod order;
+mod outcome;
+pub mod record;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result, anyhow};
+use tracing::{info, warn};
+
+use crate::artifacts::{RootLayout, directory, verify};
+use crate::config::{ModuleConfig, Source};
+use crate::kernel::{KernelRelease, TemplateVars, arch, expand};
+use crate::kmod::{KernelModules, KmodErrorKind, ModInfo, ModName, ModuleTree};
+
+pub use outcome::{Action, ModuleAction, Outcome, State, Step, StepError, StepLog};
+pub use record::{Owned, Record, RecordStore};
+
+/// A progress callback: module config name and the step just logged.
+pub type OnStep = dyn Fn(&str, &StepLog);
+
+/// Applies module configs for one target kernel.
+pub struct Engine<'a> {
+    /// Where module trees live and what they link to.
+    pub layout: RootLayout,
+    /// The kernel the artifacts are for (normally the running one).
+    pub kernel: KernelRelease,
+    /// The running kernel's modules.
+    pub kmods: &'a dyn KernelModules,
+    /// Runtime records.
+    pub records: RecordStore,
+    /// Called for every step as it happens (human output); default none.
+    pub on_step: Option<&'a OnStep>,
+}
+
+impl std::fmt::Debug for Engine<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("kernel", &self.kernel)
+            .field("layout", &self.layout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A step failed: which one, and why.
+struct Fail(Step, anyhow::Error, State);
+
+impl Fail {
+    fn at(step: Step) -> impl FnOnce(anyhow::Error) -> Self {
+        move |e| Self(step, e, State::Failed)
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What one load changed, so a failure can be rolled back.
+#[derive(Default)]
+struct Changes {
+    inserted: Vec<ModName>,
+    removed: Vec<ModName>,
+}
+
+impl Engine<'_> {
+    fn log(&self, out: &mut Outcome, step: Step, detail: impl Into<String>) {
+        let detail = detail.into();
+        info!(
+            KVCD_MODULE = %out.name,
+            KVCD_KERNEL = %out.kernel,
+            KVCD_STEP = step.as_str(),
+            "{detail}"
+        );
+        let entry = StepLog { step, detail };
+        if let Some(f) = self.on_step {
+            f(&out.name, &entry);
+        }
+        out.steps.push(entry);
+    }
+
+    /// Loads `config` into the running kernel.
+    pub fn load(&self, config: &ModuleConfig) -> Outcome {
+        let mut out = Outcome::new(config.name.as_str(), &self.kernel);
+        if !config.supports(&self.kernel) {
+            self.log(
+                &mut out,
+                Step::Config,
+                format!(
+                    "kernel {} does not match kernel_match {:?}; nothing to do",
+                    self.kernel,
+                    config
+                        .kernel_match
+                        .as_ref()
+                        .map(regex::Regex::as_str)
+                        .unwrap_or_default()
+                ),
+            );
+            out.state = State::Unsupported;
+            return out;
+        }
+        let mut changes = Changes::default();
+        match self.try_load(config, &mut out, &mut changes) {
+            Ok(()) => out.state = State::Loaded,
+            Err(Fail(step, err, state)) => {
+                let msg = format!("{err:#}");
+                warn!(KVCD_MODULE = %out.name, KVCD_KERNEL = %out.kernel, KVCD_STEP = step.as_str(), "{msg}");
+                out.state = state;
+                out.error = Some(StepError { step, message: msg });
+                self.roll_back(config, &mut out, &changes);
+            }
+        }
+        out
+    }
+
+    fn try_load(
+        &self,
+        c: &ModuleConfig,
+        out: &mut Outcome,
+        changes: &mut Changes,
+    ) -> Result<(), Fail> {
+        let name = c.name.as_str();
+        for a in &c.after {
+            let loaded = self
+                .records
+                .get(a.as_str())
+                .map_err(Fail::at(Step::Config))?
+                .is_some_and(|r| r.kernel == self.kernel.as_str());
+            if !loaded {
+                return Err(Fail::at(Step::Config)(anyhow!(
+                    "must load after module config {a}, which is not loaded"
+                )));
+            }
+        }
+
+        // Source → files.
+        let Source::Directory { path } = &c.source;
+        let vars = TemplateVars {
+            kernel: self.kernel.clone(),
+            arch: arch(),
+            mod_name: name.to_owned(),
+            mod_version: c.version.clone(),
+        };
+        let dir = expand(path, &vars)
+            .map(PathBuf::from)
+            .with_context(|| format!("{}: key `directory.path`", c.file.display()))
+            .map_err(Fail::at(Step::Resolve))?;
+        let files = directory::scan(&dir).map_err(Fail::at(Step::Resolve))?;
+        directory::require(&files, &c.modules, &dir).map_err(Fail::at(Step::Resolve))?;
+        self.log(
+            out,
+            Step::Resolve,
+            format!("{} module file(s) in {}", files.len(), dir.display()),
+        );
+
+        // Files → module tree.
+        let root = self
+            .layout
+            .prepare(name, &c.digest, &self.kernel, &files)
+            .map_err(Fail::at(Step::Depmod))?;
+        if root.reused {
+            self.log(
+                out,
+                Step::Depmod,
+                format!("module tree {} is current", root.tree.display()),
+            );
+        } else {
+            self.log(
+                out,
+                Step::Depmod,
+                format!("built module tree {}", root.tree.display()),
+            );
+        }
+        for w in &root.depmod_warnings {
+            self.log(out, Step::Depmod, format!("depmod: {w}"));
+        }
+        let tree = ModuleTree::open(&root.tree).map_err(Fail::at(Step::Depmod))?;
+        let order = tree
+            .load_order(&c.modules)
+            .map_err(Fail::at(Step::Resolve))?;
+        for m in &c.modules {
+            let f = order.iter().find(|f| f.name == *m);
+            if let Some(f) = f.filter(|f| f.in_tree) {
+                return Err(Fail::at(Step::Resolve)(anyhow!(
+                    "module {m} resolved to the in-tree file {} instead of the config's own file",
+                    f.path.display()
+                )));
+            }
+        }
+        self.log(
+            out,
+            Step::Resolve,
+            format!(
+                "load order: {}",
+                order
+                    .iter()
+                    .map(|f| f.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+
+        // Verify our files before touching the kernel.
+        let reference = verify::reference_vermagic(&self.layout.host_tree(&self.kernel));
+        for f in order.iter().filter(|f| !f.in_tree) {
+            let info = ModInfo::read(&f.path).map_err(Fail::at(Step::Verify))?;
+            let expected = c
+                .modules
+                .contains(&f.name)
+                .then_some(c.version.as_deref())
+                .flatten();
+            verify::check(f, &info, &self.kernel, reference.as_deref(), expected)
+                .map_err(Fail::at(Step::Verify))?;
+        }
+        self.log(out, Step::Verify, "vermagic and versions match");
+
+        let mut record = match self.records.get(name).map_err(Fail::at(Step::Record))? {
+            Some(r) if r.kernel == self.kernel.as_str() => r,
+            _ => Record {
+                config: name.to_owned(),
+                kernel: self.kernel.to_string(),
+                config_digest: c.digest.clone(),
+                after: Vec::new(),
+                inserted: Vec::new(),
+                removed_in_tree: Vec::new(),
+                since: now(),
+            },
+        };
+        record.config_digest.clone_from(&c.digest);
+        record.after = c.after.iter().map(ToString::to_string).collect();
+
+        // Make room: take out the in-tree modules this config replaces.
+        for r in &c.replace_in_tree {
+            if record.inserted.iter().any(|o| o.name == *r) {
+                continue;
+            }
+            self.take_out_in_tree(r, out, &mut record, changes)?;
+        }
+
+        // Insert, dependencies first.
+        for f in &order {
+            let configured = c.modules.contains(&f.name);
+            let live = self.kmods.live(&f.name).map_err(Fail::at(Step::Insert))?;
+            if live.is_some() {
+                let ours = record.inserted.iter().any(|o| o.name == f.name);
+                if !ours && configured {
+                    self.log(
+                        out,
+                        Step::Insert,
+                        format!(
+                            "{} is already loaded, not by kvcd; kvcd will not unload it",
+                            f.name
+                        ),
+                    );
+                } else {
+                    self.log(out, Step::Insert, format!("{} is already loaded", f.name));
+                }
+                out.modules
+                    .push(ModuleAction::new(f, Action::AlreadyLoaded, Vec::new()));
+                continue;
+            }
+            let params = if configured {
+                c.parameters_for(&f.name).to_vec()
+            } else if f.in_tree {
+                tree.modprobe_options(&f.name)
+            } else {
+                Vec::new()
+            };
+            match self.kmods.insert(f, &params) {
+                Ok(()) => {}
+                Err(e) if e.kind == KmodErrorKind::AlreadyLoaded => {
+                    out.modules
+                        .push(ModuleAction::new(f, Action::AlreadyLoaded, params));
+                    continue;
+                }
+                Err(e) => return Err(Fail::at(Step::Insert)(e.into())),
+            }
+            changes.inserted.push(f.name.clone());
+            record.inserted.push(Owned {
+                name: f.name.clone(),
+                path: f.path.clone(),
+                configured,
+            });
+            self.records.put(&record).map_err(Fail::at(Step::Record))?;
+            let shown = if params.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", params.join(" "))
+            };
+            self.log(
+                out,
+                Step::Insert,
+                format!("inserted {} from {}{shown}", f.name, f.path.display()),
+            );
+            out.modules
+                .push(ModuleAction::new(f, Action::Inserted, params));
+        }
+        self.records.put(&record).map_err(Fail::at(Step::Record))?;
+
+        let missing: Vec<_> = c
+            .modules
+            .iter()
+            .filter(|m| !matches!(self.kmods.live(m), Ok(Some(_))))
+            .map(ToString::to_string)
+            .collect();
+        if !missing.is_empty() {
+            return Err(Fail::at(Step::Insert)(anyhow!(
+                "not live after loading: {}",
+                missing.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Removes in-tree `target` and the modules that use it, if nothing else holds them.
+    fn take_out_in_tree(
+        &self,
+        target: &ModName,
+        out: &mut Outcome,
+        record: &mut Record,
+        changes: &mut Changes,
+    ) -> Result<(), Fail> {
+        let Some(live) = self.kmods.live(target).map_err(Fail::at(Step::Replace))? else {
+            return Ok(());
+        };
+        if live.state == crate::kmod::InitState::Builtin {
+            return Err(Fail::at(Step::Replace)(anyhow!(
+                "in-tree module {target} is built into the kernel and cannot be replaced"
+            )));
+        }
+        // Holders first (post-order), each once.
+        let mut removal = Vec::new();
+        self.collect_holders(target, &mut removal, &mut BTreeSet::new())
+            .map_err(Fail::at(Step::Replace))?;
+        let set: BTreeSet<_> = removal.iter().cloned().collect();
+        for m in &removal {
+            if let Some(l) = self.kmods.live(m).map_err(Fail::at(Step::Replace))? {
+                let outside: Vec<_> = l.holders.iter().filter(|h| !set.contains(*h)).collect();
+                let inner = l.holders.len() - outside.len();
+                if !outside.is_empty() || l.refcount > i32::try_from(inner).unwrap_or(i32::MAX) {
+                    return Err(Fail(
+                        Step::Replace,
+                        anyhow!(
+                            "cannot replace in-tree module {target}: {m} is in use (refcount {}{})",
+                            l.refcount,
+                            holders_text(&l.holders)
+                        ),
+                        State::Busy,
+                    ));
+                }
+            }
+        }
+        for m in removal {
+            self.kmods.remove(&m, false).map_err(|e| {
+                let state = if e.kind == KmodErrorKind::InUse {
+                    State::Busy
+                } else {
+                    State::Failed
+                };
+                Fail(Step::Replace, e.into(), state)
+            })?;
+            changes.removed.push(m.clone());
+            record.removed_in_tree.push(m.clone());
+            self.records.put(record).map_err(Fail::at(Step::Record))?;
+            self.log(out, Step::Replace, format!("removed in-tree module {m}"));
+        }
+        Ok(())
+    }
+
+    fn collect_holders(
+        &self,
+        m: &ModName,
+        out: &mut Vec<ModName>,
+        seen: &mut BTreeSet<ModName>,
+    ) -> Result<()> {
+        if !seen.insert(m.clone()) {
+            return Ok(());
+        }
+        if let Some(l) = self.kmods.live(m)? {
+            for h in &l.holders {
+                self.collect_holders(h, out, seen)?;
+            }
+        }
+        out.push(m.clone());
+        Ok(())
+    }
+
+    /// Undoes what a failed load changed: removes what it inserted, puts back what it removed.
+    fn roll_back(&self, c: &ModuleConfig, out: &mut Outcome, changes: &Changes) {
+        if changes.inserted.is_empty() && changes.removed.is_empty() {
+            return;
+        }
+        let Ok(Some(mut record)) = self.records.get(c.name.as_str()) else {
+            return;
+        };
+        for m in changes.inserted.iter().rev() {
+            match self.kmods.remove(m, false) {
+                Ok(()) => {
+                    record.inserted.retain(|o| o.name != *m);
+                    self.log(out, Step::Remove, format!("rolled back: removed {m}"));
+                }
+                Err(e) => self.log(
+                    out,
+                    Step::Remove,
+                    format!("rollback could not remove {m}: {e}"),
+                ),
+            }
+        }
+        let restored = self.restore(&changes.removed, out);
+        record.removed_in_tree.retain(|m| !restored.contains(m));
+        let _ = self.save_or_delete(&record);
+    }
+
+    fn save_or_delete(&self, record: &Record) -> Result<()> {
+        if record.inserted.is_empty() && record.removed_in_tree.is_empty() {
+            self.records.delete(&record.config)
+        } else {
+            self.records.put(record)
+        }
+    }
+
+    /// Puts in-tree modules back from the host tree (reverse removal order); returns those restored.
+    fn restore(&self, removed: &[ModName], out: &mut Outcome) -> Vec<ModName> {
+        let mut restored = Vec::new();
+        if removed.is_empty() {
+            return restored;
+        }
+        let host = match ModuleTree::open(&self.layout.host_tree(&self.kernel)) {
+            Ok(t) => t,
+            Err(e) => {
+                self.log(
+                    out,
+                    Step::Restore,
+                    format!("cannot restore in-tree modules: {e:#}"),
+                );
+                return restored;
+            }
+        };
+        for m in removed.iter().rev() {
+            let result = host.load_order(std::slice::from_ref(m)).and_then(|files| {
+                for f in files {
+                    if self.kmods.live(&f.name)?.is_none() {
+                        let params = host.modprobe_options(&f.name);
+                        self.kmods.insert(&f, &params)?;
+                    }
+                }
+                Ok(())
+            });
+            match result {
+                Ok(()) => {
+                    self.log(out, Step::Restore, format!("restored in-tree module {m}"));
+                    restored.push(m.clone());
+                }
+                Err(e) => self.log(
+                    out,
+                    Step::Restore,
+                    format!("could not restore in-tree module {m}: {e:#}"),
+                ),
+            }
+        }
+        restored
+    }
+
+    /// Unloads what kvcd loaded for `config`; `force` removes modules even when in use.
+    pub fn unload(&self, config: &str, force: bool) -> Outcome {
+        let mut out = Outcome::new(config, &self.kernel);
+        match self.try_unload(config, force, &mut out) {
+            Ok(()) => out.state = State::Inactive,
+            Err(Fail(step, err, state)) => {
+                let msg = format!("{err:#}");
+                warn!(KVCD_MODULE = %config, KVCD_KERNEL = %out.kernel, KVCD_STEP = step.as_str(), "{msg}");
+                out.state = state;
+                out.error = Some(StepError { step, message: msg });
+            }
+        }
+        out
+    }
+
+    fn try_unload(&self, config: &str, force: bool, out: &mut Outcome) -> Result<(), Fail> {
+        let Some(mut record) = self.records.get(config).map_err(Fail::at(Step::Record))? else {
+            self.log(out, Step::Remove, "nothing loaded by kvcd");
+            return Ok(());
+        };
+        for other in self.records.all().map_err(Fail::at(Step::Record))? {
+            if other.config != config && other.after.iter().any(|a| a == config) {
+                return Err(Fail(
+                    Step::Remove,
+                    anyhow!(
+                        "module config {} is loaded after this one; unload it first",
+                        other.config
+                    ),
+                    State::Busy,
+                ));
+            }
+        }
+
+        // Check everything before removing anything.
+        let mut plan = Vec::new();
+        let ours: BTreeSet<_> = record.inserted.iter().map(|o| o.name.clone()).collect();
+        for o in record.inserted.iter().rev() {
+            let Some(l) = self.kmods.live(&o.name).map_err(Fail::at(Step::Remove))? else {
+                continue;
+            };
+            let outside: Vec<_> = l
+                .holders
+                .iter()
+                .filter(|h| !ours.contains(*h))
+                .cloned()
+                .collect();
+            let inner = l.holders.len() - outside.len();
+            let in_use =
+                !outside.is_empty() || l.refcount > i32::try_from(inner).unwrap_or(i32::MAX);
+            match (in_use, o.configured, force) {
+                (false, _, _) | (true, true, true) => plan.push(o.clone()),
+                (true, false, _) => {
+                    self.log(
+                        out,
+                        Step::Remove,
+                        format!("leaving dependency {} loaded: in use by others", o.name),
+                    );
+                }
+                (true, true, false) => {
+                    return Err(Fail(
+                        Step::Remove,
+                        anyhow!(
+                            "module {} is in use (refcount {}{}); nothing was unloaded",
+                            o.name,
+                            l.refcount,
+                            holders_text(&l.holders)
+                        ),
+                        State::Busy,
+                    ));
+                }
+            }
+        }
+
+        for o in plan {
+            match self.kmods.remove(&o.name, force && o.configured) {
+                Ok(()) => {}
+                Err(e) if e.kind == KmodErrorKind::NotLoaded => {}
+                Err(e) => {
+                    let state = if e.kind == KmodErrorKind::InUse {
+                        State::Busy
+                    } else {
+                        State::Failed
+                    };
+                    return Err(Fail(Step::Remove, e.into(), state));
+                }
+            }
+            record.inserted.retain(|x| x.name != o.name);
+            self.records.put(&record).map_err(Fail::at(Step::Record))?;
+            self.log(out, Step::Remove, format!("removed {}", o.name));
+            out.modules.push(ModuleAction {
+                name: o.name.clone(),
+                path: o.path.clone(),
+                action: Action::Removed,
+                params: Vec::new(),
+            });
+        }
+        record.inserted.clear();
+
+        let removed = record.removed_in_tree.clone();
+        let restored = self.restore(&removed, out);
+        record.removed_in_tree.retain(|m| !restored.contains(m));
+        self.save_or_delete(&record)
+            .map_err(Fail::at(Step::Record))?;
+        if !record.removed_in_tree.is_empty() {
+            return Err(Fail::at(Step::Restore)(anyhow!(
+                "could not restore in-tree module(s): {}",
+                record
+                    .removed_in_tree
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn holders_text(holders: &[ModName]) -> String {
+    if holders.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ", used by {}",
+            holders
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;
