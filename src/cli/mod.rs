@@ -103,8 +103,17 @@ fn init_logging(verbose: u8) {
         .try_init();
 }
 
+/// Lets a closed pipe end the process quietly, as for any Unix filter (`kvcctl … | head`).
+fn default_sigpipe() {
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// `kvcd` entry point.
 pub fn kvcd_main() -> ExitCode {
+    default_sigpipe();
     let cli = KvcdCli::parse();
     init_logging(cli.verbose);
     let result = match cli.command {
@@ -115,6 +124,7 @@ pub fn kvcd_main() -> ExitCode {
 
 /// `kvcctl` entry point.
 pub fn kvcctl_main() -> ExitCode {
+    default_sigpipe();
     let cli = KvcctlCli::parse();
     init_logging(0);
     let result = match cli.command {

@@ -1,0 +1,298 @@
+//! The `kvcd` and `kvcctl` binaries as an admin runs them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::Fixtures;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
+    let out: Output = Command::new(bin)
+        .args(args)
+        .current_dir(repo())
+        .env_remove("KVCD_LOG")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn kvcctl(args: &[&str]) -> (i32, String, String) {
+    run(env!("CARGO_BIN_EXE_kvcctl"), args)
+}
+
+fn kvcd(args: &[&str]) -> (i32, String, String) {
+    run(env!("CARGO_BIN_EXE_kvcd"), args)
+}
+
+#[test]
+fn shipped_examples_validate() {
+    let (code, out, _) = kvcctl(&["config", "validate", "conf.d"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.trim(),
+        "3 module config(s) valid, 0 invalid, 0 error(s)"
+    );
+}
+
+/// Every file in tests/configs/broken says on its first line what validate must print.
+#[test]
+fn each_broken_example_names_file_and_key() {
+    let dir = repo().join("tests/configs/broken");
+    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 10);
+    for f in &files {
+        let text = fs::read_to_string(f).unwrap();
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} has no `# expect:` line", f.display()));
+        let rel = f.strip_prefix(repo()).unwrap().to_str().unwrap();
+        let (code, out, _) = kvcctl(&["config", "validate", rel]);
+        assert_eq!(code, 1, "{rel}: {out}");
+        let want = format!("tests/configs/broken/{expect}");
+        assert!(
+            out.starts_with(&want),
+            "{rel}:\n  want: {want}\n  got:  {out}"
+        );
+    }
+    // All of them at once: one error each, and the good examples alongside stay valid.
+    let (code, out, _) = kvcctl(&[
+        "config",
+        "validate",
+        "conf.d",
+        "tests/configs/broken",
+        "--json",
+    ]);
+    assert_eq!(code, 1);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        doc["errors"].as_array().unwrap().len(),
+        files.len(),
+        "{out}"
+    );
+    assert_eq!(doc["valid"].as_array().unwrap().len(), 3, "{out}");
+    assert!(doc["errors"][0]["file"].is_string());
+}
+
+fn write(path: &Path, text: &str) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, text).unwrap();
+}
+
+#[test]
+fn show_reports_the_winning_file_and_what_it_overrides() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (usr, etc) = (tmp.path().join("usr"), tmp.path().join("etc"));
+    let body = "modules = [\"a\"]\n[directory]\npath = \"/x/${KERNEL_FULL_VERSION}\"\n";
+    write(&usr.join("modules.d/x.toml"), body);
+    write(
+        &etc.join("modules.d/x.toml"),
+        &format!("version = \"2\"\n{body}"),
+    );
+    write(&usr.join("modules.d/gone.toml"), body);
+    fs::create_dir_all(etc.join("modules.d")).unwrap();
+    std::os::unix::fs::symlink("/dev/null", etc.join("modules.d/gone.toml")).unwrap();
+    let dirs = [
+        "--config-dir",
+        usr.to_str().unwrap(),
+        "--config-dir",
+        etc.to_str().unwrap(),
+    ];
+
+    let (code, out, _) = kvcctl(&[&dirs[..], &["config", "show", "--json"]].concat());
+    assert_eq!(code, 0, "{out}");
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let m = &doc["modules"][0];
+    assert_eq!(m["name"], "x");
+    assert_eq!(m["file"], etc.join("modules.d/x.toml").to_str().unwrap());
+    assert_eq!(
+        m["overrides"][0],
+        usr.join("modules.d/x.toml").to_str().unwrap()
+    );
+    assert_eq!(m["config"]["version"], "2");
+    assert_eq!(m["config"]["modules"][0], "a");
+    assert_eq!(doc["modules"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        doc["masked"][0],
+        etc.join("modules.d/gone.toml").to_str().unwrap()
+    );
+
+    let (code, out, _) = kvcctl(&[&dirs[..], &["config", "show", "x"]].concat());
+    assert_eq!(code, 0);
+    assert!(out.contains("  version: 2\n"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "  overrides: {}",
+            usr.join("modules.d/x.toml").display()
+        )),
+        "{out}"
+    );
+
+    let (code, _, err) = kvcctl(&[&dirs[..], &["config", "show", "gone"]].concat());
+    assert_eq!(code, 1);
+    assert!(err.contains("no module config named \"gone\""), "{err}");
+}
+
+struct Node {
+    tmp: tempfile::TempDir,
+    fx: Fixtures,
+}
+
+impl Node {
+    fn new() -> Self {
+        let fx = Fixtures::get();
+        let tmp = tempfile::tempdir().unwrap();
+        write(
+            &tmp.path().join("etc/kvcd.toml"),
+            &format!(
+                "kernel_modules_dir = \"{}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n",
+                fx.modules_dir().display(),
+                tmp.path().join("state").display(),
+                tmp.path().join("run").display()
+            ),
+        );
+        Self { tmp, fx }
+    }
+
+    fn module(&self, name: &str, text: &str) {
+        let text = text.replace("@KO@", &self.fx.ko().display().to_string());
+        write(
+            &self.tmp.path().join(format!("etc/modules.d/{name}.toml")),
+            &text,
+        );
+    }
+
+    fn apply(&self, args: &[&str]) -> (i32, String, String) {
+        let etc = self.tmp.path().join("etc");
+        let mut all = vec![
+            "--config-dir",
+            etc.to_str().unwrap(),
+            "apply",
+            "--kernel",
+            &self.fx.kver,
+        ];
+        all.extend_from_slice(args);
+        kvcd(&all)
+    }
+}
+
+#[test]
+fn apply_unknown_and_invalid_configs() {
+    let node = Node::new();
+    node.module(
+        "bad",
+        "modules = [\"a\"]\nbogus = 1\n[directory]\npath = \"/x\"\n",
+    );
+    let (code, out, _) = node.apply(&["nosuch", "bad"]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("nosuch: failed at config: no module config named \"nosuch\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("bad: failed at config: invalid configuration:"),
+        "{out}"
+    );
+    assert!(
+        out.contains("modules.d/bad.toml:2:1: key `bogus`: unknown field `bogus`"),
+        "{out}"
+    );
+}
+
+#[test]
+fn apply_with_broken_daemon_config_stops_with_the_file_named() {
+    let node = Node::new();
+    let p = node.tmp.path().join("etc/kvcd.toml");
+    fs::write(&p, "state_dir = 3\n").unwrap();
+    let (code, _, err) = node.apply(&["x"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(&format!(
+            "{}:1:13: key `state_dir`: invalid type: integer `3`, expected a string",
+            p.display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn apply_reports_unsupported_kernels_as_success_in_json() {
+    let node = Node::new();
+    node.module(
+        "old",
+        "kernel_match = '^2\\.6'\nmodules = [\"kvcd_param\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    let (code, out, _) = node.apply(&["--json", "old"]);
+    assert_eq!(code, 0, "{out}");
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["kernel"], node.fx.kver.as_str());
+    assert_eq!(doc["results"][0]["name"], "old");
+    assert_eq!(doc["results"][0]["state"], "unsupported");
+    assert!(doc["results"][0]["error"].is_null());
+}
+
+/// On a kernel without module support (this host), the real libkmod insert
+/// fails with ENOSYS and kvcd says so, naming the module; nothing is left behind.
+#[test]
+fn apply_on_a_kernel_that_cannot_load_modules() {
+    if Path::new("/proc/modules").exists() {
+        eprintln!("skipped: this kernel supports modules; the VM tests cover real loading");
+        return;
+    }
+    let node = Node::new();
+    node.module("p", "modules = [\"kvcd_param\"]\n[parameters]\nkvcd_param = [\"level=3\"]\n[directory]\npath = \"@KO@\"\n");
+    let (code, out, _) = node.apply(&["p"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("p: verify: vermagic and versions match"),
+        "{out}"
+    );
+    assert!(
+        out.contains("p: failed at insert: inserting module kvcd_param: this kernel cannot load or unload modules (built without loadable module support) (ENOSYS)"),
+        "{out}"
+    );
+    assert!(!node.tmp.path().join("run/loaded/p.json").exists());
+
+    let (code, out, _) = node.apply(&["--json", "p"]);
+    assert_eq!(code, 1);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["results"][0]["state"], "failed");
+    assert_eq!(doc["results"][0]["error"]["step"], "insert");
+    // The second run reused the module tree.
+    let steps = doc["results"][0]["steps"].as_array().unwrap();
+    assert!(
+        steps
+            .iter()
+            .any(|s| s["detail"].as_str().unwrap().ends_with("is current")),
+        "{out}"
+    );
+}
+
+#[test]
+fn unload_of_something_never_loaded_is_a_no_op() {
+    let node = Node::new();
+    let (code, out, _) = node.apply(&["--unload", "anything"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("anything: remove: nothing loaded by kvcd"),
+        "{out}"
+    );
+    assert!(out.contains("anything: inactive"), "{out}");
+}

@@ -1,0 +1,188 @@
+//! Shared pieces of the host integration tests: the fixture modules built by
+//! `scripts/fixtures`, and a fake kernel behind the `KernelModules` trait
+//! (this host cannot load modules; the VM tests load them for real).
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use kvcd::kmod::{
+    InitState, KernelModules, KmodError, LiveModule, ModInfo, ModName, ModuleFile, Op,
+};
+use nix::errno::Errno;
+
+/// Paths from `scripts/fixtures` (environment, or `target/fixtures/env`).
+#[derive(Debug, Clone)]
+pub struct Fixtures {
+    /// Kernel release the modules were built for.
+    pub kver: String,
+    /// `ko/` and `bad-vermagic/` live here.
+    pub dir: PathBuf,
+    /// Unpacked Debian kernel: `lib/modules/KVER/...`.
+    pub kernel_root: PathBuf,
+}
+
+impl Fixtures {
+    pub fn get() -> Self {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut vars: BTreeMap<String, String> = std::env::vars().collect();
+        if !vars.contains_key("KVCD_FIXTURES") {
+            let env = repo.join("target/fixtures/env");
+            let text = std::fs::read_to_string(&env).unwrap_or_else(|_| {
+                panic!(
+                    "fixture modules missing: run scripts/fixtures first (no {})",
+                    env.display()
+                )
+            });
+            for line in text.lines() {
+                if let Some((k, v)) = line.trim_start_matches("export ").split_once('=') {
+                    vars.insert(k.to_owned(), v.trim_matches('"').to_owned());
+                }
+            }
+        }
+        let get = |k: &str| {
+            vars.get(k)
+                .cloned()
+                .unwrap_or_else(|| panic!("{k} not set"))
+        };
+        Self {
+            kver: get("KVCD_KVER"),
+            dir: get("KVCD_FIXTURES").into(),
+            kernel_root: get("KVCD_KERNEL_ROOT").into(),
+        }
+    }
+
+    /// The directory of good fixture modules.
+    pub fn ko(&self) -> PathBuf {
+        self.dir.join("ko")
+    }
+
+    /// The host-style `…/lib/modules` directory of the unpacked kernel.
+    pub fn modules_dir(&self) -> PathBuf {
+        self.kernel_root.join("lib/modules")
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FakeModule {
+    path: PathBuf,
+    depends: Vec<ModName>,
+    params: Vec<String>,
+    /// References not from other modules (open files, devices).
+    extra_refs: i32,
+}
+
+/// A kernel in memory: modules, their users, and an operation log.
+#[derive(Debug, Default)]
+pub struct FakeKernel {
+    mods: RefCell<BTreeMap<ModName, FakeModule>>,
+    /// Every insert/remove, e.g. `insert kvcd_base`.
+    pub log: RefCell<Vec<String>>,
+    /// Fail inserting this module with this errno.
+    pub fail_insert: RefCell<Option<(ModName, Errno)>>,
+}
+
+pub fn m(name: &str) -> ModName {
+    ModName::parse(name).unwrap()
+}
+
+impl FakeKernel {
+    /// Puts a module in as if someone else had loaded it.
+    pub fn preload(&self, name: &str, path: &Path, depends: &[&str]) {
+        self.mods.borrow_mut().insert(
+            m(name),
+            FakeModule {
+                path: path.to_owned(),
+                depends: depends.iter().map(|d| m(d)).collect(),
+                params: Vec::new(),
+                extra_refs: 0,
+            },
+        );
+    }
+
+    /// Adds a reference that is not a module (like an open device).
+    pub fn hold(&self, name: &str) {
+        self.mods.borrow_mut().get_mut(&m(name)).unwrap().extra_refs += 1;
+    }
+
+    pub fn is_live(&self, name: &str) -> bool {
+        self.mods.borrow().contains_key(&m(name))
+    }
+
+    pub fn path_of(&self, name: &str) -> Option<PathBuf> {
+        self.mods.borrow().get(&m(name)).map(|f| f.path.clone())
+    }
+
+    pub fn params_of(&self, name: &str) -> Vec<String> {
+        self.mods.borrow()[&m(name)].params.clone()
+    }
+
+    pub fn take_log(&self) -> Vec<String> {
+        std::mem::take(&mut self.log.borrow_mut())
+    }
+}
+
+impl KernelModules for FakeKernel {
+    fn live(&self, name: &ModName) -> Result<Option<LiveModule>> {
+        let mods = self.mods.borrow();
+        let Some(me) = mods.get(name) else {
+            return Ok(None);
+        };
+        let holders: Vec<ModName> = mods
+            .iter()
+            .filter(|(_, f)| f.depends.contains(name))
+            .map(|(n, _)| n.clone())
+            .collect();
+        Ok(Some(LiveModule {
+            state: InitState::Live,
+            refcount: i32::try_from(holders.len()).unwrap() + me.extra_refs,
+            holders,
+        }))
+    }
+
+    fn insert(&self, file: &ModuleFile, params: &[String]) -> Result<(), KmodError> {
+        let err = |e| KmodError::new(Op::Insert, &file.name, e);
+        if let Some((n, e)) = &*self.fail_insert.borrow() {
+            if *n == file.name {
+                return Err(err(*e));
+            }
+        }
+        if self.is_live(file.name.as_str()) {
+            return Err(err(Errno::EEXIST));
+        }
+        let info = ModInfo::read(&file.path).map_err(|_| err(Errno::ENOEXEC))?;
+        let depends: Vec<ModName> = info.depends.iter().map(|d| m(d)).collect();
+        if let Some(missing) = depends.iter().find(|d| !self.is_live(d.as_str())) {
+            // The kernel reports an unresolved symbol this way.
+            let _ = missing;
+            return Err(err(Errno::ENOENT));
+        }
+        self.mods.borrow_mut().insert(
+            file.name.clone(),
+            FakeModule {
+                path: file.path.clone(),
+                depends,
+                params: params.to_vec(),
+                extra_refs: 0,
+            },
+        );
+        self.log.borrow_mut().push(format!("insert {}", file.name));
+        Ok(())
+    }
+
+    fn remove(&self, name: &ModName, _force: bool) -> Result<(), KmodError> {
+        let live = self.live(name).unwrap();
+        match live {
+            None => Err(KmodError::new(Op::Remove, name, Errno::ENOENT)),
+            Some(l) if l.refcount > 0 => Err(KmodError::new(Op::Remove, name, Errno::EAGAIN)),
+            Some(_) => {
+                self.mods.borrow_mut().remove(name);
+                self.log.borrow_mut().push(format!("remove {name}"));
+                Ok(())
+            }
+        }
+    }
+}

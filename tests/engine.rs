@@ -1,0 +1,591 @@
+//! The apply engine on the host against real fixture modules, real depmod and
+//! real libkmod lookups, with the kernel itself faked (this host cannot load
+//! modules; tests/vm proves the same behaviour in a real kernel).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::{FakeKernel, Fixtures, m};
+use kvcd::artifacts::RootLayout;
+use kvcd::config::{Config, ModuleConfig, Overrides};
+use kvcd::kernel::KernelRelease;
+use kvcd::kmod::ModuleTree;
+use kvcd::reconciler::{Action, Engine, Outcome, RecordStore, State, Step};
+use nix::errno::Errno;
+
+struct Env {
+    tmp: tempfile::TempDir,
+    fx: Fixtures,
+    fake: FakeKernel,
+}
+
+impl Env {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::create_dir_all(tmp.path().join("etc/modules.d")).unwrap();
+        Self {
+            tmp,
+            fx: Fixtures::get(),
+            fake: FakeKernel::default(),
+        }
+    }
+
+    fn kernel(&self) -> KernelRelease {
+        KernelRelease::parse(&self.fx.kver).unwrap()
+    }
+
+    fn engine_for(&self, kernel: KernelRelease) -> Engine<'_> {
+        Engine {
+            layout: RootLayout {
+                state_dir: self.tmp.path().join("state"),
+                kernel_modules_dir: self.fx.modules_dir(),
+                depmod: "depmod".into(),
+            },
+            kernel,
+            kmods: &self.fake,
+            records: RecordStore::new(&self.tmp.path().join("run")),
+            on_step: None,
+        }
+    }
+
+    fn engine(&self) -> Engine<'_> {
+        self.engine_for(self.kernel())
+    }
+
+    fn records(&self) -> RecordStore {
+        RecordStore::new(&self.tmp.path().join("run"))
+    }
+
+    /// Writes modules.d/NAME.toml (with `@KO@` replaced by the fixture dir) and returns it validated.
+    fn config(&self, name: &str, text: &str) -> ModuleConfig {
+        let text = text.replace("@KO@", &self.fx.ko().display().to_string());
+        fs::write(
+            self.tmp.path().join(format!("etc/modules.d/{name}.toml")),
+            text,
+        )
+        .unwrap();
+        let c = Config::load(&[self.tmp.path().join("etc")], &Overrides::default());
+        c.module(name).unwrap().clone()
+    }
+
+    fn in_tree(&self, rel: &str) -> PathBuf {
+        self.fx.modules_dir().join(&self.fx.kver).join(rel)
+    }
+}
+
+fn ok(o: &Outcome) {
+    assert!(o.state.is_ok(), "{:#?}", o);
+}
+
+fn strs(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_owned()).collect()
+}
+
+const DEPS: &str = r#"
+version = "1.2.0"
+modules = ["kvcd_user", "kvcd-crc", "kvcd_param"]
+[parameters]
+kvcd_param = ["level=5", "label=hello"]
+[directory]
+path = "@KO@"
+"#;
+
+#[test]
+fn resolves_in_set_and_in_tree_dependencies_with_libkmod() {
+    let env = Env::new();
+    let c = env.config("deps", DEPS);
+    let o = env.engine().load(&c);
+    ok(&o);
+    // The tree depmod built resolves kvcd_user -> kvcd_base (ours) and kvcd_crc -> crc8 (in-tree).
+    let root = env.tmp.path().join("state/roots/deps").join(&env.fx.kver);
+    let key = fs::read_dir(&root).unwrap().next().unwrap().unwrap().path();
+    let tree = ModuleTree::open(&key.join("lib/modules").join(&env.fx.kver)).unwrap();
+    let order = tree.load_order(&[m("kvcd_crc"), m("kvcd_user")]).unwrap();
+    let names: Vec<_> = order.iter().map(|f| (f.name.as_str(), f.in_tree)).collect();
+    assert_eq!(
+        names,
+        [
+            ("crc8", true),
+            ("kvcd_crc", false),
+            ("kvcd_base", false),
+            ("kvcd_user", false)
+        ]
+    );
+    assert_eq!(order[0].path, tree.dir().join("kernel/lib/crc8.ko"));
+    assert!(order[1].path.starts_with(tree.dir().join("kvcd")));
+}
+
+#[test]
+fn loads_in_dependency_order_with_parameters() {
+    let env = Env::new();
+    let c = env.config("deps", DEPS);
+    let o = env.engine().load(&c);
+    ok(&o);
+    assert_eq!(o.state, State::Loaded);
+    assert_eq!(
+        env.fake.take_log(),
+        strs(&[
+            "insert kvcd_base",
+            "insert kvcd_user",
+            "insert crc8",
+            "insert kvcd_crc",
+            "insert kvcd_param"
+        ])
+    );
+    assert_eq!(
+        env.fake.params_of("kvcd_param"),
+        strs(&["level=5", "label=hello"])
+    );
+    assert!(env.fake.params_of("kvcd_user").is_empty());
+    // crc8 comes from the kernel's own tree (through the module root's `kernel` link).
+    let crc8 = env.fake.path_of("crc8").unwrap();
+    assert_eq!(
+        fs::canonicalize(&crc8).unwrap(),
+        fs::canonicalize(env.in_tree("kernel/lib/crc8.ko")).unwrap()
+    );
+    let rec = env.records().get("deps").unwrap().unwrap();
+    let owned: Vec<_> = rec
+        .inserted
+        .iter()
+        .map(|o| (o.name.as_str(), o.configured))
+        .collect();
+    assert_eq!(
+        owned,
+        [
+            ("kvcd_base", false),
+            ("kvcd_user", true),
+            ("crc8", false),
+            ("kvcd_crc", true),
+            ("kvcd_param", true)
+        ]
+    );
+}
+
+#[test]
+fn second_apply_is_a_no_op() {
+    let env = Env::new();
+    let c = env.config("deps", DEPS);
+    ok(&env.engine().load(&c));
+    env.fake.take_log();
+    let o = env.engine().load(&c);
+    ok(&o);
+    assert!(env.fake.take_log().is_empty());
+    assert!(
+        o.modules.iter().all(|a| a.action == Action::AlreadyLoaded),
+        "{o:#?}"
+    );
+    assert!(
+        o.steps
+            .iter()
+            .any(|s| s.step == Step::Depmod && s.detail.contains("is current")),
+        "{o:#?}"
+    );
+}
+
+#[test]
+fn unload_reverses_and_forgets() {
+    let env = Env::new();
+    let c = env.config("deps", DEPS);
+    ok(&env.engine().load(&c));
+    env.fake.take_log();
+    let o = env.engine().unload("deps", false);
+    ok(&o);
+    assert_eq!(o.state, State::Inactive);
+    assert_eq!(
+        env.fake.take_log(),
+        strs(&[
+            "remove kvcd_param",
+            "remove kvcd_crc",
+            "remove crc8",
+            "remove kvcd_user",
+            "remove kvcd_base"
+        ])
+    );
+    assert!(env.records().get("deps").unwrap().is_none());
+    // Unloading again has nothing to do.
+    let o = env.engine().unload("deps", false);
+    ok(&o);
+    assert!(env.fake.take_log().is_empty());
+}
+
+#[test]
+fn in_use_module_refuses_unload_and_changes_nothing() {
+    let env = Env::new();
+    let c = env.config(
+        "base",
+        "modules = [\"kvcd_base\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    ok(&env.engine().load(&c));
+    // Someone else loads a user of kvcd_base.
+    env.fake.preload(
+        "kvcd_user",
+        &env.fx.ko().join("kvcd_user.ko"),
+        &["kvcd_base"],
+    );
+    env.fake.take_log();
+    let o = env.engine().unload("base", false);
+    assert_eq!(o.state, State::Busy);
+    let e = o.error.unwrap();
+    assert_eq!(e.step, Step::Remove);
+    assert_eq!(
+        e.message,
+        "module kvcd_base is in use (refcount 1, used by kvcd_user); nothing was unloaded"
+    );
+    assert!(env.fake.take_log().is_empty());
+    assert!(env.fake.is_live("kvcd_base"));
+    assert!(env.records().get("base").unwrap().is_some());
+
+    // A reference that is not a module counts too.
+    let env = Env::new();
+    let c = env.config(
+        "base",
+        "modules = [\"kvcd_base\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    ok(&env.engine().load(&c));
+    env.fake.hold("kvcd_base");
+    let o = env.engine().unload("base", false);
+    assert_eq!(o.state, State::Busy);
+    assert!(o.error.unwrap().message.contains("in use (refcount 1)"));
+}
+
+#[test]
+fn a_dependency_someone_else_uses_stays_loaded() {
+    let env = Env::new();
+    let c = env.config(
+        "crc",
+        "modules = [\"kvcd_crc\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    ok(&env.engine().load(&c));
+    env.fake
+        .preload("other", Path::new("/x/other.ko"), &["crc8"]);
+    env.fake.take_log();
+    let o = env.engine().unload("crc", false);
+    ok(&o);
+    assert_eq!(env.fake.take_log(), strs(&["remove kvcd_crc"]));
+    assert!(env.fake.is_live("crc8"));
+    assert!(
+        o.steps
+            .iter()
+            .any(|s| s.detail == "leaving dependency crc8 loaded: in use by others")
+    );
+}
+
+#[test]
+fn never_unloads_what_it_did_not_load() {
+    let env = Env::new();
+    env.fake
+        .preload("kvcd_param", &env.fx.ko().join("kvcd_param.ko"), &[]);
+    let c = env.config(
+        "params",
+        "modules = [\"kvcd_param\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    let o = env.engine().load(&c);
+    ok(&o);
+    assert!(
+        o.steps
+            .iter()
+            .any(|s| s.detail.contains("already loaded, not by kvcd")),
+        "{o:#?}"
+    );
+    let o = env.engine().unload("params", false);
+    ok(&o);
+    assert!(env.fake.is_live("kvcd_param"));
+    assert!(env.fake.take_log().is_empty());
+}
+
+#[test]
+fn same_name_module_replaces_in_tree_and_restores_it() {
+    let env = Env::new();
+    let in_tree = env.in_tree("kernel/drivers/net/dummy.ko");
+    env.fake.preload("dummy", &in_tree, &[]);
+    let c = env.config(
+        "replace",
+        "modules = [\"dummy\"]\nreplace_in_tree = [\"dummy\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    let o = env.engine().load(&c);
+    ok(&o);
+    assert_eq!(env.fake.take_log(), strs(&["remove dummy", "insert dummy"]));
+    let ours = env.fake.path_of("dummy").unwrap();
+    assert!(
+        ours.to_string_lossy().contains("/kvcd/dummy.ko"),
+        "{}",
+        ours.display()
+    );
+    assert_eq!(
+        env.records()
+            .get("replace")
+            .unwrap()
+            .unwrap()
+            .removed_in_tree,
+        vec![m("dummy")]
+    );
+
+    // Re-apply keeps ours.
+    ok(&env.engine().load(&c));
+    assert!(env.fake.take_log().is_empty());
+
+    let o = env.engine().unload("replace", false);
+    ok(&o);
+    assert_eq!(env.fake.take_log(), strs(&["remove dummy", "insert dummy"]));
+    assert_eq!(env.fake.path_of("dummy").unwrap(), in_tree);
+    assert!(env.records().get("replace").unwrap().is_none());
+}
+
+#[test]
+fn replacing_takes_out_unheld_users_but_refuses_held_ones() {
+    let env = Env::new();
+    let crc8 = env.in_tree("kernel/lib/crc8.ko");
+    env.fake.preload("crc8", &crc8, &[]);
+    env.fake
+        .preload("crc8_user", Path::new("/x/crc8_user.ko"), &["crc8"]);
+    let c = env.config(
+        "r",
+        "modules = [\"kvcd_param\"]\nreplace_in_tree = [\"crc8\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    let o = env.engine().load(&c);
+    ok(&o);
+    assert_eq!(
+        env.fake.take_log(),
+        strs(&["remove crc8_user", "remove crc8", "insert kvcd_param"])
+    );
+
+    let env = Env::new();
+    env.fake.preload("crc8", &crc8, &[]);
+    env.fake.hold("crc8");
+    let c = env.config(
+        "r",
+        "modules = [\"kvcd_param\"]\nreplace_in_tree = [\"crc8\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    let o = env.engine().load(&c);
+    assert_eq!(o.state, State::Busy);
+    let e = o.error.unwrap();
+    assert_eq!(e.step, Step::Replace);
+    assert!(
+        e.message
+            .contains("cannot replace in-tree module crc8: crc8 is in use (refcount 1)"),
+        "{}",
+        e.message
+    );
+    assert!(env.fake.take_log().is_empty());
+}
+
+#[test]
+fn a_failed_load_rolls_back_and_restores_in_tree() {
+    let env = Env::new();
+    let in_tree = env.in_tree("kernel/drivers/net/dummy.ko");
+    env.fake.preload("dummy", &in_tree, &[]);
+    *env.fake.fail_insert.borrow_mut() = Some((m("kvcd_crc"), Errno::EKEYREJECTED));
+    let c = env.config(
+        "x",
+        "modules = [\"dummy\", \"kvcd_user\", \"kvcd_crc\"]\nreplace_in_tree = [\"dummy\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    let o = env.engine().load(&c);
+    assert_eq!(o.state, State::Failed);
+    let e = o.error.unwrap();
+    assert_eq!(e.step, Step::Insert);
+    assert!(
+        e.message
+            .starts_with("inserting module kvcd_crc: the kernel enforces module signatures"),
+        "{}",
+        e.message
+    );
+    assert!(e.message.ends_with("(EKEYREJECTED)"));
+    assert_eq!(
+        env.fake.take_log(),
+        strs(&[
+            "remove dummy",
+            "insert dummy",
+            "insert kvcd_base",
+            "insert kvcd_user",
+            "insert crc8",
+            "remove crc8",
+            "remove kvcd_user",
+            "remove kvcd_base",
+            "remove dummy",
+            "insert dummy",
+        ])
+    );
+    assert_eq!(env.fake.path_of("dummy").unwrap(), in_tree);
+    assert!(env.records().get("x").unwrap().is_none());
+}
+
+#[test]
+fn version_mismatch_fails_before_any_insert() {
+    let env = Env::new();
+    let c = env.config(
+        "v",
+        "version = \"9.9\"\nmodules = [\"kvcd_user\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    let o = env.engine().load(&c);
+    assert_eq!(o.state, State::Failed);
+    let e = o.error.unwrap();
+    assert_eq!(e.step, Step::Verify);
+    assert!(e.message.contains("module kvcd_user ("), "{}", e.message);
+    assert!(
+        e.message
+            .contains("is version 1.2.0, but the config expects version 9.9"),
+        "{}",
+        e.message
+    );
+    assert!(env.fake.take_log().is_empty());
+}
+
+#[test]
+fn vermagic_mismatch_fails_before_any_insert() {
+    let env = Env::new();
+    let bad = env.fx.dir.join("bad-vermagic");
+    let c = env.config(
+        "bad",
+        &format!(
+            "modules = [\"kvcd_param\"]\n[directory]\npath = \"{}\"\n",
+            bad.display()
+        ),
+    );
+    let o = env.engine().load(&c);
+    let e = o.error.unwrap();
+    assert_eq!(e.step, Step::Verify);
+    assert!(e.message.contains("kvcd_param"), "{}", e.message);
+    assert!(
+        e.message
+            .contains(&format!("but the target kernel is {}", env.fx.kver)),
+        "{}",
+        e.message
+    );
+    assert!(env.fake.take_log().is_empty());
+
+    // Good files for another kernel are just as wrong.
+    let c = env.config("deps", DEPS);
+    let other = KernelRelease::parse("6.1.0-999-amd64").unwrap();
+    let o = env.engine_for(other).load(&c);
+    let e = o.error.unwrap();
+    assert_eq!(e.step, Step::Verify);
+    assert!(
+        e.message.contains(&format!(
+            "was built for kernel {}, but the target kernel is 6.1.0-999-amd64",
+            env.fx.kver
+        )),
+        "{}",
+        e.message
+    );
+}
+
+#[test]
+fn templated_directory_missing_or_incomplete() {
+    let env = Env::new();
+    let c = env.config(
+        "t",
+        "modules = [\"kvcd_param\"]\n[directory]\npath = \"@KO@/${KERNEL_FULL_VERSION}/${ARCH}\"\n",
+    );
+    let o = env.engine().load(&c);
+    let e = o.error.unwrap();
+    assert_eq!(e.step, Step::Resolve);
+    let expanded = format!(
+        "{}/{}/{}",
+        env.fx.ko().display(),
+        env.fx.kver,
+        kvcd::kernel::arch()
+    );
+    assert_eq!(
+        e.message,
+        format!(
+            "module directory {expanded} does not exist or cannot be read: No such file or directory (os error 2)"
+        )
+    );
+
+    let c = env.config(
+        "n",
+        "modules = [\"kvcd_param\", \"nothere\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    let e = env.engine().load(&c).error.unwrap();
+    assert_eq!(e.step, Step::Resolve);
+    assert!(
+        e.message.starts_with(&format!(
+            "no .ko file for module nothere in {}",
+            env.fx.ko().display()
+        )),
+        "{}",
+        e.message
+    );
+}
+
+#[test]
+fn kernel_match_and_after() {
+    let env = Env::new();
+    let c = env.config(
+        "old",
+        "kernel_match = '^4\\.'\nmodules = [\"kvcd_param\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    let o = env.engine().load(&c);
+    assert_eq!(o.state, State::Unsupported);
+    assert!(env.fake.take_log().is_empty());
+
+    env.config(
+        "first",
+        "modules = [\"kvcd_base\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    let second = env.config(
+        "second",
+        "after = [\"first\"]\nmodules = [\"kvcd_user\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    let e = env.engine().load(&second).error.unwrap();
+    assert_eq!(e.step, Step::Config);
+    assert_eq!(
+        e.message,
+        "must load after module config first, which is not loaded"
+    );
+
+    let first = env.config(
+        "first",
+        "modules = [\"kvcd_base\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    ok(&env.engine().load(&first));
+    ok(&env.engine().load(&second));
+    // Unloading `first` while `second` (ordered after it) is loaded is refused.
+    let o = env.engine().unload("first", false);
+    assert_eq!(o.state, State::Busy);
+    assert!(
+        o.error
+            .unwrap()
+            .message
+            .contains("second is loaded after this one")
+    );
+    ok(&env.engine().unload("second", false));
+    ok(&env.engine().unload("first", false));
+    assert!(!env.fake.is_live("kvcd_base"));
+}
+
+#[test]
+fn module_tree_is_rebuilt_when_files_change_and_old_ones_pruned() {
+    let env = Env::new();
+    let pkg = env.tmp.path().join("pkg");
+    fs::create_dir_all(&pkg).unwrap();
+    fs::copy(env.fx.ko().join("kvcd_param.ko"), pkg.join("kvcd_param.ko")).unwrap();
+    let c = env.config(
+        "p",
+        &format!(
+            "modules = [\"kvcd_param\"]\n[directory]\npath = \"{}\"\n",
+            pkg.display()
+        ),
+    );
+    let o = env.engine().load(&c);
+    ok(&o);
+    assert!(
+        o.steps
+            .iter()
+            .any(|s| s.detail.starts_with("built module tree"))
+    );
+    fs::copy(env.fx.ko().join("kvcd_base.ko"), pkg.join("kvcd_base.ko")).unwrap();
+    let o = env.engine().load(&c);
+    assert!(
+        o.steps
+            .iter()
+            .any(|s| s.detail.starts_with("built module tree")),
+        "{o:#?}"
+    );
+    let roots = env.tmp.path().join("state/roots/p").join(&env.fx.kver);
+    assert_eq!(fs::read_dir(roots).unwrap().count(), 1);
+}
