@@ -1,0 +1,331 @@
+#!/bin/sh
+# kvcd end-to-end scenario, run as /scenario.sh inside the test VM (busybox sh).
+#
+# The image comes from tests/vm/mkinitramfs with --etc tests/vm/etc (the module
+# configs) and a payload that holds the fixture modules at
+# /usr/lib/kvcd/fixtures/$KVER and the forged-vermagic copy at
+# /usr/lib/kvcd/badmagic/$KVER/extra. The same fixtures sit in /fixtures for
+# loading by hand.
+#
+# Each check prints "KVCD-E2E: PASS <name>" or "KVCD-E2E: FAIL <name>: <why>"
+# followed by the commands it ran and their output. The last line is
+# "KVCD-E2E: N passed, M failed"; the exit status is 1 if any check failed.
+#
+# Kernel command line with module.sig_enforce=1: only the signature checks
+# run (every fixture is unsigned, so nothing of ours can load there).
+# With kvcd_e2e_verbose on the command line, passed checks show their
+# transcripts too.
+set -u
+
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+RUN=/run/kvcd
+PASSED=0
+FAILED=0
+
+# --- check bookkeeping --------------------------------------------------------
+# begin NAME; then any number of run/expect/bad; then end.
+begin() { CHECK=$1; WHY=""; TRANSCRIPT=""; }
+
+# run CMD...: runs it, keeps stdout+stderr in OUT and the status in RC, and
+# appends both to the check's transcript.
+run() {
+    OUT=$("$@" 2>&1)
+    RC=$?
+    TRANSCRIPT="$TRANSCRIPT
+\$ $* (exit $RC)"
+    if [ -n "$OUT" ]; then TRANSCRIPT="$TRANSCRIPT
+$OUT"; fi
+}
+
+# note TEXT: adds a line to the transcript (state snapshots and the like).
+note() { TRANSCRIPT="$TRANSCRIPT
+# $*"; }
+
+bad() { WHY="${WHY:+$WHY; }$*"; }
+
+end() {
+    if [ -z "$WHY" ]; then
+        PASSED=$((PASSED + 1))
+        echo "KVCD-E2E: PASS $CHECK"
+        if [ -n "$VERBOSE" ]; then
+            printf '%s\n' "$TRANSCRIPT" | sed -e '1{/^$/d}' -e 's/^/    | /'
+        fi
+    else
+        FAILED=$((FAILED + 1))
+        echo "KVCD-E2E: FAIL $CHECK: $WHY"
+        note "/proc/modules:"
+        TRANSCRIPT="$TRANSCRIPT
+$(cut -d' ' -f1-4 /proc/modules)"
+        printf '%s\n' "$TRANSCRIPT" | sed -e '1{/^$/d}' -e 's/^/    | /'
+    fi
+}
+
+# --- predicates ----------------------------------------------------------------
+loaded() { grep -q "^$1 " /proc/modules; }
+has() { case "$OUT" in *"$1"*) return 0 ;; esac; return 1; }
+record() { [ -e "$RUN/loaded/$1.json" ]; }
+
+expect_rc() { [ "$RC" = "$1" ] || bad "exit status $RC, expected $1"; }
+expect_out() { has "$1" || bad "output lacks '$1'"; }
+expect_no_out() { has "$1" && bad "output has '$1'"; }
+expect_loaded() { for _e; do loaded "$_e" || bad "$_e is not loaded"; done; }
+expect_unloaded() { for _e; do loaded "$_e" && bad "$_e is still loaded"; done; }
+expect_record() { record "$1" || bad "no record $RUN/loaded/$1.json"; }
+expect_no_record() { record "$1" && bad "record $RUN/loaded/$1.json is left"; }
+
+# expect_param MODULE PARAM VALUE
+expect_param() {
+    _p=/sys/module/$1/parameters/$2
+    if [ ! -e "$_p" ]; then bad "$_p does not exist"; return; fi
+    _v=$(cat "$_p")
+    [ "$_v" = "$3" ] || bad "$_p is '$_v', expected '$3'"
+}
+
+# line_of TEXT: line number of the first output line holding TEXT (0 if none).
+line_of() {
+    _n=$(printf '%s\n' "$OUT" | grep -n -F -- "$1" | head -n1 | cut -d: -f1)
+    echo "${_n:-0}"
+}
+
+# expect_before A B: output line with A comes before the one with B.
+expect_before() {
+    _a=$(line_of "$1") _b=$(line_of "$2")
+    if [ "$_a" = 0 ] || [ "$_b" = 0 ]; then
+        bad "output lacks '$1' or '$2'"
+    elif [ "$_a" -ge "$_b" ]; then
+        bad "'$1' (line $_a) is not before '$2' (line $_b)"
+    fi
+}
+
+# Take whatever a failed check left behind out of the kernel so the next
+# check starts clean. Quiet on purpose: a clean state prints nothing.
+scrub() {
+    for _m in "$@"; do
+        if loaded "$_m"; then busybox rmmod "$_m" >/dev/null 2>&1; fi
+    done
+}
+
+KVER=$(uname -r)
+VERBOSE=""
+case " $(cat /proc/cmdline) " in *" kvcd_e2e_verbose "*) VERBOSE=1 ;; esac
+echo "KVCD-E2E: kernel $KVER, cmdline: $(cat /proc/cmdline)"
+
+# --- signature-enforcing kernel ---------------------------------------------------
+sig_checks() {
+    begin "signature rejected"
+    run kvcd apply params
+    expect_rc 1
+    expect_out "EKEYREJECTED"
+    expect_out "enforces module signatures"
+    expect_out "params: failed at insert"
+    expect_unloaded kvcd_param
+    expect_no_record params
+    end
+    scrub kvcd_param
+
+    # crc8 is Debian's own, signed, and goes in first; kvcd_crc is then
+    # rejected, and kvcd must take crc8 out again.
+    begin "signature rollback"
+    run kvcd apply crc
+    expect_rc 1
+    expect_out "EKEYREJECTED"
+    expect_out "inserted crc8"
+    expect_out "rolled back: removed crc8"
+    expect_unloaded kvcd_crc crc8
+    expect_no_record crc
+    end
+    scrub kvcd_crc crc8
+}
+
+# --- normal kernel ---------------------------------------------------------------
+normal_checks() {
+    begin "load with dependencies"
+    run kvcd apply deps
+    expect_rc 0
+    expect_out "deps: loaded"
+    expect_out "resolve: load order: kvcd_base, kvcd_user, crc8, kvcd_crc"
+    expect_loaded kvcd_base kvcd_user crc8 kvcd_crc
+    expect_record deps
+    # The directory path was templated with the running kernel's release.
+    expect_out "/usr/lib/kvcd/fixtures/$KVER"
+    end
+
+    begin "idempotent re-apply"
+    before=$(cut -d' ' -f1 /proc/modules | sort)
+    run kvcd apply deps
+    expect_rc 0
+    expect_out "deps: loaded"
+    expect_out "kvcd_user is already loaded"
+    expect_out "kvcd_base is already loaded"
+    expect_out "kvcd_crc is already loaded"
+    expect_no_out "inserted"
+    after=$(cut -d' ' -f1 /proc/modules | sort)
+    [ "$before" = "$after" ] || bad "/proc/modules changed"
+    expect_record deps
+    end
+
+    begin "parameters"
+    run kvcd apply params
+    expect_rc 0
+    expect_out "params: loaded"
+    expect_out "level=7 label=vm"
+    expect_loaded kvcd_param
+    expect_param kvcd_param level 7
+    expect_param kvcd_param label vm
+    expect_record params
+    run kvcd apply --json params
+    expect_rc 0
+    expect_out '"state": "loaded"'
+    expect_out '"error": null'
+    expect_out '"action": "already-loaded"'
+    run kvcd apply --unload params
+    expect_rc 0
+    expect_out "removed kvcd_param"
+    expect_unloaded kvcd_param
+    expect_no_record params
+    end
+    scrub kvcd_param
+
+    begin "reverse unload"
+    run kvcd apply --unload deps
+    expect_rc 0
+    expect_out "deps: inactive"
+    expect_unloaded kvcd_user kvcd_crc kvcd_base crc8
+    expect_no_record deps
+    expect_out "removed crc8"
+    expect_before "removed kvcd_crc" "removed kvcd_base"
+    expect_before "removed kvcd_user" "removed kvcd_base"
+    expect_before "removed kvcd_crc" "removed crc8"
+    end
+    scrub kvcd_crc kvcd_user kvcd_base crc8
+
+    begin "in-use refusal"
+    run kvcd apply base
+    expect_rc 0
+    expect_loaded kvcd_base
+    run busybox insmod /fixtures/kvcd_user.ko
+    expect_rc 0
+    run kvcd apply --unload base
+    expect_rc 1
+    expect_out "base: busy at remove"
+    expect_out "in use"
+    expect_out "kvcd_user"
+    expect_out "nothing was unloaded"
+    expect_loaded kvcd_base kvcd_user
+    expect_record base
+    run busybox rmmod kvcd_user
+    expect_rc 0
+    run kvcd apply --unload base
+    expect_rc 0
+    expect_out "removed kvcd_base"
+    expect_unloaded kvcd_base
+    expect_no_record base
+    end
+    scrub kvcd_user kvcd_base
+
+    begin "never unload what kvcd did not load"
+    run busybox insmod /fixtures/kvcd_param.ko
+    expect_rc 0
+    run kvcd apply params
+    expect_rc 0
+    expect_out "kvcd_param is already loaded"
+    expect_no_out "inserted"
+    # The hand-loaded module keeps its own parameters.
+    expect_param kvcd_param level 1
+    run kvcd apply --unload params
+    expect_rc 0
+    expect_no_out "removed kvcd_param"
+    expect_loaded kvcd_param
+    expect_no_record params
+    run busybox rmmod kvcd_param
+    expect_rc 0
+    end
+    scrub kvcd_param
+
+    begin "in-tree replacement and restore"
+    run modprobe dummy
+    expect_rc 0
+    expect_loaded dummy
+    [ -e /sys/module/dummy/parameters/origin ] &&
+        bad "the in-tree dummy already has an origin parameter"
+    run kvcd apply replace
+    expect_rc 0
+    expect_out "replace: loaded"
+    expect_out "removed in-tree module dummy"
+    expect_loaded dummy
+    expect_param dummy origin kvcd
+    expect_record replace
+    run kvcd apply --unload replace
+    expect_rc 0
+    expect_out "restored in-tree module dummy"
+    expect_loaded dummy
+    [ -e /sys/module/dummy/parameters/origin ] &&
+        bad "dummy still has an origin parameter: the fixture is loaded, not the in-tree driver"
+    expect_no_record replace
+    run modprobe -r dummy
+    expect_rc 0
+    end
+    scrub dummy
+
+    begin "version mismatch"
+    run kvcd apply wrongver
+    expect_rc 1
+    expect_out "wrongver: failed at verify"
+    expect_out "is version 1.2.0, but the config expects version 9.9"
+    expect_no_out "inserted"
+    expect_unloaded kvcd_user kvcd_base
+    expect_no_record wrongver
+    end
+    scrub kvcd_user kvcd_base
+
+    begin "wrong vermagic"
+    run kvcd apply badmagic
+    expect_rc 1
+    expect_out "badmagic: failed at verify"
+    expect_out "was built for kernel 9.9.9-"
+    expect_out "but the target kernel is $KVER"
+    # Found one directory level down, and only there.
+    expect_out "1 module file(s) in /usr/lib/kvcd/badmagic/$KVER"
+    expect_no_out "inserted"
+    expect_unloaded kvcd_param
+    expect_no_record badmagic
+    end
+    scrub kvcd_param
+
+    begin "kernel_match excludes this kernel"
+    run kvcd apply otherkernel
+    expect_rc 0
+    expect_out "otherkernel: unsupported"
+    expect_unloaded kvcd_base
+    expect_no_record otherkernel
+    end
+    scrub kvcd_base
+
+    begin "unknown config name"
+    run kvcd apply no-such-config
+    expect_rc 1
+    expect_out "no-such-config: failed at config"
+    end
+
+    # Everything above cleaned up after itself: no fixture module and no
+    # record may be left.
+    begin "clean end state"
+    for m in kvcd_base kvcd_user kvcd_crc kvcd_param crc8 dummy; do
+        expect_unloaded "$m"
+    done
+    left=$(ls "$RUN/loaded" 2>/dev/null)
+    [ -z "$left" ] || bad "records left: $left"
+    end
+}
+
+case " $(cat /proc/cmdline) " in
+    *" module.sig_enforce=1 "*)
+        echo "KVCD-E2E: mode signature (module.sig_enforce=1)"
+        sig_checks ;;
+    *)
+        echo "KVCD-E2E: mode normal"
+        normal_checks ;;
+esac
+
+echo "KVCD-E2E: $PASSED passed, $FAILED failed"
+[ "$FAILED" = 0 ]
