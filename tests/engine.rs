@@ -275,6 +275,32 @@ fn a_dependency_someone_else_uses_stays_loaded() {
 }
 
 #[test]
+fn already_loaded_module_with_other_parameters_is_reported() {
+    let env = Env::new();
+    let ko = env.fx.ko().join("kvcd_param.ko");
+    env.fake
+        .preload_with("kvcd_param", &ko, &[], &["level=1", "label=vm"]);
+    let c = env.config(
+        "params",
+        "modules = [\"kvcd_param\"]\n[parameters]\nkvcd_param = [\"level=7\", 'label=\"vm\"']\n[directory]\npath = \"@KO@\"\n",
+    );
+    let o = env.engine().load(&c);
+    ok(&o);
+    let notes: Vec<_> = o
+        .steps
+        .iter()
+        .filter(|s| s.detail.contains("runs with"))
+        .map(|s| s.detail.as_str())
+        .collect();
+    assert_eq!(
+        notes,
+        [
+            "kvcd_param runs with level=1, the config wants level=7; unload it and apply again to change it"
+        ]
+    );
+}
+
+#[test]
 fn never_unloads_what_it_did_not_load() {
     let env = Env::new();
     env.fake

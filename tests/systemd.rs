@@ -26,5 +26,8 @@ fn template_unit_verifies_as_an_instance() {
         .expect("systemd-analyze is needed (apt-get install systemd)");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(!stderr.contains("kvcd@"), "warnings about the unit: {stderr}");
+    assert!(
+        !stderr.contains("kvcd@"),
+        "warnings about the unit: {stderr}"
+    );
 }

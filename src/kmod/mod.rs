@@ -206,6 +206,8 @@ pub trait KernelModules {
     fn insert(&self, file: &ModuleFile, params: &[String]) -> Result<(), KmodError>;
     /// Removes `name`; `force` only when the config asks for it.
     fn remove(&self, name: &ModName, force: bool) -> Result<(), KmodError>;
+    /// The value of a loaded module's parameter, when the kernel shows it.
+    fn parameter(&self, name: &ModName, key: &str) -> Option<String>;
 }
 
 /// The real kernel, through libkmod and sysfs.
@@ -260,5 +262,15 @@ impl KernelModules for Libkmod {
             .map_err(|e| KmodError::new(Op::Remove, name, e))?;
         m.remove(force)
             .map_err(|e| KmodError::new(Op::Remove, name, e))
+    }
+
+    fn parameter(&self, name: &ModName, key: &str) -> Option<String> {
+        let p = Path::new("/sys/module")
+            .join(name.as_str())
+            .join("parameters")
+            .join(key);
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|v| v.trim_end_matches('\n').to_owned())
     }
 }

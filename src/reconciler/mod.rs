@@ -266,6 +266,9 @@ impl Engine<'_> {
                 } else {
                     self.log(out, Step::Insert, format!("{} is already loaded", f.name));
                 }
+                if configured {
+                    self.check_live_parameters(&f.name, c.parameters_for(&f.name), out);
+                }
                 out.modules
                     .push(ModuleAction::new(f, Action::AlreadyLoaded, Vec::new()));
                 continue;
@@ -321,6 +324,25 @@ impl Engine<'_> {
             )));
         }
         Ok(())
+    }
+
+    /// Says so when a module that is already loaded runs with other parameter values than configured.
+    fn check_live_parameters(&self, module: &ModName, params: &[String], out: &mut Outcome) {
+        for p in params {
+            let (key, want) = p.split_once('=').unwrap_or((p.as_str(), "Y"));
+            let Some(live) = self.kmods.parameter(module, key) else {
+                continue;
+            };
+            if !same_parameter_value(&live, want) {
+                self.log(
+                    out,
+                    Step::Insert,
+                    format!(
+                        "{module} runs with {key}={live}, the config wants {key}={want}; unload it and apply again to change it"
+                    ),
+                );
+            }
+        }
     }
 
     /// Removes in-tree `target` and the modules that use it, if nothing else holds them.
@@ -588,6 +610,14 @@ impl Engine<'_> {
         }
         Ok(())
     }
+}
+
+/// Compares a value from sysfs with a configured one; booleans show as `Y`/`N` there.
+fn same_parameter_value(live: &str, want: &str) -> bool {
+    let want = want.trim_matches('"');
+    let truthy = |v: &str| matches!(v, "1" | "y" | "Y" | "true" | "on");
+    let falsy = |v: &str| matches!(v, "0" | "n" | "N" | "false" | "off");
+    live == want || (live == "Y" && truthy(want)) || (live == "N" && falsy(want))
 }
 
 fn holders_text(holders: &[ModName]) -> String {

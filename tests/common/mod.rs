@@ -92,12 +92,17 @@ pub fn m(name: &str) -> ModName {
 impl FakeKernel {
     /// Puts a module in as if someone else had loaded it.
     pub fn preload(&self, name: &str, path: &Path, depends: &[&str]) {
+        self.preload_with(name, path, depends, &[]);
+    }
+
+    /// Like `preload`, with parameter values.
+    pub fn preload_with(&self, name: &str, path: &Path, depends: &[&str], params: &[&str]) {
         self.mods.borrow_mut().insert(
             m(name),
             FakeModule {
                 path: path.to_owned(),
                 depends: depends.iter().map(|d| m(d)).collect(),
-                params: Vec::new(),
+                params: params.iter().map(|p| (*p).to_owned()).collect(),
                 extra_refs: 0,
             },
         );
@@ -171,6 +176,15 @@ impl KernelModules for FakeKernel {
         );
         self.log.borrow_mut().push(format!("insert {}", file.name));
         Ok(())
+    }
+
+    fn parameter(&self, name: &ModName, key: &str) -> Option<String> {
+        let mods = self.mods.borrow();
+        let f = mods.get(name)?;
+        f.params.iter().find_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            (k == key).then(|| v.to_owned())
+        })
     }
 
     fn remove(&self, name: &ModName, _force: bool) -> Result<(), KmodError> {
