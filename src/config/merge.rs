@@ -16,6 +16,14 @@ pub struct Candidate {
     pub masked: bool,
 }
 
+impl Candidate {
+    /// A candidate for `path`, masked when it is a symlink to `/dev/null`.
+    pub fn new(path: PathBuf) -> Self {
+        let masked = is_mask(&path);
+        Self { path, masked }
+    }
+}
+
 /// The outcome of merging one file name across directories.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Merged {
@@ -69,9 +77,7 @@ pub fn list_toml(dir: &Path) -> std::io::Result<BTreeMap<String, Candidate>> {
         if name.starts_with('.') || !name.ends_with(".toml") {
             continue;
         }
-        let path = entry.path();
-        let masked = is_mask(&path);
-        out.insert(name, Candidate { path, masked });
+        out.insert(name, Candidate::new(entry.path()));
     }
     Ok(out)
 }

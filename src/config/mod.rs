@@ -66,6 +66,26 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+impl ConfigError {
+    /// An error about a whole file (no line, column or key).
+    pub fn file(file: &Path, message: impl Into<String>) -> Self {
+        Self {
+            file: file.to_owned(),
+            line: None,
+            column: None,
+            key: None,
+            message: message.into(),
+        }
+    }
+
+    /// The same error, naming `key`.
+    #[must_use]
+    pub fn with_key(mut self, key: &str) -> Self {
+        self.key = Some(key.to_owned());
+        self
+    }
+}
+
 /// Where the artifacts (the `.ko` files) of a module config come from.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -217,21 +237,13 @@ impl Config {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                found.modules.push(BTreeMap::from([(
-                    name,
-                    merge::Candidate {
-                        path: p.clone(),
-                        masked: merge::is_mask(p),
-                    },
-                )]));
+                found
+                    .modules
+                    .push(BTreeMap::from([(name, merge::Candidate::new(p.clone()))]));
             } else {
-                found.errors.push(ConfigError {
-                    file: p.clone(),
-                    line: None,
-                    column: None,
-                    key: None,
-                    message: "no such file or directory".to_owned(),
-                });
+                found
+                    .errors
+                    .push(ConfigError::file(p, "no such file or directory"));
             }
         }
         found.assemble(paths, &Overrides::default())
@@ -282,8 +294,7 @@ fn display_dirs(dirs: &[PathBuf]) -> String {
 }
 
 fn candidate(path: PathBuf) -> BTreeMap<String, merge::Candidate> {
-    let masked = merge::is_mask(&path);
-    BTreeMap::from([("kvcd.toml".to_owned(), merge::Candidate { path, masked })])
+    BTreeMap::from([("kvcd.toml".to_owned(), merge::Candidate::new(path))])
 }
 
 /// Files found, before merging and validation.
@@ -306,13 +317,9 @@ impl Found {
     fn add_modules_dir(&mut self, md: &Path) {
         match merge::list_toml(md) {
             Ok(l) => self.modules.push(l),
-            Err(e) => self.errors.push(ConfigError {
-                file: md.to_owned(),
-                line: None,
-                column: None,
-                key: None,
-                message: format!("cannot read directory: {e}"),
-            }),
+            Err(e) => self
+                .errors
+                .push(ConfigError::file(md, format!("cannot read directory: {e}"))),
         }
     }
 
@@ -349,13 +356,10 @@ impl Found {
             let name = match InstanceName::parse(stem) {
                 Ok(n) => n,
                 Err(msg) => {
-                    errors.push(ConfigError {
-                        file: m.winner.path,
-                        line: None,
-                        column: None,
-                        key: None,
-                        message: format!("file name is not a valid module config name: {msg}"),
-                    });
+                    errors.push(ConfigError::file(
+                        &m.winner.path,
+                        format!("file name is not a valid module config name: {msg}"),
+                    ));
                     continue;
                 }
             };
@@ -383,13 +387,6 @@ impl Found {
 }
 
 fn read(path: &Path) -> Result<String, Vec<ConfigError>> {
-    fs::read_to_string(path).map_err(|e| {
-        vec![ConfigError {
-            file: path.to_owned(),
-            line: None,
-            column: None,
-            key: None,
-            message: format!("cannot read file: {e}"),
-        }]
-    })
+    fs::read_to_string(path)
+        .map_err(|e| vec![ConfigError::file(path, format!("cannot read file: {e}"))])
 }

@@ -422,23 +422,20 @@ pub(super) fn cross_check(modules: &mut BTreeMap<String, ModuleEntry>) {
         let mut errors = Vec::new();
         for a in &cfg.after {
             if !known.contains(a.as_str()) {
-                errors.push(ConfigError {
-                    file: entry.file.clone(),
-                    line: None,
-                    column: None,
-                    key: Some("after".to_owned()),
-                    message: format!("no module config named {:?} (expected the name of another modules.d/*.toml)", a.as_str()),
-                });
+                errors.push(ConfigError::file(&entry.file, format!(
+                    "no module config named {:?} (expected the name of another modules.d/*.toml)",
+                    a.as_str()
+                )).with_key("after"));
             }
         }
         if let Some(cycle) = find_cycle(&graph, name) {
-            errors.push(ConfigError {
-                file: entry.file.clone(),
-                line: None,
-                column: None,
-                key: Some("after".to_owned()),
-                message: format!("ordering cycle: {}", cycle.join(" -> ")),
-            });
+            errors.push(
+                ConfigError::file(
+                    &entry.file,
+                    format!("ordering cycle: {}", cycle.join(" -> ")),
+                )
+                .with_key("after"),
+            );
         }
         if !errors.is_empty() {
             entry.result = Err(errors);

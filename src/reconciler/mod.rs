@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use crate::artifacts::{RootLayout, directory, verify};
 use crate::config::{ModuleConfig, Source};
 use crate::kernel::{KernelRelease, TemplateVars, arch, expand};
-use crate::kmod::{KernelModules, KmodErrorKind, ModInfo, ModName, ModuleTree};
+use crate::kmod::{KernelModules, KmodErrorKind, LiveModule, ModInfo, ModName, ModuleTree};
 
 pub use outcome::{Action, ModuleAction, Outcome, State, Step, StepError, StepLog};
 pub use record::{Owned, Record, RecordStore};
@@ -368,9 +368,7 @@ impl Engine<'_> {
         let set: BTreeSet<_> = removal.iter().cloned().collect();
         for m in &removal {
             if let Some(l) = self.kmods.live(m).map_err(Fail::at(Step::Replace))? {
-                let outside: Vec<_> = l.holders.iter().filter(|h| !set.contains(*h)).collect();
-                let inner = l.holders.len() - outside.len();
-                if !outside.is_empty() || l.refcount > i32::try_from(inner).unwrap_or(i32::MAX) {
+                if used_beyond(&l, &set) {
                     return Err(Fail(
                         Step::Replace,
                         anyhow!(
@@ -534,16 +532,7 @@ impl Engine<'_> {
             let Some(l) = self.kmods.live(&o.name).map_err(Fail::at(Step::Remove))? else {
                 continue;
             };
-            let outside: Vec<_> = l
-                .holders
-                .iter()
-                .filter(|h| !ours.contains(*h))
-                .cloned()
-                .collect();
-            let inner = l.holders.len() - outside.len();
-            let in_use =
-                !outside.is_empty() || l.refcount > i32::try_from(inner).unwrap_or(i32::MAX);
-            match (in_use, o.configured, force) {
+            match (used_beyond(&l, &ours), o.configured, force) {
                 (false, _, _) | (true, true, true) => plan.push(o.clone()),
                 (true, false, _) => {
                     self.log(
@@ -610,6 +599,13 @@ impl Engine<'_> {
         }
         Ok(())
     }
+}
+
+/// True when something outside `set` holds the module: a module not in the
+/// set, or a reference that is not a module at all (each holder counts one).
+fn used_beyond(l: &LiveModule, set: &BTreeSet<ModName>) -> bool {
+    let inner = l.holders.iter().filter(|h| set.contains(*h)).count();
+    inner < l.holders.len() || l.refcount > i32::try_from(inner).unwrap_or(i32::MAX)
 }
 
 /// Compares a value from sysfs with a configured one; booleans show as `Y`/`N` there.
