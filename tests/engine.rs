@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use common::{FakeKernel, Fixtures, m};
 use kvcd::artifacts::RootLayout;
+use kvcd::artifacts::podman::Podman;
 use kvcd::config::{Config, ModuleConfig, Overrides};
 use kvcd::kernel::KernelRelease;
 use kvcd::kmod::ModuleTree;
@@ -47,6 +48,7 @@ impl Env {
             },
             kernel,
             kmods: &self.fake,
+            podman: Podman::new(Path::new("/nonexistent/podman")),
             records: RecordStore::new(&self.tmp.path().join("run")),
             on_step: None,
         }

@@ -4,6 +4,8 @@
 //! target kernel and the config before anything is inserted.
 
 pub mod directory;
+pub mod image;
+pub mod podman;
 pub mod root;
 pub mod verify;
 

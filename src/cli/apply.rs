@@ -9,6 +9,7 @@ use nix::fcntl::{Flock, FlockArg};
 
 use super::{EXIT_FAILED, PathArgs};
 use crate::artifacts::RootLayout;
+use crate::artifacts::podman::Podman;
 use crate::kernel::KernelRelease;
 use crate::kmod::Libkmod;
 use crate::reconciler::{Engine, Outcome, RecordStore, Step, StepLog, order};
@@ -17,8 +18,11 @@ use crate::reconciler::{Engine, Outcome, RecordStore, Step, StepLog, order};
 #[derive(Debug, Args)]
 pub(super) struct ApplyArgs {
     /// Unload instead of load (reverse order; in-tree modules put back).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "prepare")]
     unload: bool,
+    /// Fetch, extract and verify for the target kernel without loading (use with --kernel for the next kernel).
+    #[arg(long)]
+    prepare: bool,
     /// Target kernel release; default the running kernel.
     #[arg(long, value_name = "RELEASE")]
     kernel: Option<String>,
@@ -73,6 +77,7 @@ pub(super) fn run(paths: &PathArgs, args: &ApplyArgs) -> Result<u8> {
         },
         kernel: kernel.clone(),
         kmods: &kmods,
+        podman: Podman::new(&d.podman),
         records: RecordStore::new(&d.runtime_dir),
         on_step: if args.json { None } else { Some(&on_step) },
     };
@@ -97,6 +102,7 @@ pub(super) fn run(paths: &PathArgs, args: &ApplyArgs) -> Result<u8> {
             engine.unload(name, force)
         } else {
             match config.module(name) {
+                Ok(c) if args.prepare => engine.prepare(c),
                 Ok(c) => engine.load(c),
                 Err(e) => Outcome::failed(name, &kernel, Step::Config, e.to_string()),
             }

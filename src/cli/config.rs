@@ -140,8 +140,37 @@ fn print_entry(name: &str, e: &ModuleEntry) {
             for (m, p) in &c.parameters {
                 println!("  parameters.{m}: {}", p.join(" "));
             }
-            let Source::Directory { path } = &c.source;
-            println!("  source: directory {path}");
+            match &c.source {
+                Source::Directory { path } => println!("  source: directory {path}"),
+                Source::Image(i) => {
+                    println!("  source: image {}", i.reference);
+                    println!(
+                        "  image.pull: {}",
+                        serde_json::to_value(i.pull)
+                            .unwrap_or_default()
+                            .as_str()
+                            .unwrap_or_default()
+                    );
+                    println!("  image.tls_verify: {}", i.tls_verify);
+                    if let Some(a) = &i.auth_file {
+                        println!("  image.auth_file: {}", a.display());
+                    }
+                    println!("  image.modules_dir: {}", i.modules_dir);
+                    if let Some(f) = &i.firmware_dir {
+                        println!("  image.firmware_dir: {f}");
+                    }
+                    if let Some(b) = &i.build {
+                        println!("  build.context: {}", b.context);
+                        println!("  build.file: {}", b.file);
+                        for (k, v) in &b.args {
+                            println!("  build.args.{k}: {v}");
+                        }
+                        for (k, v) in &b.secrets {
+                            println!("  build.secrets.{k}: {}", v.display());
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -186,6 +215,7 @@ fn show(config: &Config, name: Option<&str>, json: bool) -> Result<u8> {
             println!("  runtime_dir: {}", d.runtime_dir.display());
             println!("  kernel_modules_dir: {}", d.kernel_modules_dir.display());
             println!("  depmod: {}", d.depmod.display());
+            println!("  podman: {}", d.podman.display());
             for e in &config.errors {
                 println!("  error: {e}");
             }

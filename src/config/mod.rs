@@ -31,6 +31,8 @@ pub const DEFAULT_RUNTIME_DIR: &str = "/run/kvcd";
 pub const DEFAULT_KERNEL_MODULES_DIR: &str = "/usr/lib/modules";
 /// Default `depmod` program (looked up in `PATH`).
 pub const DEFAULT_DEPMOD: &str = "depmod";
+/// Default `podman` program (looked up in `PATH`).
+pub const DEFAULT_PODMAN: &str = "podman";
 
 /// One configuration problem, pointing at the file and, where known, line, column and key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -95,6 +97,55 @@ pub enum Source {
         /// Path template, e.g. `/usr/lib/kvcd/acme/${KERNEL_FULL_VERSION}`.
         path: String,
     },
+    /// A driver container image, pulled or built by podman.
+    Image(ImageSource),
+}
+
+/// Default `image.modules_dir`.
+pub const DEFAULT_IMAGE_MODULES_DIR: &str = "/lib/modules/${KERNEL_FULL_VERSION}";
+
+/// When to ask the registry for the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PullPolicy {
+    /// Only when no image with that reference is present (the default).
+    Missing,
+    /// Every apply (re-extracts only when the digest changed).
+    Always,
+    /// Never; the image must be present or built.
+    Never,
+}
+
+/// `[image]`: a driver container image.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageSource {
+    /// Image reference template (tag or `@sha256:` digest).
+    pub reference: String,
+    /// Pull policy; default `missing`.
+    pub pull: PullPolicy,
+    /// Registry credentials (podman auth.json); default podman's own.
+    pub auth_file: Option<PathBuf>,
+    /// Verify the registry's TLS certificate; default true.
+    pub tls_verify: bool,
+    /// Where the modules are in the image; default `/lib/modules/${KERNEL_FULL_VERSION}`.
+    pub modules_dir: String,
+    /// Where firmware is in the image; default none.
+    pub firmware_dir: Option<String>,
+    /// How to build the image when it cannot be pulled; default none.
+    pub build: Option<BuildSpec>,
+}
+
+/// `[build]`: a Containerfile build on the node.
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildSpec {
+    /// Build context: an absolute directory or a git URL (template).
+    pub context: String,
+    /// Containerfile inside the context; default `Containerfile`.
+    pub file: String,
+    /// `--build-arg` values (templates).
+    pub args: BTreeMap<String, String>,
+    /// `--secret id=ID,src=PATH` entries.
+    pub secrets: BTreeMap<String, PathBuf>,
 }
 
 /// A validated module config (`modules.d/NAME.toml`).
@@ -161,6 +212,8 @@ pub struct DaemonSettings {
     pub kernel_modules_dir: PathBuf,
     /// The `depmod` program; default `depmod` from `PATH`.
     pub depmod: PathBuf,
+    /// The `podman` program; default `podman` from `PATH`.
+    pub podman: PathBuf,
 }
 
 impl Default for DaemonSettings {
@@ -171,6 +224,7 @@ impl Default for DaemonSettings {
             runtime_dir: DEFAULT_RUNTIME_DIR.into(),
             kernel_modules_dir: DEFAULT_KERNEL_MODULES_DIR.into(),
             depmod: DEFAULT_DEPMOD.into(),
+            podman: DEFAULT_PODMAN.into(),
         }
     }
 }

@@ -20,6 +20,7 @@ pub(crate) struct RawDaemon {
     pub(crate) runtime_dir: Option<S<String>>,
     pub(crate) kernel_modules_dir: Option<S<String>>,
     pub(crate) depmod: Option<S<String>>,
+    pub(crate) podman: Option<S<String>>,
 }
 
 /// `modules.d/NAME.toml`.
@@ -35,6 +36,8 @@ pub(crate) struct RawModuleConfig {
     pub(crate) force_unload: Option<bool>,
     pub(crate) parameters: Option<BTreeMap<S<String>, SList>>,
     pub(crate) directory: Option<S<RawDirectory>>,
+    pub(crate) image: Option<S<RawImage>>,
+    pub(crate) build: Option<S<RawBuild>>,
 }
 
 /// `[directory]`: a precompiled driver package on the host.
@@ -42,4 +45,27 @@ pub(crate) struct RawModuleConfig {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawDirectory {
     pub(crate) path: Option<S<String>>,
+}
+
+/// `[image]`: a driver container image.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawImage {
+    #[serde(rename = "ref")]
+    pub(crate) reference: Option<S<String>>,
+    pub(crate) pull: Option<S<String>>,
+    pub(crate) auth_file: Option<S<String>>,
+    pub(crate) tls_verify: Option<bool>,
+    pub(crate) modules_dir: Option<S<String>>,
+    pub(crate) firmware_dir: Option<S<String>>,
+}
+
+/// `[build]`: how to build the image on the node when it cannot be pulled.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBuild {
+    pub(crate) context: Option<S<String>>,
+    pub(crate) file: Option<S<String>>,
+    pub(crate) args: Option<BTreeMap<S<String>, S<String>>>,
+    pub(crate) secrets: Option<BTreeMap<S<String>, S<String>>>,
 }

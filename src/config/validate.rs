@@ -8,8 +8,11 @@ use std::path::{Path, PathBuf};
 use regex::Regex;
 use serde::Serialize;
 
-use super::raw::{RawDaemon, RawModuleConfig, S, SList};
-use super::{ConfigError, DaemonSettings, ModuleConfig, ModuleEntry, Source};
+use super::raw::{RawBuild, RawDaemon, RawImage, RawModuleConfig, S, SList};
+use super::{
+    BuildSpec, ConfigError, DEFAULT_IMAGE_MODULES_DIR, DaemonSettings, ImageSource, ModuleConfig,
+    ModuleEntry, PullPolicy, Source,
+};
 use crate::kernel::check_template;
 use crate::kmod::ModName;
 use crate::util::sha256_hex;
@@ -184,15 +187,19 @@ pub(super) fn daemon(file: &Path, text: &str) -> Result<DaemonSettings, Vec<Conf
             }
         }
     }
-    if let Some(v) = &raw.depmod {
+    for (key, value, slot) in [
+        ("depmod", &raw.depmod, &mut s.depmod),
+        ("podman", &raw.podman, &mut s.podman),
+    ] {
+        let Some(v) = value else { continue };
         if v.get_ref().is_empty() {
             d.error(
                 Some(v.span()),
-                "depmod",
+                key,
                 "expected a program name or absolute path, found an empty string",
             );
         } else {
-            s.depmod = PathBuf::from(v.get_ref());
+            *slot = PathBuf::from(v.get_ref());
         }
     }
     d.finish(s)
@@ -237,6 +244,201 @@ fn check_parameter(p: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A template value: known variables only; `${MOD_VERSION}` needs a `version`.
+fn template(d: &mut Diag<'_>, key: &str, v: &S<String>, has_version: bool) -> Option<String> {
+    if let Err(e) = check_template(v.get_ref()) {
+        d.error(Some(v.span()), key, e.to_string());
+        None
+    } else if v.get_ref().contains("${MOD_VERSION}") && !has_version {
+        d.error(
+            Some(v.span()),
+            key,
+            "uses ${MOD_VERSION} but the config sets no `version`",
+        );
+        None
+    } else {
+        Some(v.get_ref().clone())
+    }
+}
+
+/// A template that must expand to an absolute path.
+fn abs_template(d: &mut Diag<'_>, key: &str, v: &S<String>, has_version: bool) -> Option<String> {
+    if !v.get_ref().starts_with('/') {
+        d.error(
+            Some(v.span()),
+            key,
+            format!("expected an absolute path, found {:?}", v.get_ref()),
+        );
+        return None;
+    }
+    template(d, key, v, has_version)
+}
+
+/// True for what podman build takes as a remote context.
+fn is_git_url(s: &str) -> bool {
+    ["https://", "http://", "git://", "ssh://", "git@"]
+        .iter()
+        .any(|p| s.starts_with(p))
+}
+
+fn image_source(
+    d: &mut Diag<'_>,
+    img: &S<RawImage>,
+    build: Option<&S<RawBuild>>,
+    has_version: bool,
+) -> Option<ImageSource> {
+    let raw = img.get_ref();
+    let reference = match &raw.reference {
+        None => {
+            d.error(Some(img.span()), "image.ref", "missing: expected an image reference, e.g. \"registry.example.com/acme/driver:${KERNEL_FULL_VERSION}\"");
+            None
+        }
+        Some(r)
+            if r.get_ref().trim().is_empty() || r.get_ref().chars().any(char::is_whitespace) =>
+        {
+            d.error(
+                Some(r.span()),
+                "image.ref",
+                format!(
+                    "expected an image reference without blanks, found {:?}",
+                    r.get_ref()
+                ),
+            );
+            None
+        }
+        Some(r) => template(d, "image.ref", r, has_version),
+    };
+    let pull = match raw.pull.as_ref().map(|p| (p, p.get_ref().as_str())) {
+        None | Some((_, "missing")) => Some(PullPolicy::Missing),
+        Some((_, "always")) => Some(PullPolicy::Always),
+        Some((_, "never")) => Some(PullPolicy::Never),
+        Some((p, other)) => {
+            d.error(
+                Some(p.span()),
+                "image.pull",
+                format!("expected \"missing\", \"always\" or \"never\", found {other:?}"),
+            );
+            None
+        }
+    };
+    let auth_file = raw
+        .auth_file
+        .as_ref()
+        .and_then(|a| absolute_path(d, "image.auth_file", a));
+    let modules_dir = match &raw.modules_dir {
+        None => Some(DEFAULT_IMAGE_MODULES_DIR.to_owned()),
+        Some(m) => abs_template(d, "image.modules_dir", m, has_version),
+    };
+    let firmware_dir = raw
+        .firmware_dir
+        .as_ref()
+        .map(|f| abs_template(d, "image.firmware_dir", f, has_version));
+    let build = build.map(|b| build_spec(d, b, has_version));
+    Some(ImageSource {
+        reference: reference?,
+        pull: pull?,
+        auth_file,
+        tls_verify: raw.tls_verify.unwrap_or(true),
+        modules_dir: modules_dir?,
+        firmware_dir: firmware_dir.map(|f| f.ok_or(())).transpose().ok()?,
+        build: build.map(|b| b.ok_or(())).transpose().ok()?,
+    })
+}
+
+fn build_spec(d: &mut Diag<'_>, b: &S<RawBuild>, has_version: bool) -> Option<BuildSpec> {
+    let raw = b.get_ref();
+    let context = match &raw.context {
+        None => {
+            d.error(
+                Some(b.span()),
+                "build.context",
+                "missing: expected the build context, a directory or a git URL",
+            );
+            None
+        }
+        Some(c) if is_git_url(c.get_ref()) => template(d, "build.context", c, has_version),
+        Some(c) => abs_template(d, "build.context", c, has_version),
+    };
+    let file = match &raw.file {
+        None => Some("Containerfile".to_owned()),
+        Some(f)
+            if f.get_ref().is_empty()
+                || f.get_ref().starts_with('/')
+                || f.get_ref().split('/').any(|p| p == "..") =>
+        {
+            d.error(
+                Some(f.span()),
+                "build.file",
+                format!(
+                    "expected a file name inside the build context, found {:?}",
+                    f.get_ref()
+                ),
+            );
+            None
+        }
+        Some(f) => Some(f.get_ref().clone()),
+    };
+    let mut ok = true;
+    let mut args = BTreeMap::new();
+    for (k, v) in raw.args.iter().flatten() {
+        let key = format!("build.args.{}", k.get_ref());
+        let name_ok = k
+            .get_ref()
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && k.get_ref()
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !name_ok {
+            d.error(
+                Some(k.span()),
+                key.clone(),
+                "expected a build argument name of letters, digits and '_'",
+            );
+            ok = false;
+        }
+        match template(d, &key, v, has_version) {
+            Some(t) => {
+                args.insert(k.get_ref().clone(), t);
+            }
+            None => ok = false,
+        }
+    }
+    let mut secrets = BTreeMap::new();
+    for (id, src) in raw.secrets.iter().flatten() {
+        let key = format!("build.secrets.{}", id.get_ref());
+        if id.get_ref().is_empty()
+            || !id
+                .get_ref()
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            d.error(
+                Some(id.span()),
+                key.clone(),
+                "expected a secret id of letters, digits, '_', '-' and '.'",
+            );
+            ok = false;
+        }
+        match absolute_path(d, &key, src) {
+            Some(p) => {
+                secrets.insert(id.get_ref().clone(), p);
+            }
+            None => ok = false,
+        }
+    }
+    if !ok {
+        return None;
+    }
+    Some(BuildSpec {
+        context: context?,
+        file: file?,
+        args,
+        secrets,
+    })
 }
 
 /// Validates one `modules.d/NAME.toml`.
@@ -351,41 +553,44 @@ pub(super) fn module(
         parameters.insert(m, vals);
     }
 
-    let source = match &raw.directory {
-        None => {
-            d.error(None, "directory", "missing artifact source: expected a [directory] table with `path` pointing at the .ko files");
+    let has_version = raw.version.is_some();
+    let source = match (&raw.directory, &raw.image) {
+        (None, None) => {
+            d.error(
+                None,
+                "directory",
+                "missing artifact source: expected a [directory] table with `path` pointing at the .ko files, or an [image] table with `ref`",
+            );
             None
         }
-        Some(dir) => match &dir.get_ref().path {
-            None => {
-                d.error(Some(dir.span()), "directory.path", "missing: expected the directory holding the .ko files, e.g. \"/usr/lib/kvcd/NAME/${KERNEL_FULL_VERSION}\"");
-                None
+        (Some(dir), Some(_)) => {
+            d.error(
+                Some(dir.span()),
+                "directory",
+                "a config has one artifact source: [directory] or [image], not both",
+            );
+            None
+        }
+        (Some(dir), None) => {
+            if let Some(b) = &raw.build {
+                d.error(
+                    Some(b.span()),
+                    "build",
+                    "[build] goes with an [image] source, not with [directory]",
+                );
             }
-            Some(p) => {
-                if let Err(e) = check_template(p.get_ref()) {
-                    d.error(Some(p.span()), "directory.path", e.to_string());
+            match &dir.get_ref().path {
+                None => {
+                    d.error(Some(dir.span()), "directory.path", "missing: expected the directory holding the .ko files, e.g. \"/usr/lib/kvcd/NAME/${KERNEL_FULL_VERSION}\"");
                     None
-                } else if !p.get_ref().starts_with('/') {
-                    d.error(
-                        Some(p.span()),
-                        "directory.path",
-                        format!("expected an absolute path, found {:?}", p.get_ref()),
-                    );
-                    None
-                } else if p.get_ref().contains("${MOD_VERSION}") && raw.version.is_none() {
-                    d.error(
-                        Some(p.span()),
-                        "directory.path",
-                        "uses ${MOD_VERSION} but the config sets no `version`",
-                    );
-                    None
-                } else {
-                    Some(Source::Directory {
-                        path: p.get_ref().clone(),
-                    })
                 }
+                Some(p) => abs_template(&mut d, "directory.path", p, has_version)
+                    .map(|path| Source::Directory { path }),
             }
-        },
+        }
+        (None, Some(img)) => {
+            image_source(&mut d, img, raw.build.as_ref(), has_version).map(Source::Image)
+        }
     };
 
     let Some(source) = source else {

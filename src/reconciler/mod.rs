@@ -18,12 +18,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result, anyhow};
 use tracing::{info, warn};
 
+use crate::artifacts::image::ImageStore;
+use crate::artifacts::podman::Podman;
 use crate::artifacts::{RootLayout, directory, verify};
 use crate::config::{ModuleConfig, Source};
 use crate::kernel::{KernelRelease, TemplateVars, arch, expand};
 use crate::kmod::{KernelModules, KmodErrorKind, LiveModule, ModInfo, ModName, ModuleTree};
 
-pub use outcome::{Action, ModuleAction, Outcome, State, Step, StepError, StepLog};
+pub use outcome::{Action, ImageRef, ModuleAction, Outcome, State, Step, StepError, StepLog};
 pub use record::{Owned, Record, RecordStore};
 
 /// A progress callback: module config name and the step just logged.
@@ -39,6 +41,8 @@ pub struct Engine<'a> {
     pub kmods: &'a dyn KernelModules,
     /// Runtime records.
     pub records: RecordStore,
+    /// Podman, for image sources.
+    pub podman: Podman,
     /// Called for every step as it happens (human output); default none.
     pub on_step: Option<&'a OnStep>,
 }
@@ -67,6 +71,12 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// A module config staged for loading: its tree and verified load order.
+struct Staged {
+    tree: ModuleTree,
+    order: Vec<crate::kmod::ModuleFile>,
+}
+
 /// What one load changed, so a failure can be rolled back.
 #[derive(Default)]
 struct Changes {
@@ -93,31 +103,14 @@ impl Engine<'_> {
     /// Loads `config` into the running kernel.
     pub fn load(&self, config: &ModuleConfig) -> Outcome {
         let mut out = Outcome::new(config.name.as_str(), &self.kernel);
-        if !config.supports(&self.kernel) {
-            self.log(
-                &mut out,
-                Step::Config,
-                format!(
-                    "kernel {} does not match kernel_match {:?}; nothing to do",
-                    self.kernel,
-                    config
-                        .kernel_match
-                        .as_ref()
-                        .map(regex::Regex::as_str)
-                        .unwrap_or_default()
-                ),
-            );
-            out.state = State::Unsupported;
+        if !self.check_supported(config, &mut out) {
             return out;
         }
         let mut changes = Changes::default();
         match self.try_load(config, &mut out, &mut changes) {
             Ok(()) => out.state = State::Loaded,
             Err(Fail(step, err, state)) => {
-                let msg = format!("{err:#}");
-                warn!(KVCD_MODULE = %out.name, KVCD_KERNEL = %out.kernel, KVCD_STEP = step.as_str(), "{msg}");
-                out.state = state;
-                out.error = Some(StepError { step, message: msg });
+                self.fail(&mut out, step, &err, state);
                 self.roll_back(config, &mut out, &changes);
             }
         }
@@ -144,86 +137,8 @@ impl Engine<'_> {
             }
         }
 
-        // Source → files.
-        let Source::Directory { path } = &c.source;
-        let vars = TemplateVars {
-            kernel: self.kernel.clone(),
-            arch: arch(),
-            mod_name: name.to_owned(),
-            mod_version: c.version.clone(),
-        };
-        let dir = expand(path, &vars)
-            .map(PathBuf::from)
-            .with_context(|| format!("{}: key `directory.path`", c.file.display()))
-            .map_err(Fail::at(Step::Resolve))?;
-        let files = directory::scan(&dir).map_err(Fail::at(Step::Resolve))?;
-        directory::require(&files, &c.modules, &dir).map_err(Fail::at(Step::Resolve))?;
-        self.log(
-            out,
-            Step::Resolve,
-            format!("{} module file(s) in {}", files.len(), dir.display()),
-        );
-
-        // Files → module tree.
-        let root = self
-            .layout
-            .prepare(name, &c.digest, &self.kernel, &files)
-            .map_err(Fail::at(Step::Depmod))?;
-        if root.reused {
-            self.log(
-                out,
-                Step::Depmod,
-                format!("module tree {} is current", root.tree.display()),
-            );
-        } else {
-            self.log(
-                out,
-                Step::Depmod,
-                format!("built module tree {}", root.tree.display()),
-            );
-        }
-        for w in &root.depmod_warnings {
-            self.log(out, Step::Depmod, format!("depmod: {w}"));
-        }
-        let tree = ModuleTree::open(&root.tree).map_err(Fail::at(Step::Depmod))?;
-        let order = tree
-            .load_order(&c.modules)
-            .map_err(Fail::at(Step::Resolve))?;
-        for m in &c.modules {
-            let f = order.iter().find(|f| f.name == *m);
-            if let Some(f) = f.filter(|f| f.in_tree) {
-                return Err(Fail::at(Step::Resolve)(anyhow!(
-                    "module {m} resolved to the in-tree file {} instead of the config's own file",
-                    f.path.display()
-                )));
-            }
-        }
-        self.log(
-            out,
-            Step::Resolve,
-            format!(
-                "load order: {}",
-                order
-                    .iter()
-                    .map(|f| f.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        );
-
-        // Verify our files before touching the kernel.
-        let reference = verify::reference_vermagic(&self.layout.host_tree(&self.kernel));
-        for f in order.iter().filter(|f| !f.in_tree) {
-            let info = ModInfo::read(&f.path).map_err(Fail::at(Step::Verify))?;
-            let expected = c
-                .modules
-                .contains(&f.name)
-                .then_some(c.version.as_deref())
-                .flatten();
-            verify::check(f, &info, &self.kernel, reference.as_deref(), expected)
-                .map_err(Fail::at(Step::Verify))?;
-        }
-        self.log(out, Step::Verify, "vermagic and versions match");
+        let staged = self.stage_with_rebuild(c, out)?;
+        let (tree, order) = (staged.tree, staged.order);
 
         let mut record = match self.records.get(name).map_err(Fail::at(Step::Record))? {
             Some(r) if r.kernel == self.kernel.as_str() => r,
@@ -324,6 +239,187 @@ impl Engine<'_> {
             )));
         }
         Ok(())
+    }
+
+    /// Stages with one fresh rebuild when an image built on this node fails verification.
+    fn stage_with_rebuild(&self, c: &ModuleConfig, out: &mut Outcome) -> Result<Staged, Fail> {
+        match self.stage(c, out, false) {
+            Err(Fail(Step::Verify, err, _)) if out.built_image => {
+                self.log(
+                    out,
+                    Step::Verify,
+                    format!("{err:#}; rebuilding the image once without cache"),
+                );
+                self.stage(c, out, true)
+            }
+            other => other,
+        }
+    }
+
+    /// Source → module files → module tree → load order → verified; the kernel is not touched.
+    fn stage(&self, c: &ModuleConfig, out: &mut Outcome, rebuild: bool) -> Result<Staged, Fail> {
+        let name = c.name.as_str();
+        let vars = TemplateVars {
+            kernel: self.kernel.clone(),
+            arch: arch(),
+            mod_name: name.to_owned(),
+            mod_version: c.version.clone(),
+        };
+        let dir = match &c.source {
+            Source::Directory { path } => expand(path, &vars)
+                .map(PathBuf::from)
+                .with_context(|| format!("{}: key `directory.path`", c.file.display()))
+                .map_err(Fail::at(Step::Resolve))?,
+            Source::Image(src) => {
+                let store = ImageStore {
+                    state_dir: &self.layout.state_dir,
+                    podman: &self.podman,
+                };
+                let sink = |line: &str| {
+                    info!(KVCD_MODULE = %name, KVCD_KERNEL = %self.kernel, KVCD_STEP = "fetch", "podman: {line}");
+                    if let Some(f) = self.on_step {
+                        f(
+                            name,
+                            &StepLog {
+                                step: Step::Fetch,
+                                detail: format!("podman: {line}"),
+                            },
+                        );
+                    }
+                };
+                let calls = self.podman.calls();
+                let fetched = store.fetch(name, &c.digest, src, &vars, rebuild, &sink);
+                out.podman_calls += self.podman.calls() - calls;
+                let fetched = fetched.map_err(Fail::at(Step::Fetch))?;
+                for n in &fetched.notes {
+                    self.log(out, Step::Fetch, n.clone());
+                }
+                out.built_image = fetched.built;
+                out.image = Some(ImageRef {
+                    reference: fetched.reference.clone(),
+                    digest: fetched.digest.clone(),
+                });
+                fetched.modules
+            }
+        };
+        let files = directory::scan(&dir).map_err(Fail::at(Step::Resolve))?;
+        directory::require(&files, &c.modules, &dir).map_err(Fail::at(Step::Resolve))?;
+        self.log(
+            out,
+            Step::Resolve,
+            format!("{} module file(s) in {}", files.len(), dir.display()),
+        );
+
+        // Files → module tree.
+        let root = self
+            .layout
+            .prepare(name, &c.digest, &self.kernel, &files)
+            .map_err(Fail::at(Step::Depmod))?;
+        if root.reused {
+            self.log(
+                out,
+                Step::Depmod,
+                format!("module tree {} is current", root.tree.display()),
+            );
+        } else {
+            self.log(
+                out,
+                Step::Depmod,
+                format!("built module tree {}", root.tree.display()),
+            );
+        }
+        for w in &root.depmod_warnings {
+            self.log(out, Step::Depmod, format!("depmod: {w}"));
+        }
+        let tree = ModuleTree::open(&root.tree).map_err(Fail::at(Step::Depmod))?;
+        let order = tree
+            .load_order(&c.modules)
+            .map_err(Fail::at(Step::Resolve))?;
+        for m in &c.modules {
+            let f = order.iter().find(|f| f.name == *m);
+            if let Some(f) = f.filter(|f| f.in_tree) {
+                return Err(Fail::at(Step::Resolve)(anyhow!(
+                    "module {m} resolved to the in-tree file {} instead of the config's own file",
+                    f.path.display()
+                )));
+            }
+        }
+        self.log(
+            out,
+            Step::Resolve,
+            format!(
+                "load order: {}",
+                order
+                    .iter()
+                    .map(|f| f.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+
+        // Verify our files before touching the kernel.
+        let reference = verify::reference_vermagic(&self.layout.host_tree(&self.kernel));
+        for f in order.iter().filter(|f| !f.in_tree) {
+            let info = ModInfo::read(&f.path).map_err(Fail::at(Step::Verify))?;
+            let expected = c
+                .modules
+                .contains(&f.name)
+                .then_some(c.version.as_deref())
+                .flatten();
+            verify::check(f, &info, &self.kernel, reference.as_deref(), expected)
+                .map_err(Fail::at(Step::Verify))?;
+        }
+        self.log(out, Step::Verify, "vermagic and versions match");
+        Ok(Staged { tree, order })
+    }
+
+    /// Fetches, extracts and verifies `config` for the target kernel without loading anything.
+    pub fn prepare(&self, config: &ModuleConfig) -> Outcome {
+        let mut out = Outcome::new(config.name.as_str(), &self.kernel);
+        if !self.check_supported(config, &mut out) {
+            return out;
+        }
+        match self.stage_with_rebuild(config, &mut out) {
+            Ok(_) => {
+                self.log(
+                    &mut out,
+                    Step::Verify,
+                    format!("ready for kernel {}", self.kernel),
+                );
+                out.state = State::Prepared;
+            }
+            Err(Fail(step, err, state)) => self.fail(&mut out, step, &err, state),
+        }
+        out
+    }
+
+    fn fail(&self, out: &mut Outcome, step: Step, err: &anyhow::Error, state: State) {
+        let msg = format!("{err:#}");
+        warn!(KVCD_MODULE = %out.name, KVCD_KERNEL = %out.kernel, KVCD_STEP = step.as_str(), "{msg}");
+        out.state = state;
+        out.error = Some(StepError { step, message: msg });
+    }
+
+    /// Logs and marks `out` unsupported when `config` does not apply to the target kernel.
+    fn check_supported(&self, config: &ModuleConfig, out: &mut Outcome) -> bool {
+        if config.supports(&self.kernel) {
+            return true;
+        }
+        self.log(
+            out,
+            Step::Config,
+            format!(
+                "kernel {} does not match kernel_match {:?}; nothing to do",
+                self.kernel,
+                config
+                    .kernel_match
+                    .as_ref()
+                    .map(regex::Regex::as_str)
+                    .unwrap_or_default()
+            ),
+        );
+        out.state = State::Unsupported;
+        false
     }
 
     /// Says so when a module that is already loaded runs with other parameter values than configured.
@@ -497,12 +593,7 @@ impl Engine<'_> {
         let mut out = Outcome::new(config, &self.kernel);
         match self.try_unload(config, force, &mut out) {
             Ok(()) => out.state = State::Inactive,
-            Err(Fail(step, err, state)) => {
-                let msg = format!("{err:#}");
-                warn!(KVCD_MODULE = %config, KVCD_KERNEL = %out.kernel, KVCD_STEP = step.as_str(), "{msg}");
-                out.state = state;
-                out.error = Some(StepError { step, message: msg });
-            }
+            Err(Fail(step, err, state)) => self.fail(&mut out, step, &err, state),
         }
         out
     }

@@ -22,12 +22,17 @@ pub enum State {
     Failed,
     /// Refused because a module is in use; nothing changed.
     Busy,
+    /// Artifacts fetched and verified for a kernel; nothing loaded.
+    Prepared,
 }
 
 impl State {
     /// True for outcomes that count as success.
     pub fn is_ok(self) -> bool {
-        matches!(self, Self::Inactive | Self::Loaded | Self::Unsupported)
+        matches!(
+            self,
+            Self::Inactive | Self::Loaded | Self::Unsupported | Self::Prepared
+        )
     }
 }
 
@@ -39,6 +44,7 @@ impl fmt::Display for State {
             Self::Unsupported => "unsupported",
             Self::Failed => "failed",
             Self::Busy => "busy",
+            Self::Prepared => "prepared",
         })
     }
 }
@@ -49,6 +55,8 @@ impl fmt::Display for State {
 pub enum Step {
     /// Reading the config and checking ordering.
     Config,
+    /// Getting the driver image and extracting it.
+    Fetch,
     /// Finding the module files and the load order.
     Resolve,
     /// Building the module tree.
@@ -72,6 +80,7 @@ impl Step {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Config => "config",
+            Self::Fetch => "fetch",
             Self::Resolve => "resolve",
             Self::Depmod => "depmod",
             Self::Verify => "verify",
@@ -151,8 +160,24 @@ pub struct Outcome {
     pub error: Option<StepError>,
     /// Modules touched.
     pub modules: Vec<ModuleAction>,
+    /// The driver image used, for image sources.
+    pub image: Option<ImageRef>,
+    /// How many podman processes this apply spawned.
+    pub podman_calls: usize,
+    /// True when the image in use was built on this node.
+    #[serde(skip)]
+    pub(crate) built_image: bool,
     /// Everything that happened, in order.
     pub steps: Vec<StepLog>,
+}
+
+/// An image reference and the digest it resolved to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ImageRef {
+    /// Expanded reference.
+    pub reference: String,
+    /// Manifest digest, or image ID for a local build.
+    pub digest: String,
 }
 
 impl Outcome {
@@ -163,6 +188,9 @@ impl Outcome {
             state: State::Inactive,
             error: None,
             modules: Vec::new(),
+            image: None,
+            podman_calls: 0,
+            built_image: false,
             steps: Vec::new(),
         }
     }

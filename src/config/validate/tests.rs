@@ -1,7 +1,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::config::{Config, ConfigError, Overrides, Source};
+use crate::config::{Config, ConfigError, Overrides, PullPolicy, Source};
 
 const GOOD: &str = r#"
 description = "example"
@@ -85,7 +85,9 @@ fn good_config_validates_into_domain_types() {
         ["debug=1", "label=\"two words\""]
     );
     assert!(m.parameters_for(&m.modules[1]).is_empty());
-    let Source::Directory { path } = &m.source;
+    let Source::Directory { path } = &m.source else {
+        panic!("expected a directory source")
+    };
     assert_eq!(path, "/usr/lib/kvcd/simple-kmod/${KERNEL_FULL_VERSION}");
     assert!(m.supports(&crate::kernel::KernelRelease::parse("6.1.0-27-amd64").unwrap()));
     assert!(!m.supports(&crate::kernel::KernelRelease::parse("5.14.0-1.el9").unwrap()));
@@ -317,4 +319,144 @@ fn daemon_settings_and_overrides() {
         c.errors[0]
     );
     assert_eq!(c.errors[0].file, t.dirs[2].join("kvcd.toml"));
+}
+
+const IMAGE: &str = r#"
+version = "1.2.0"
+modules = ["simple-kmod"]
+
+[image]
+ref = "registry.example.com/acme/simple-kmod:${MOD_VERSION}-${KERNEL_FULL_VERSION}"
+pull = "always"
+auth_file = "/etc/kvcd/auth.json"
+tls_verify = false
+firmware_dir = "/lib/firmware/acme"
+
+[build]
+context = "/usr/share/kvcd/simple-kmod"
+file = "Containerfile.rhel"
+args = { KVER = "${KERNEL_FULL_VERSION}", KMODVER = "${MOD_VERSION}" }
+secrets = { entitlement = "/etc/pki/entitlement/ent.pem" }
+"#;
+
+#[test]
+fn image_source_with_build() {
+    let t = Tree::new();
+    t.module(2, "img", IMAGE);
+    let c = t.load();
+    let m = c.module("img").unwrap();
+    let Source::Image(i) = &m.source else {
+        panic!("expected an image source")
+    };
+    assert_eq!(
+        i.reference,
+        "registry.example.com/acme/simple-kmod:${MOD_VERSION}-${KERNEL_FULL_VERSION}"
+    );
+    assert_eq!(i.pull, PullPolicy::Always);
+    assert!(!i.tls_verify);
+    assert_eq!(i.modules_dir, "/lib/modules/${KERNEL_FULL_VERSION}");
+    assert_eq!(i.firmware_dir.as_deref(), Some("/lib/firmware/acme"));
+    let b = i.build.as_ref().unwrap();
+    assert_eq!(b.file, "Containerfile.rhel");
+    assert_eq!(b.args["KMODVER"], "${MOD_VERSION}");
+    assert_eq!(
+        b.secrets["entitlement"],
+        Path::new("/etc/pki/entitlement/ent.pem")
+    );
+
+    // Defaults, and a git URL as the context.
+    let t = Tree::new();
+    t.module(
+        2,
+        "img",
+        "modules = [\"a\"]\n[image]\nref = \"q.io/a:${KERNEL_FULL_VERSION}\"\n[build]\ncontext = \"https://git.example.com/acme/driver.git\"\n",
+    );
+    let c = t.load();
+    let Source::Image(i) = &c.module("img").unwrap().source else {
+        panic!("expected an image source")
+    };
+    assert_eq!(i.pull, PullPolicy::Missing);
+    assert!(i.tls_verify);
+    assert_eq!(i.build.as_ref().unwrap().file, "Containerfile");
+}
+
+#[test]
+fn image_and_build_errors() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "modules = [\"a\"]\n[directory]\npath = \"/x\"\n[image]\nref = \"q.io/a\"\n",
+            "directory",
+            "one artifact source: [directory] or [image], not both",
+        ),
+        (
+            "modules = [\"a\"]\n[directory]\npath = \"/x\"\n[build]\ncontext = \"/c\"\n",
+            "build",
+            "[build] goes with an [image] source",
+        ),
+        (
+            "modules = [\"a\"]\n[image]\npull = \"never\"\n",
+            "image.ref",
+            "missing: expected an image reference",
+        ),
+        (
+            "modules = [\"a\"]\n[image]\nref = \"q.io/a b\"\n",
+            "image.ref",
+            "without blanks",
+        ),
+        (
+            "modules = [\"a\"]\n[image]\nref = \"q.io/a:${KVER}\"\n",
+            "image.ref",
+            "unknown template variable ${KVER}",
+        ),
+        (
+            "modules = [\"a\"]\n[image]\nref = \"q.io/a\"\npull = \"sometimes\"\n",
+            "image.pull",
+            "expected \"missing\", \"always\" or \"never\", found \"sometimes\"",
+        ),
+        (
+            "modules = [\"a\"]\n[image]\nref = \"q.io/a\"\nauth_file = \"auth.json\"\n",
+            "image.auth_file",
+            "expected an absolute path",
+        ),
+        (
+            "modules = [\"a\"]\n[image]\nref = \"q.io/a\"\nmodules_dir = \"lib/modules\"\n",
+            "image.modules_dir",
+            "expected an absolute path",
+        ),
+        (
+            "modules = [\"a\"]\n[image]\nref = \"q.io/a\"\n[build]\nfile = \"C\"\n",
+            "build.context",
+            "missing: expected the build context",
+        ),
+        (
+            "modules = [\"a\"]\n[image]\nref = \"q.io/a\"\n[build]\ncontext = \"/c\"\nfile = \"../C\"\n",
+            "build.file",
+            "a file name inside the build context",
+        ),
+        (
+            "modules = [\"a\"]\n[image]\nref = \"q.io/a\"\n[build]\ncontext = \"/c\"\nargs = { 1X = \"v\" }\n",
+            "build.args.1X",
+            "build argument name",
+        ),
+        (
+            "modules = [\"a\"]\n[image]\nref = \"q.io/a\"\n[build]\ncontext = \"/c\"\nargs = { K = \"${MOD_VERSION}\" }\n",
+            "build.args.K",
+            "sets no `version`",
+        ),
+        (
+            "modules = [\"a\"]\n[image]\nref = \"q.io/a\"\n[build]\ncontext = \"/c\"\nsecrets = { ent = \"rel.pem\" }\n",
+            "build.secrets.ent",
+            "expected an absolute path",
+        ),
+        (
+            "modules = [\"a\"]\n[image]\nref = \"q.io/a\"\nregistry = \"x\"\n",
+            "image.registry",
+            "unknown field `registry`",
+        ),
+    ];
+    for (text, key, msg) in cases {
+        let e = one_error(text);
+        assert_eq!(e.key.as_deref(), Some(*key), "{text}: {e}");
+        assert!(e.message.contains(msg), "{text}: {e}");
+    }
 }
