@@ -7,9 +7,10 @@
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{BufRead as _, BufReader};
+use std::io::{BufRead as _, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
 
 use anyhow::{Context as _, Result, bail};
 use serde::Deserialize;
@@ -82,6 +83,22 @@ impl Run {
     }
 }
 
+/// Sends each line of `stream` to `tx`, tagged with `is_stdout`.
+fn spawn_lines(
+    stream: impl Read + Send + 'static,
+    is_stdout: bool,
+    tx: mpsc::Sender<(bool, String)>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if tx.send((is_stdout, line)).is_err() {
+                break;
+            }
+        }
+    })
+}
+
 /// The registry host of an image reference (`docker.io` for short names).
 pub fn registry_of(reference: &str) -> &str {
     match reference.split_once('/') {
@@ -113,16 +130,23 @@ impl Podman {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("running {}", self.program.display()))?;
-        let stdout = child.stdout.take().context("podman stdout")?;
-        let stderr = child.stderr.take().context("podman stderr")?;
-        let out_reader = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = std::io::Read::read_to_string(&mut BufReader::new(stdout), &mut s);
-            s
-        });
+        // Both streams, line by line as they come: a long build shows that it is alive.
+        let (tx, rx) = mpsc::channel::<(bool, String)>();
+        let readers = [
+            spawn_lines(
+                child.stdout.take().context("podman stdout")?,
+                true,
+                tx.clone(),
+            ),
+            spawn_lines(child.stderr.take().context("podman stderr")?, false, tx),
+        ];
+        let mut stdout = String::new();
         let mut tail = VecDeque::with_capacity(TAIL);
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
+        for (is_stdout, line) in rx {
+            if is_stdout {
+                stdout.push_str(&line);
+                stdout.push('\n');
+            }
             if let Some(sink) = sink {
                 sink(&line);
             }
@@ -131,8 +155,10 @@ impl Podman {
             }
             tail.push_back(line);
         }
+        for r in readers {
+            let _ = r.join();
+        }
         let status = child.wait().context("waiting for podman")?;
-        let stdout = out_reader.join().unwrap_or_default();
         Ok(Run {
             ok: status.success(),
             status: status.to_string(),

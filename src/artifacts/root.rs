@@ -80,6 +80,9 @@ impl RootLayout {
         h.update(b"kvcd-root-v1\0");
         h.update(config_digest.as_bytes());
         h.update(kernel.as_str().as_bytes());
+        // The tree links to the host's kernel modules by absolute path: a
+        // tree made against another host directory is not this one.
+        h.update(host_kernel.as_os_str().as_encoded_bytes());
         h.update([u8::from(has_host)]);
         for (name, path) in files {
             let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;

@@ -307,6 +307,21 @@ normal_checks() {
     expect_out "no-such-config: failed at config"
     end
 
+    begin "driver image extracted on the host, loaded without podman"
+    run kvcd apply image
+    expect_rc 0
+    expect_out "no podman needed"
+    expect_out "image: loaded"
+    expect_loaded kvcd_base kvcd_user kvcd_param
+    expect_param kvcd_param level 3
+    expect_param kvcd_param label image
+    run kvcd apply --unload image
+    expect_rc 0
+    expect_unloaded kvcd_user kvcd_param kvcd_base
+    expect_no_record image
+    end
+    scrub kvcd_user kvcd_param kvcd_base
+
     # Everything above cleaned up after itself: no fixture module and no
     # record may be left.
     begin "clean end state"

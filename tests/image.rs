@@ -1,0 +1,465 @@
+//! Image sources against real podman and a real registry (`scripts/registry`,
+//! `scripts/images`): pull by tag, digest and with credentials, build
+//! fallback, extraction safety, verification, and the warm path that spawns
+//! no podman at all. The kernel is faked (this host cannot load modules);
+//! tests/vm loads what real podman extracted into a real kernel.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use common::{FakeKernel, Fixtures};
+use kvcd::artifacts::RootLayout;
+use kvcd::artifacts::image::Manifest;
+use kvcd::artifacts::podman::Podman;
+use kvcd::config::{Config, ModuleConfig, Overrides};
+use kvcd::kernel::KernelRelease;
+use kvcd::reconciler::{Engine, Outcome, RecordStore, State, Step};
+
+/// Tests share podman's local storage; they take turns.
+static PODMAN: Mutex<()> = Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    PODMAN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The variables `scripts/images` prints (environment, or target/images/env).
+fn images_env() -> BTreeMap<String, String> {
+    let mut vars: BTreeMap<String, String> = std::env::vars().collect();
+    if !vars.contains_key("KVCD_IMAGE_TAG") {
+        let env = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/images/env");
+        let text = fs::read_to_string(&env).unwrap_or_else(|_| {
+            panic!(
+                "test images missing: run scripts/registry start and scripts/images first (no {})",
+                env.display()
+            )
+        });
+        for line in text.lines() {
+            if let Some((k, v)) = line.trim_start_matches("export ").split_once('=') {
+                vars.insert(k.to_owned(), v.trim_matches(['"', '\'']).to_owned());
+            }
+        }
+    }
+    vars
+}
+
+struct Env {
+    tmp: tempfile::TempDir,
+    fx: Fixtures,
+    vars: BTreeMap<String, String>,
+    fake: FakeKernel,
+}
+
+impl Env {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::create_dir_all(tmp.path().join("etc/modules.d")).unwrap();
+        Self {
+            tmp,
+            fx: Fixtures::get(),
+            vars: images_env(),
+            fake: FakeKernel::default(),
+        }
+    }
+
+    fn var(&self, k: &str) -> &str {
+        self.vars
+            .get(k)
+            .unwrap_or_else(|| panic!("{k} not set by scripts/images"))
+    }
+
+    fn engine(&self, podman: &str) -> Engine<'_> {
+        Engine {
+            layout: RootLayout {
+                state_dir: self.state(),
+                kernel_modules_dir: self.fx.modules_dir(),
+                depmod: "depmod".into(),
+            },
+            kernel: KernelRelease::parse(&self.fx.kver).unwrap(),
+            kmods: &self.fake,
+            podman: Podman::new(Path::new(podman)),
+            records: RecordStore::new(&self.tmp.path().join("run")),
+            on_step: None,
+        }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+
+    /// modules.d/NAME.toml with `@VAR@` replaced by the images' variables.
+    fn config(&self, name: &str, text: &str) -> ModuleConfig {
+        let mut text = text.to_owned();
+        for (k, v) in &self.vars {
+            text = text.replace(&format!("@{k}@"), v);
+        }
+        fs::write(
+            self.tmp.path().join(format!("etc/modules.d/{name}.toml")),
+            text,
+        )
+        .unwrap();
+        let c = Config::load(&[self.tmp.path().join("etc")], &Overrides::default());
+        c.module(name).unwrap().clone()
+    }
+}
+
+fn rmi(reference: &str) {
+    let _ = std::process::Command::new("podman")
+        .args(["rmi", "--force", reference])
+        .output();
+}
+
+fn assert_ok(o: &Outcome) {
+    assert!(o.state.is_ok(), "{o:#?}");
+}
+
+fn fail(o: &Outcome, step: Step) -> String {
+    let e = o
+        .error
+        .clone()
+        .unwrap_or_else(|| panic!("expected a failure: {o:#?}"));
+    assert_eq!(e.step, step, "{o:#?}");
+    e.message
+}
+
+fn detail(o: &Outcome, needle: &str) -> bool {
+    o.steps.iter().any(|s| s.detail.contains(needle))
+}
+
+const PARAM_TAG: &str = r#"
+version = "1.2.0"
+modules = ["kvcd_user", "kvcd_param"]
+[image]
+ref = "@KVCD_IMAGE_TAG@"
+tls_verify = false
+"#;
+
+#[test]
+fn pull_by_tag_extract_load_then_warm_path_without_podman() {
+    let _g = lock();
+    let env = Env::new();
+    rmi(env.var("KVCD_IMAGE_TAG"));
+    let c = env.config("img", PARAM_TAG);
+    let o = env.engine("podman").load(&c);
+    assert_ok(&o);
+    assert_eq!(o.state, State::Loaded);
+    assert!(
+        detail(&o, &format!("pulled {}", env.var("KVCD_IMAGE_TAG"))),
+        "{o:#?}"
+    );
+    assert!(o.podman_calls >= 4, "{o:#?}"); // inspect, pull, inspect, mount, unmount
+    assert!(env.fake.is_live("kvcd_user") && env.fake.is_live("kvcd_base"));
+    let digest = o.image.unwrap().digest;
+    assert!(digest.starts_with("sha256:"), "{digest}");
+
+    // The manifest names the image and every file with its checksum; the
+    // image's `build` symlink (pointing outside) was not extracted.
+    let dir = env.state().join("images/img").join(&env.fx.kver);
+    let ext = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .unwrap();
+    let m: Manifest =
+        serde_json::from_slice(&fs::read(ext.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m.reference, env.var("KVCD_IMAGE_TAG"));
+    assert_eq!(m.digest, digest);
+    assert!(
+        m.files
+            .iter()
+            .any(|f| f.path == "modules/extra/kvcd_param.ko"),
+        "{m:#?}"
+    );
+    for f in &m.files {
+        let data = fs::read(ext.join(&f.path)).unwrap();
+        assert_eq!(kvcd::util::sha256_hex(&data), f.sha256);
+    }
+    assert!(!ext.join("modules/build").exists());
+
+    // Warm path: a podman that cannot even be started is never needed.
+    let o = env.engine("/nonexistent/podman").load(&c);
+    assert_ok(&o);
+    assert_eq!(o.podman_calls, 0);
+    assert!(detail(&o, "no podman needed"), "{o:#?}");
+    assert_eq!(o.image.unwrap().digest, digest);
+}
+
+#[test]
+fn pull_by_digest_and_always_rechecks_without_reextracting() {
+    let _g = lock();
+    let env = Env::new();
+    let reference = env.var("KVCD_IMAGE_DIGEST").to_owned();
+    rmi(&reference);
+    let c = env.config(
+        "dig",
+        "modules = [\"kvcd_param\"]\n[image]\nref = \"@KVCD_IMAGE_DIGEST@\"\npull = \"always\"\ntls_verify = false\n",
+    );
+    let o = env.engine("podman").prepare(&c);
+    assert_eq!(o.state, State::Prepared, "{o:#?}");
+    assert_eq!(
+        o.image.unwrap().digest,
+        reference.split('@').nth(1).unwrap()
+    );
+    assert!(env.fake.take_log().is_empty(), "prepare loads nothing");
+
+    let o = env.engine("podman").prepare(&c);
+    assert_eq!(o.state, State::Prepared, "{o:#?}");
+    assert!(o.podman_calls >= 2, "pull = always asks the registry again");
+    assert!(detail(&o, "is unchanged"), "{o:#?}");
+}
+
+#[test]
+fn pull_with_credentials_and_each_auth_failure_named() {
+    let _g = lock();
+    let env = Env::new();
+    let reference = env.var("KVCD_IMAGE_AUTH").to_owned();
+    let registry = env.var("KVCD_REGISTRY_AUTH").to_owned();
+    let cfg = |auth: &str| {
+        format!(
+            "modules = [\"kvcd_param\"]\n[image]\nref = \"@KVCD_IMAGE_AUTH@\"\npull = \"always\"\ntls_verify = false\nauth_file = \"{auth}\"\n"
+        )
+    };
+    rmi(&reference);
+    let c = env.config("auth", &cfg(env.var("KVCD_AUTHFILE")));
+    let o = env.engine("podman").prepare(&c);
+    assert_eq!(o.state, State::Prepared, "{o:#?}");
+
+    let c = env.config("auth", &cfg(env.var("KVCD_BAD_AUTHFILE")));
+    let msg = fail(&env.engine("podman").prepare(&c), Step::Fetch);
+    assert!(
+        msg.contains(&format!("pulling {reference} from registry {registry}: ")),
+        "{msg}"
+    );
+    assert!(msg.to_lowercase().contains("unauthorized"), "{msg}");
+    assert!(msg.contains("build: no [build] in the config"), "{msg}");
+
+    let missing = env.tmp.path().join("no-such-auth.json");
+    let c = env.config("auth", &cfg(missing.to_str().unwrap()));
+    let msg = fail(&env.engine("podman").prepare(&c), Step::Fetch);
+    assert!(
+        msg.contains(&format!("pulling {reference} from registry {registry}: ")),
+        "{msg}"
+    );
+    assert!(msg.contains(missing.to_str().unwrap()), "{msg}");
+}
+
+#[test]
+fn unknown_image_names_registry_reference_and_cause() {
+    let _g = lock();
+    let env = Env::new();
+    let c = env.config(
+        "nope",
+        "modules = [\"kvcd_param\"]\n[image]\nref = \"@KVCD_REGISTRY@/kvcd/does-not-exist:${KERNEL_FULL_VERSION}\"\ntls_verify = false\n",
+    );
+    let msg = fail(&env.engine("podman").prepare(&c), Step::Fetch);
+    let reference = format!(
+        "{}/kvcd/does-not-exist:{}",
+        env.var("KVCD_REGISTRY"),
+        env.fx.kver
+    );
+    assert!(
+        msg.starts_with(&format!("no image {reference}; tried:")),
+        "{msg}"
+    );
+    assert!(msg.contains("local storage: not present"), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "pull: pulling {reference} from registry {}: ",
+            env.var("KVCD_REGISTRY")
+        )),
+        "{msg}"
+    );
+    assert!(msg.contains("manifest unknown"), "{msg}");
+}
+
+fn build_config(file: &str, version: &str) -> String {
+    format!(
+        r#"
+version = "{version}"
+modules = ["kvcd_user"]
+[image]
+ref = "127.0.0.1:9/kvcd/unreachable:${{KERNEL_FULL_VERSION}}"
+tls_verify = false
+[build]
+context = "@KVCD_BUILD_CONTEXT@"
+file = "{file}"
+args = {{ KVER = "${{KERNEL_FULL_VERSION}}", KMODVER = "${{MOD_VERSION}}" }}
+"#
+    )
+}
+
+#[test]
+fn registry_down_falls_back_to_build() {
+    let _g = lock();
+    let env = Env::new();
+    let reference = format!("127.0.0.1:9/kvcd/unreachable:{}", env.fx.kver);
+    rmi(&reference);
+    let c = env.config("built", &build_config("Containerfile", "1.2.0"));
+    let o = env.engine("podman").load(&c);
+    assert_eq!(o.state, State::Loaded, "{o:#?}");
+    assert!(
+        detail(
+            &o,
+            &format!("built {reference} from {}", env.var("KVCD_BUILD_CONTEXT"))
+        ),
+        "{o:#?}"
+    );
+    assert!(env.fake.is_live("kvcd_user"));
+    rmi(&reference);
+}
+
+#[test]
+fn build_failure_reports_what_was_tried_and_the_last_lines() {
+    let _g = lock();
+    let env = Env::new();
+    let c = env.config("broken", &build_config("Containerfile.broken", "1.2.0"));
+    let msg = fail(&env.engine("podman").prepare(&c), Step::Fetch);
+    assert!(
+        msg.contains("pull: pulling 127.0.0.1:9/kvcd/unreachable:"),
+        "{msg}"
+    );
+    assert!(msg.contains("from registry 127.0.0.1:9"), "{msg}");
+    assert!(
+        msg.contains("build: building 127.0.0.1:9/kvcd/unreachable:"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("compiler exploded: missing kernel headers"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_built_image_that_fails_verification_is_rebuilt_once() {
+    let _g = lock();
+    let env = Env::new();
+    let reference = format!("127.0.0.1:9/kvcd/unreachable:{}", env.fx.kver);
+    rmi(&reference);
+    let c = env.config("ver", &build_config("Containerfile", "9.9"));
+    let o = env.engine("podman").load(&c);
+    let msg = fail(&o, Step::Verify);
+    assert!(
+        msg.contains("is version 1.2.0, but the config expects version 9.9"),
+        "{msg}"
+    );
+    let rebuilds = o
+        .steps
+        .iter()
+        .filter(|s| s.detail.contains("rebuilding the image once"))
+        .count();
+    assert_eq!(rebuilds, 1, "{o:#?}");
+    let builds = o
+        .steps
+        .iter()
+        .filter(|s| s.detail.starts_with("built 127.0.0.1:9"))
+        .count();
+    assert_eq!(builds, 2, "{o:#?}");
+    assert!(env.fake.take_log().is_empty());
+    rmi(&reference);
+}
+
+#[test]
+fn image_for_another_kernel_fails_verification() {
+    let _g = lock();
+    let env = Env::new();
+    let c = env.config(
+        "other",
+        "modules = [\"kvcd_param\"]\n[image]\nref = \"@KVCD_IMAGE_OTHER_KERNEL@\"\ntls_verify = false\n",
+    );
+    let msg = fail(&env.engine("podman").load(&c), Step::Verify);
+    assert!(msg.starts_with("module kvcd_param ("), "{msg}");
+    assert!(msg.contains("was built for kernel 9.9.9"), "{msg}");
+    assert!(
+        msg.contains(&format!("but the target kernel is {}", env.fx.kver)),
+        "{msg}"
+    );
+    assert!(env.fake.take_log().is_empty());
+}
+
+#[test]
+fn escaping_symlink_in_image_is_refused_and_nothing_extracted() {
+    let _g = lock();
+    let env = Env::new();
+    let c = env.config(
+        "evil",
+        "modules = [\"kvcd_param\"]\n[image]\nref = \"@KVCD_IMAGE_EVIL@\"\ntls_verify = false\n",
+    );
+    let msg = fail(&env.engine("podman").load(&c), Step::Fetch);
+    assert!(
+        msg.contains("kvcd_param.ko is a symlink to /etc/passwd"),
+        "{msg}"
+    );
+    assert!(msg.contains("refusing to extract it"), "{msg}");
+    // No extraction, complete or partial, is left behind.
+    let dir = env.state().join("images/evil").join(&env.fx.kver);
+    let left: Vec<_> = fs::read_dir(&dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn prepare_a_kernel_then_apply_it_on_the_warm_path_through_the_cli() {
+    let _g = lock();
+    let env = Env::new();
+    let etc = env.tmp.path().join("etc");
+    let kvcd_toml = |podman: &str| {
+        format!(
+            "kernel_modules_dir = \"{}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\npodman = \"{podman}\"\n",
+            env.fx.modules_dir().display(),
+            env.state().display(),
+            env.tmp.path().join("run").display()
+        )
+    };
+    fs::write(etc.join("kvcd.toml"), kvcd_toml("podman")).unwrap();
+    env.config("next", PARAM_TAG);
+    let kvcd = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvcd"))
+            .arg("--config-dir")
+            .arg(&etc)
+            .arg("apply")
+            .arg("--kernel")
+            .arg(&env.fx.kver)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = kvcd(&["--prepare", "next"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("next: verify: ready for kernel"), "{out}");
+    assert!(out.trim_end().ends_with("next: prepared"), "{out}");
+
+    fs::write(etc.join("kvcd.toml"), kvcd_toml("/nonexistent/podman")).unwrap();
+    let (_, out) = kvcd(&["--json", "next"]);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let r = &doc["results"][0];
+    assert_eq!(r["podman_calls"], 0, "{out}");
+    let steps = r["steps"].as_array().unwrap();
+    assert!(
+        steps
+            .iter()
+            .any(|s| s["detail"].as_str().unwrap().contains("no podman needed")),
+        "{out}"
+    );
+    assert!(
+        steps
+            .iter()
+            .any(|s| s["detail"].as_str().unwrap().ends_with("is current")),
+        "{out}"
+    );
+    // This host cannot insert modules; with a kernel that can, this is where loading starts.
+    if !Path::new("/proc/modules").exists() {
+        assert_eq!(r["error"]["step"], "insert", "{out}");
+    }
+}
