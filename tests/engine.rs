@@ -48,6 +48,7 @@ impl Env {
             },
             kernel,
             kmods: &self.fake,
+            firmware_dir: self.tmp.path().join("firmware"),
             podman: Podman::new(Path::new("/nonexistent/podman")),
             records: RecordStore::new(&self.tmp.path().join("run")),
             on_step: None,

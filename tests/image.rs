@@ -84,6 +84,7 @@ impl Env {
             },
             kernel: KernelRelease::parse(&self.fx.kver).unwrap(),
             kmods: &self.fake,
+            firmware_dir: self.tmp.path().join("firmware"),
             podman: Podman::new(Path::new(podman)),
             records: RecordStore::new(&self.tmp.path().join("run")),
             on_step: None,
@@ -462,4 +463,77 @@ fn prepare_a_kernel_then_apply_it_on_the_warm_path_through_the_cli() {
     if !Path::new("/proc/modules").exists() {
         assert_eq!(r["error"]["step"], "insert", "{out}");
     }
+}
+
+#[test]
+fn firmware_from_the_image_is_placed_found_and_removed() {
+    let _g = lock();
+    let env = Env::new();
+    let c = env.config(
+        "fw",
+        "modules = [\"kvcd_param\"]\n[image]\nref = \"@KVCD_IMAGE_TAG@\"\ntls_verify = false\nfirmware_dir = \"/lib/firmware\"\n",
+    );
+    let host = env.tmp.path().join("firmware");
+    let o = env.engine("podman").load(&c);
+    assert_eq!(o.state, State::Loaded, "{o:#?}");
+    let fw = host.join("kvcd/kvcd-test.fw");
+    let data = fs::read(&fw).unwrap();
+    assert!(!data.is_empty());
+    // A link inside the firmware directory arrives as the file it points to.
+    assert_eq!(fs::read(host.join("kvcd/kvcd-alias.fw")).unwrap(), data);
+    assert_eq!(*env.fake.firmware_path.borrow(), host.display().to_string());
+    assert!(
+        detail(
+            &o,
+            &format!(
+                "set the kernel's firmware search path to {}",
+                host.display()
+            )
+        ),
+        "{o:#?}"
+    );
+
+    let o = env.engine("podman").unload("fw", false);
+    assert_eq!(o.state, State::Inactive, "{o:#?}");
+    assert!(
+        detail(&o, &format!("removed 2 file(s) from {}", host.display())),
+        "{o:#?}"
+    );
+    assert!(!fw.exists() && !host.join("kvcd").exists());
+
+    // A search path someone else set is kept, and said so.
+    *env.fake.firmware_path.borrow_mut() = "/opt/vendor/firmware".to_owned();
+    let o = env.engine("podman").load(&c);
+    assert_eq!(o.state, State::Loaded, "{o:#?}");
+    assert!(
+        detail(&o, "firmware search path is /opt/vendor/firmware; kept it"),
+        "{o:#?}"
+    );
+    assert_eq!(*env.fake.firmware_path.borrow(), "/opt/vendor/firmware");
+    let o = env.engine("podman").unload("fw", false);
+    assert_eq!(o.state, State::Inactive, "{o:#?}");
+
+    // A load that fails after placing firmware takes it away again.
+    *env.fake.fail_insert.borrow_mut() =
+        Some((common::m("kvcd_param"), nix::errno::Errno::ENOEXEC));
+    let o = env.engine("podman").load(&c);
+    assert_eq!(o.state, State::Failed, "{o:#?}");
+    assert!(
+        detail(&o, "rolled back: removed 2 firmware file(s)"),
+        "{o:#?}"
+    );
+    assert!(!fw.exists());
+}
+
+#[test]
+fn missing_firmware_dir_in_the_image_is_named() {
+    let _g = lock();
+    let env = Env::new();
+    let c = env.config(
+        "fw",
+        "modules = [\"kvcd_param\"]\n[image]\nref = \"@KVCD_IMAGE_TAG@\"\ntls_verify = false\nfirmware_dir = \"/lib/firmware/none\"\n",
+    );
+    let msg = fail(&env.engine("podman").load(&c), Step::Fetch);
+    assert!(msg.contains("extracting /lib/firmware/none from"), "{msg}");
+    assert!(msg.contains("the image has no /lib/firmware/none"), "{msg}");
 }

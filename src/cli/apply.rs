@@ -78,6 +78,7 @@ pub(super) fn run(paths: &PathArgs, args: &ApplyArgs) -> Result<u8> {
         kernel: kernel.clone(),
         kmods: &kmods,
         podman: Podman::new(&d.podman),
+        firmware_dir: d.firmware_dir.clone(),
         records: RecordStore::new(&d.runtime_dir),
         on_step: if args.json { None } else { Some(&on_step) },
     };

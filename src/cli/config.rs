@@ -216,6 +216,7 @@ fn show(config: &Config, name: Option<&str>, json: bool) -> Result<u8> {
             println!("  kernel_modules_dir: {}", d.kernel_modules_dir.display());
             println!("  depmod: {}", d.depmod.display());
             println!("  podman: {}", d.podman.display());
+            println!("  firmware_dir: {}", d.firmware_dir.display());
             for e in &config.errors {
                 println!("  error: {e}");
             }

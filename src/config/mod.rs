@@ -31,6 +31,8 @@ pub const DEFAULT_RUNTIME_DIR: &str = "/run/kvcd";
 pub const DEFAULT_KERNEL_MODULES_DIR: &str = "/usr/lib/modules";
 /// Default `depmod` program (looked up in `PATH`).
 pub const DEFAULT_DEPMOD: &str = "depmod";
+/// Default host directory for firmware from driver images.
+pub const DEFAULT_FIRMWARE_DIR: &str = "/var/lib/firmware";
 /// Default `podman` program (looked up in `PATH`).
 pub const DEFAULT_PODMAN: &str = "podman";
 
@@ -214,6 +216,8 @@ pub struct DaemonSettings {
     pub depmod: PathBuf,
     /// The `podman` program; default `podman` from `PATH`.
     pub podman: PathBuf,
+    /// Where firmware from driver images is placed; default `/var/lib/firmware`.
+    pub firmware_dir: PathBuf,
 }
 
 impl Default for DaemonSettings {
@@ -225,6 +229,7 @@ impl Default for DaemonSettings {
             kernel_modules_dir: DEFAULT_KERNEL_MODULES_DIR.into(),
             depmod: DEFAULT_DEPMOD.into(),
             podman: DEFAULT_PODMAN.into(),
+            firmware_dir: DEFAULT_FIRMWARE_DIR.into(),
         }
     }
 }

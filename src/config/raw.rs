@@ -21,6 +21,7 @@ pub(crate) struct RawDaemon {
     pub(crate) kernel_modules_dir: Option<S<String>>,
     pub(crate) depmod: Option<S<String>>,
     pub(crate) podman: Option<S<String>>,
+    pub(crate) firmware_dir: Option<S<String>>,
 }
 
 /// `modules.d/NAME.toml`.

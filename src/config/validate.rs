@@ -171,7 +171,8 @@ pub(super) fn daemon(file: &Path, text: &str) -> Result<DaemonSettings, Vec<Conf
         file: Some(file.to_owned()),
         ..DaemonSettings::default()
     };
-    let dirs: [(&str, &Option<S<String>>, &mut PathBuf); 3] = [
+    let dirs: [(&str, &Option<S<String>>, &mut PathBuf); 4] = [
+        ("firmware_dir", &raw.firmware_dir, &mut s.firmware_dir),
         ("state_dir", &raw.state_dir, &mut s.state_dir),
         ("runtime_dir", &raw.runtime_dir, &mut s.runtime_dir),
         (

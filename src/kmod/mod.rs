@@ -208,7 +208,14 @@ pub trait KernelModules {
     fn remove(&self, name: &ModName, force: bool) -> Result<(), KmodError>;
     /// The value of a loaded module's parameter, when the kernel shows it.
     fn parameter(&self, name: &ModName, key: &str) -> Option<String>;
+    /// The kernel's extra firmware search path (`firmware_class.path`), when readable.
+    fn firmware_search_path(&self) -> Option<String>;
+    /// Sets the kernel's extra firmware search path.
+    fn set_firmware_search_path(&self, path: &Path) -> Result<()>;
 }
+
+/// Where the kernel shows `firmware_class.path`.
+const FIRMWARE_PATH_PARAM: &str = "/sys/module/firmware_class/parameters/path";
 
 /// The real kernel, through libkmod and sysfs.
 #[derive(Debug)]
@@ -272,5 +279,16 @@ impl KernelModules for Libkmod {
         std::fs::read_to_string(p)
             .ok()
             .map(|v| v.trim_end_matches('\n').to_owned())
+    }
+
+    fn firmware_search_path(&self) -> Option<String> {
+        std::fs::read_to_string(FIRMWARE_PATH_PARAM)
+            .ok()
+            .map(|v| v.trim_end_matches('\n').to_owned())
+    }
+
+    fn set_firmware_search_path(&self, path: &Path) -> Result<()> {
+        std::fs::write(FIRMWARE_PATH_PARAM, path.as_os_str().as_encoded_bytes())
+            .with_context(|| format!("writing {FIRMWARE_PATH_PARAM}"))
     }
 }

@@ -7,12 +7,13 @@
 //! and refuses (changing nothing) when a module is in use. Both are
 //! idempotent, and a failed load rolls back what that load changed.
 
+mod firmware;
 pub mod order;
 mod outcome;
 pub mod record;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, anyhow};
@@ -43,6 +44,8 @@ pub struct Engine<'a> {
     pub records: RecordStore,
     /// Podman, for image sources.
     pub podman: Podman,
+    /// Host directory for firmware from images (kvcd owns it).
+    pub firmware_dir: PathBuf,
     /// Called for every step as it happens (human output); default none.
     pub on_step: Option<&'a OnStep>,
 }
@@ -75,6 +78,8 @@ fn now() -> u64 {
 struct Staged {
     tree: ModuleTree,
     order: Vec<crate::kmod::ModuleFile>,
+    /// Extracted firmware to place before inserting.
+    firmware: Option<PathBuf>,
 }
 
 /// What one load changed, so a failure can be rolled back.
@@ -82,6 +87,7 @@ struct Staged {
 struct Changes {
     inserted: Vec<ModName>,
     removed: Vec<ModName>,
+    firmware: Vec<PathBuf>,
 }
 
 impl Engine<'_> {
@@ -138,7 +144,11 @@ impl Engine<'_> {
         }
 
         let staged = self.stage_with_rebuild(c, out)?;
-        let (tree, order) = (staged.tree, staged.order);
+        let Staged {
+            tree,
+            order,
+            firmware,
+        } = staged;
 
         let mut record = match self.records.get(name).map_err(Fail::at(Step::Record))? {
             Some(r) if r.kernel == self.kernel.as_str() => r,
@@ -149,6 +159,7 @@ impl Engine<'_> {
                 after: Vec::new(),
                 inserted: Vec::new(),
                 removed_in_tree: Vec::new(),
+                firmware: Vec::new(),
                 since: now(),
             },
         };
@@ -161,6 +172,10 @@ impl Engine<'_> {
                 continue;
             }
             self.take_out_in_tree(r, out, &mut record, changes)?;
+        }
+
+        if let Some(fw) = &firmware {
+            self.place_firmware(fw, out, &mut record, changes)?;
         }
 
         // Insert, dependencies first.
@@ -265,6 +280,7 @@ impl Engine<'_> {
             mod_name: name.to_owned(),
             mod_version: c.version.clone(),
         };
+        let mut firmware = None;
         let dir = match &c.source {
             Source::Directory { path } => expand(path, &vars)
                 .map(PathBuf::from)
@@ -299,6 +315,7 @@ impl Engine<'_> {
                     reference: fetched.reference.clone(),
                     digest: fetched.digest.clone(),
                 });
+                firmware.clone_from(&fetched.firmware);
                 fetched.modules
             }
         };
@@ -370,7 +387,11 @@ impl Engine<'_> {
                 .map_err(Fail::at(Step::Verify))?;
         }
         self.log(out, Step::Verify, "vermagic and versions match");
-        Ok(Staged { tree, order })
+        Ok(Staged {
+            tree,
+            order,
+            firmware,
+        })
     }
 
     /// Fetches, extracts and verifies `config` for the target kernel without loading anything.
@@ -420,6 +441,62 @@ impl Engine<'_> {
         );
         out.state = State::Unsupported;
         false
+    }
+
+    /// Places extracted firmware and makes sure the kernel looks for it there.
+    fn place_firmware(
+        &self,
+        fw: &Path,
+        out: &mut Outcome,
+        record: &mut Record,
+        changes: &mut Changes,
+    ) -> Result<(), Fail> {
+        let host = &self.firmware_dir;
+        let placed =
+            firmware::place(fw, host, &record.firmware).map_err(Fail::at(Step::Firmware))?;
+        changes.firmware.extend(
+            placed
+                .iter()
+                .filter(|p| !record.firmware.contains(p))
+                .cloned(),
+        );
+        record.firmware.clone_from(&placed);
+        self.records.put(record).map_err(Fail::at(Step::Record))?;
+        self.log(
+            out,
+            Step::Firmware,
+            format!("placed {} file(s) in {}", placed.len(), host.display()),
+        );
+        let want = host.to_string_lossy();
+        match self.kmods.firmware_search_path() {
+            Some(p) if p.is_empty() => {
+                self.kmods
+                    .set_firmware_search_path(host)
+                    .map_err(Fail::at(Step::Firmware))?;
+                self.log(
+                    out,
+                    Step::Firmware,
+                    format!("set the kernel's firmware search path to {want}"),
+                );
+            }
+            Some(p) if p == want => {}
+            Some(p) => {
+                warn!(KVCD_MODULE = %out.name, KVCD_STEP = "firmware", "firmware search path is {p}, not {want}");
+                self.log(
+                    out,
+                    Step::Firmware,
+                    format!(
+                        "the kernel's firmware search path is {p}; kept it, so the firmware in {want} is found only if {p} leads there"
+                    ),
+                );
+            }
+            None => self.log(
+                out,
+                Step::Firmware,
+                "cannot read the kernel's firmware search path (firmware_class.path)",
+            ),
+        }
+        Ok(())
     }
 
     /// Says so when a module that is already loaded runs with other parameter values than configured.
@@ -514,7 +591,8 @@ impl Engine<'_> {
 
     /// Undoes what a failed load changed: removes what it inserted, puts back what it removed.
     fn roll_back(&self, c: &ModuleConfig, out: &mut Outcome, changes: &Changes) {
-        if changes.inserted.is_empty() && changes.removed.is_empty() {
+        if changes.inserted.is_empty() && changes.removed.is_empty() && changes.firmware.is_empty()
+        {
             return;
         }
         let Ok(Some(mut record)) = self.records.get(c.name.as_str()) else {
@@ -533,13 +611,25 @@ impl Engine<'_> {
                 ),
             }
         }
+        if !changes.firmware.is_empty() {
+            let n = firmware::remove(&changes.firmware, &self.firmware_dir);
+            record.firmware.retain(|f| !changes.firmware.contains(f));
+            self.log(
+                out,
+                Step::Firmware,
+                format!("rolled back: removed {n} firmware file(s)"),
+            );
+        }
         let restored = self.restore(&changes.removed, out);
         record.removed_in_tree.retain(|m| !restored.contains(m));
         let _ = self.save_or_delete(&record);
     }
 
     fn save_or_delete(&self, record: &Record) -> Result<()> {
-        if record.inserted.is_empty() && record.removed_in_tree.is_empty() {
+        if record.inserted.is_empty()
+            && record.removed_in_tree.is_empty()
+            && record.firmware.is_empty()
+        {
             self.records.delete(&record.config)
         } else {
             self.records.put(record)
@@ -671,6 +761,16 @@ impl Engine<'_> {
             });
         }
         record.inserted.clear();
+
+        if !record.firmware.is_empty() {
+            let n = firmware::remove(&record.firmware, &self.firmware_dir);
+            record.firmware.clear();
+            self.log(
+                out,
+                Step::Firmware,
+                format!("removed {n} file(s) from {}", self.firmware_dir.display()),
+            );
+        }
 
         let removed = record.removed_in_tree.clone();
         let restored = self.restore(&removed, out);

@@ -65,6 +65,8 @@ pub enum Step {
     Verify,
     /// Taking out in-tree modules.
     Replace,
+    /// Placing or removing firmware.
+    Firmware,
     /// Inserting modules.
     Insert,
     /// Removing modules.
@@ -85,6 +87,7 @@ impl Step {
             Self::Depmod => "depmod",
             Self::Verify => "verify",
             Self::Replace => "replace",
+            Self::Firmware => "firmware",
             Self::Insert => "insert",
             Self::Remove => "remove",
             Self::Restore => "restore",

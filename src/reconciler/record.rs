@@ -40,6 +40,9 @@ pub struct Record {
     pub inserted: Vec<Owned>,
     /// In-tree modules kvcd removed to make room, in removal order.
     pub removed_in_tree: Vec<ModName>,
+    /// Firmware files kvcd placed.
+    #[serde(default)]
+    pub firmware: Vec<PathBuf>,
     /// Seconds since the epoch when the config was first applied.
     pub since: u64,
 }
@@ -134,6 +137,7 @@ mod tests {
                 configured: true,
             }],
             removed_in_tree: vec![ModName::parse("dummy").unwrap()],
+            firmware: vec![],
             since: 1,
         };
         s.put(&r).unwrap();

@@ -83,6 +83,8 @@ pub struct FakeKernel {
     pub log: RefCell<Vec<String>>,
     /// Fail inserting this module with this errno.
     pub fail_insert: RefCell<Option<(ModName, Errno)>>,
+    /// `firmware_class.path`.
+    pub firmware_path: RefCell<String>,
 }
 
 pub fn m(name: &str) -> ModName {
@@ -185,6 +187,15 @@ impl KernelModules for FakeKernel {
             let (k, v) = p.split_once('=')?;
             (k == key).then(|| v.to_owned())
         })
+    }
+
+    fn firmware_search_path(&self) -> Option<String> {
+        Some(self.firmware_path.borrow().clone())
+    }
+
+    fn set_firmware_search_path(&self, path: &Path) -> Result<()> {
+        *self.firmware_path.borrow_mut() = path.display().to_string();
+        Ok(())
     }
 
     fn remove(&self, name: &ModName, _force: bool) -> Result<(), KmodError> {
