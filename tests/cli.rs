@@ -296,3 +296,60 @@ fn unload_of_something_never_loaded_is_a_no_op() {
     );
     assert!(out.contains("anything: inactive"), "{out}");
 }
+
+#[test]
+fn prune_keeps_newest_kernels_the_running_one_and_drops_gone_configs() {
+    let node = Node::new();
+    node.module(
+        "kept",
+        "modules = [\"kvcd_param\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    let running = nix::sys::utsname::uname()
+        .unwrap()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let state = node.tmp.path().join("state");
+    for k in [
+        "6.1.0-1-amd64",
+        "6.1.0-2-amd64",
+        "6.1.0-10-amd64",
+        running.as_str(),
+    ] {
+        fs::create_dir_all(state.join("roots/kept").join(k).join("key")).unwrap();
+    }
+    fs::create_dir_all(state.join("images/gone/6.1.0-10-amd64/abc")).unwrap();
+    let etc = node.tmp.path().join("etc");
+    let args = [
+        "--config-dir",
+        etc.to_str().unwrap(),
+        "prune",
+        "--keep",
+        "1",
+    ];
+
+    let (code, out, _) = kvcd(&[&args[..], &["--dry-run"]].concat());
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("kept: would remove artifacts of kernel(s) 6.1.0-2-amd64, 6.1.0-1-amd64"),
+        "{out}"
+    );
+    assert!(state.join("roots/kept/6.1.0-1-amd64").exists());
+
+    let (code, out, _) = kvcd(&[&args[..], &["--json"]].concat());
+    assert_eq!(code, 0, "{out}");
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let results = doc["results"].as_array().unwrap();
+    assert_eq!(results[0]["config"], "gone");
+    assert_eq!(results[0]["kernels"][0], "6.1.0-10-amd64");
+    assert_eq!(results[1]["config"], "kept");
+    assert!(!state.join("images/gone").exists());
+    assert!(state.join("roots/kept/6.1.0-10-amd64").exists());
+    assert!(state.join("roots/kept").join(&running).exists());
+    assert!(!state.join("roots/kept/6.1.0-2-amd64").exists());
+    assert!(!state.join("roots/kept/6.1.0-1-amd64").exists());
+
+    let (code, out, _) = kvcd(&args);
+    assert_eq!(code, 0);
+    assert!(out.contains("kept: nothing to prune"), "{out}");
+}

@@ -49,6 +49,7 @@ impl Env {
             kernel,
             kmods: &self.fake,
             firmware_dir: self.tmp.path().join("firmware"),
+            keep_kernels: 3,
             podman: Podman::new(Path::new("/nonexistent/podman")),
             records: RecordStore::new(&self.tmp.path().join("run")),
             on_step: None,

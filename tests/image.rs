@@ -85,6 +85,7 @@ impl Env {
             kernel: KernelRelease::parse(&self.fx.kver).unwrap(),
             kmods: &self.fake,
             firmware_dir: self.tmp.path().join("firmware"),
+            keep_kernels: 3,
             podman: Podman::new(Path::new(podman)),
             records: RecordStore::new(&self.tmp.path().join("run")),
             on_step: None,
@@ -313,7 +314,20 @@ fn registry_down_falls_back_to_build() {
         "{o:#?}"
     );
     assert!(env.fake.is_live("kvcd_user"));
-    rmi(&reference);
+
+    // Artifacts of this kernel are pruned once newer kernels are kept, and
+    // so is the image kvcd built for it.
+    for k in ["99.0.0-1-amd64", "99.0.0-2-amd64"] {
+        fs::create_dir_all(env.state().join("images/built").join(k).join("x")).unwrap();
+    }
+    let podman = Podman::new(Path::new("podman"));
+    let p =
+        kvcd::artifacts::prune::prune_config(&env.state(), Some(&podman), "built", 1, &[], false)
+            .unwrap();
+    assert_eq!(p.kernels, ["99.0.0-1-amd64", env.fx.kver.as_str()]);
+    assert_eq!(p.images.as_slice(), std::slice::from_ref(&reference));
+    assert!(podman.inspect(&reference).unwrap().is_none());
+    assert!(!env.state().join("roots/built").join(&env.fx.kver).exists());
 }
 
 #[test]

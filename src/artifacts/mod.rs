@@ -6,6 +6,7 @@
 pub mod directory;
 pub mod image;
 pub mod podman;
+pub mod prune;
 pub mod root;
 pub mod verify;
 

@@ -246,6 +246,15 @@ impl Podman {
         Ok(())
     }
 
+    /// Removes an image from local storage (all its names when given by reference).
+    pub fn remove_image(&self, reference: &str) -> Result<()> {
+        let run = self.run(&["rmi", "--force", reference].map(String::from), None)?;
+        if !run.ok {
+            bail!("removing image {reference}: {}", run.cause());
+        }
+        Ok(())
+    }
+
     /// Mounts the image's root file system read-only; returns the path.
     pub fn mount(&self, image_id: &str) -> Result<PathBuf> {
         let run = self.run(&["image", "mount", image_id].map(String::from), None)?;

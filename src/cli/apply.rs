@@ -1,13 +1,11 @@
 //! `kvcd apply`: one reconcile in the foreground, without D-Bus.
 
 use std::collections::BTreeMap;
-use std::fs;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use clap::Args;
-use nix::fcntl::{Flock, FlockArg};
 
-use super::{EXIT_FAILED, PathArgs};
+use super::{EXIT_FAILED, PathArgs, lock_runtime};
 use crate::artifacts::RootLayout;
 use crate::artifacts::podman::Podman;
 use crate::kernel::KernelRelease;
@@ -40,32 +38,13 @@ fn print_step(name: &str, s: &StepLog) {
 
 /// Runs `kvcd apply`; returns the exit code.
 pub(super) fn run(paths: &PathArgs, args: &ApplyArgs) -> Result<u8> {
-    let config = paths.load();
-    if !config.errors.is_empty() {
-        for e in &config.errors {
-            eprintln!("{e}");
-        }
-        anyhow::bail!("the configuration has errors outside the module configs (see above)");
-    }
+    let config = paths.load_strict()?;
     let kernel = match &args.kernel {
         Some(k) => KernelRelease::parse(k)?,
         None => KernelRelease::running()?,
     };
     let d = &config.daemon;
-    fs::create_dir_all(&d.runtime_dir)
-        .with_context(|| format!("creating runtime directory {}", d.runtime_dir.display()))?;
-    let lock_path = d.runtime_dir.join("kvcd.lock");
-    let lock_file =
-        fs::File::create(&lock_path).with_context(|| format!("opening {}", lock_path.display()))?;
-    let _lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
-        Ok(l) => l,
-        Err((f, _)) => {
-            eprintln!("waiting for another kvcd holding {}", lock_path.display());
-            Flock::lock(f, FlockArg::LockExclusive)
-                .map_err(|(_, e)| e)
-                .with_context(|| format!("locking {}", lock_path.display()))?
-        }
-    };
+    let _lock = lock_runtime(&d.runtime_dir)?;
 
     let kmods = Libkmod::new()?;
     let on_step = print_step;
@@ -79,6 +58,7 @@ pub(super) fn run(paths: &PathArgs, args: &ApplyArgs) -> Result<u8> {
         kmods: &kmods,
         podman: Podman::new(&d.podman),
         firmware_dir: d.firmware_dir.clone(),
+        keep_kernels: d.keep_kernels,
         records: RecordStore::new(&d.runtime_dir),
         on_step: if args.json { None } else { Some(&on_step) },
     };

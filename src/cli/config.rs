@@ -217,6 +217,7 @@ fn show(config: &Config, name: Option<&str>, json: bool) -> Result<u8> {
             println!("  depmod: {}", d.depmod.display());
             println!("  podman: {}", d.podman.display());
             println!("  firmware_dir: {}", d.firmware_dir.display());
+            println!("  keep_kernels: {}", d.keep_kernels);
             for e in &config.errors {
                 println!("  error: {e}");
             }

@@ -2,8 +2,13 @@
 
 mod apply;
 mod config;
+mod prune;
 
-use std::path::PathBuf;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use nix::fcntl::{Flock, FlockArg};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -39,6 +44,18 @@ impl PathArgs {
         }
     }
 
+    /// Loads the configuration; fails when `kvcd.toml` (or anything outside the module configs) is broken.
+    pub fn load_strict(&self) -> anyhow::Result<Config> {
+        let config = self.load();
+        if !config.errors.is_empty() {
+            for e in &config.errors {
+                eprintln!("{e}");
+            }
+            anyhow::bail!("the configuration has errors outside the module configs (see above)");
+        }
+        Ok(config)
+    }
+
     /// Loads the configuration with the command-line overrides applied.
     pub fn load(&self) -> Config {
         Config::load(
@@ -71,6 +88,8 @@ struct KvcdCli {
 enum KvcdCommand {
     /// Apply module configs once, in the foreground, without D-Bus.
     Apply(apply::ApplyArgs),
+    /// Remove artifacts of old kernels and of module configs that are gone.
+    Prune(prune::PruneArgs),
 }
 
 #[derive(Debug, Parser)]
@@ -87,6 +106,23 @@ enum KvcctlCommand {
     /// Work with configuration files offline.
     #[command(subcommand)]
     Config(config::ConfigCommand),
+}
+
+/// Takes the runtime directory's lock (`kvcd.lock`), waiting for another kvcd that holds it.
+fn lock_runtime(runtime_dir: &Path) -> anyhow::Result<Flock<fs::File>> {
+    fs::create_dir_all(runtime_dir)
+        .with_context(|| format!("creating runtime directory {}", runtime_dir.display()))?;
+    let path = runtime_dir.join("kvcd.lock");
+    let file = fs::File::create(&path).with_context(|| format!("opening {}", path.display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(l),
+        Err((f, _)) => {
+            eprintln!("waiting for another kvcd holding {}", path.display());
+            Flock::lock(f, FlockArg::LockExclusive)
+                .map_err(|(_, e)| e)
+                .with_context(|| format!("locking {}", path.display()))
+        }
+    }
 }
 
 fn init_logging(verbose: u8) {
@@ -118,6 +154,7 @@ pub fn kvcd_main() -> ExitCode {
     init_logging(cli.verbose);
     let result = match cli.command {
         KvcdCommand::Apply(args) => apply::run(&cli.paths, &args),
+        KvcdCommand::Prune(args) => prune::run(&cli.paths, &args),
     };
     finish(result)
 }

@@ -218,6 +218,8 @@ pub struct DaemonSettings {
     pub podman: PathBuf,
     /// Where firmware from driver images is placed; default `/var/lib/firmware`.
     pub firmware_dir: PathBuf,
+    /// Kernels whose artifacts are kept per module config (besides the running one); default 3.
+    pub keep_kernels: usize,
 }
 
 impl Default for DaemonSettings {
@@ -230,6 +232,7 @@ impl Default for DaemonSettings {
             depmod: DEFAULT_DEPMOD.into(),
             podman: DEFAULT_PODMAN.into(),
             firmware_dir: DEFAULT_FIRMWARE_DIR.into(),
+            keep_kernels: crate::artifacts::prune::DEFAULT_KEEP_KERNELS,
         }
     }
 }

@@ -22,6 +22,7 @@ pub(crate) struct RawDaemon {
     pub(crate) depmod: Option<S<String>>,
     pub(crate) podman: Option<S<String>>,
     pub(crate) firmware_dir: Option<S<String>>,
+    pub(crate) keep_kernels: Option<S<i64>>,
 }
 
 /// `modules.d/NAME.toml`.

@@ -203,6 +203,19 @@ pub(super) fn daemon(file: &Path, text: &str) -> Result<DaemonSettings, Vec<Conf
             *slot = PathBuf::from(v.get_ref());
         }
     }
+    if let Some(v) = &raw.keep_kernels {
+        match usize::try_from(*v.get_ref()) {
+            Ok(n) if n >= 1 => s.keep_kernels = n,
+            _ => d.error(
+                Some(v.span()),
+                "keep_kernels",
+                format!(
+                    "expected a whole number of kernels, at least 1, found {}",
+                    v.get_ref()
+                ),
+            ),
+        }
+    }
     d.finish(s)
 }
 

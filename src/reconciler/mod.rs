@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::artifacts::image::ImageStore;
 use crate::artifacts::podman::Podman;
-use crate::artifacts::{RootLayout, directory, verify};
+use crate::artifacts::{RootLayout, directory, prune, verify};
 use crate::config::{ModuleConfig, Source};
 use crate::kernel::{KernelRelease, TemplateVars, arch, expand};
 use crate::kmod::{KernelModules, KmodErrorKind, LiveModule, ModInfo, ModName, ModuleTree};
@@ -46,6 +46,8 @@ pub struct Engine<'a> {
     pub podman: Podman,
     /// Host directory for firmware from images (kvcd owns it).
     pub firmware_dir: PathBuf,
+    /// Kernels whose artifacts are kept per module config, besides the running one.
+    pub keep_kernels: usize,
     /// Called for every step as it happens (human output); default none.
     pub on_step: Option<&'a OnStep>,
 }
@@ -114,7 +116,10 @@ impl Engine<'_> {
         }
         let mut changes = Changes::default();
         match self.try_load(config, &mut out, &mut changes) {
-            Ok(()) => out.state = State::Loaded,
+            Ok(()) => {
+                out.state = State::Loaded;
+                self.prune(config, &mut out);
+            }
             Err(Fail(step, err, state)) => {
                 self.fail(&mut out, step, &err, state);
                 self.roll_back(config, &mut out, &changes);
@@ -408,10 +413,43 @@ impl Engine<'_> {
                     format!("ready for kernel {}", self.kernel),
                 );
                 out.state = State::Prepared;
+                self.prune(config, &mut out);
             }
             Err(Fail(step, err, state)) => self.fail(&mut out, step, &err, state),
         }
         out
+    }
+
+    /// Drops this config's artifacts for all but the newest kernels (never the running or target one).
+    fn prune(&self, config: &ModuleConfig, out: &mut Outcome) {
+        let running = KernelRelease::running()
+            .map(|k| k.to_string())
+            .unwrap_or_default();
+        let protect = [self.kernel.as_str(), running.as_str()];
+        match prune::prune_config(
+            &self.layout.state_dir,
+            Some(&self.podman),
+            config.name.as_str(),
+            self.keep_kernels,
+            &protect,
+            false,
+        ) {
+            Ok(p) if p.kernels.is_empty() => {}
+            Ok(p) => self.log(
+                out,
+                Step::Prune,
+                format!(
+                    "removed artifacts of kernel(s) {}{}",
+                    p.kernels.join(", "),
+                    if p.images.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" and image(s) {}", p.images.join(", "))
+                    }
+                ),
+            ),
+            Err(e) => self.log(out, Step::Prune, format!("pruning failed: {e:#}")),
+        }
     }
 
     fn fail(&self, out: &mut Outcome, step: Step, err: &anyhow::Error, state: State) {

@@ -75,6 +75,8 @@ pub enum Step {
     Restore,
     /// Writing the runtime record.
     Record,
+    /// Removing artifacts of old kernels.
+    Prune,
 }
 
 impl Step {
@@ -92,6 +94,7 @@ impl Step {
             Self::Remove => "remove",
             Self::Restore => "restore",
             Self::Record => "record",
+            Self::Prune => "prune",
         }
     }
 }

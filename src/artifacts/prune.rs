@@ -1,0 +1,210 @@
+//! Keeping the state directory small: artifacts (module trees and image
+//! extractions) for the newest N kernels per module config, never those of
+//! the running kernel or the kernel being applied, and the images kvcd built
+//! for kernels it lets go.
+
+use std::cmp::Ordering;
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use super::podman::Podman;
+
+/// Default number of kernels whose artifacts are kept per module config.
+pub const DEFAULT_KEEP_KERNELS: usize = 3;
+
+/// Compares kernel releases as versions: digit runs by value, the rest as text.
+pub fn compare_releases(a: &str, b: &str) -> Ordering {
+    fn chunks(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let bytes = s.as_bytes();
+        for i in 1..=bytes.len() {
+            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
+                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+    let (ca, cb) = (chunks(a), chunks(b));
+    for (x, y) in ca.iter().zip(&cb) {
+        let o = match (x, y) {
+            ((true, x), (true, y)) => {
+                let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
+                x.len().cmp(&y.len()).then_with(|| x.cmp(y))
+            }
+            ((_, x), (_, y)) => x.cmp(y),
+        };
+        if o != Ordering::Equal {
+            return o;
+        }
+    }
+    ca.len().cmp(&cb.len())
+}
+
+/// What pruning removed (or would remove) for one module config.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    /// Module config name.
+    pub config: String,
+    /// Kernels whose artifacts went.
+    pub kernels: Vec<String>,
+    /// Directories removed.
+    pub dirs: Vec<PathBuf>,
+    /// kvcd-built images removed.
+    pub images: Vec<String>,
+}
+
+fn subdirs(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Module configs that have artifacts in the state directory.
+pub fn configs_with_artifacts(state_dir: &Path) -> BTreeSet<String> {
+    ["roots", "images"]
+        .iter()
+        .flat_map(|k| subdirs(&state_dir.join(k)))
+        .collect()
+}
+
+/// The reference of a kvcd-built image recorded for an extraction, if any.
+fn built_reference(images_kernel_dir: &Path) -> Option<String> {
+    let data = fs::read(images_kernel_dir.join("index.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&data).ok()?;
+    if v["built"].as_bool()? {
+        v["reference"].as_str().map(str::to_owned)
+    } else {
+        None
+    }
+}
+
+/// Prunes `config`'s artifacts down to the newest `keep` kernels plus `protect`.
+/// `keep = 0` removes every unprotected kernel (a config that no longer exists).
+pub fn prune_config(
+    state_dir: &Path,
+    podman: Option<&Podman>,
+    config: &str,
+    keep: usize,
+    protect: &[&str],
+    dry_run: bool,
+) -> Result<Pruned> {
+    let roots = state_dir.join("roots").join(config);
+    let images = state_dir.join("images").join(config);
+    let mut kernels: Vec<String> = subdirs(&roots)
+        .into_iter()
+        .chain(subdirs(&images))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    kernels.sort_by(|a, b| compare_releases(b, a));
+    let mut out = Pruned {
+        config: config.to_owned(),
+        ..Pruned::default()
+    };
+    let mut kept = 0;
+    for k in kernels {
+        if protect.contains(&k.as_str()) {
+            continue;
+        }
+        if kept < keep {
+            kept += 1;
+            continue;
+        }
+        if let Some(reference) = built_reference(&images.join(&k)) {
+            if let Some(p) = podman {
+                if dry_run || p.remove_image(&reference).is_ok() {
+                    out.images.push(reference);
+                }
+            }
+        }
+        for d in [roots.join(&k), images.join(&k)] {
+            if d.exists() {
+                if !dry_run {
+                    fs::remove_dir_all(&d)?;
+                }
+                out.dirs.push(d);
+            }
+        }
+        out.kernels.push(k);
+    }
+    if !dry_run {
+        for d in [&roots, &images] {
+            let _ = fs::remove_dir(d);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn releases_compare_as_versions() {
+        let mut v = vec![
+            "6.1.0-9-amd64",
+            "6.1.0-27-amd64",
+            "5.14.0-284.30.1.el9_2.x86_64",
+            "6.10.0-1-amd64",
+            "6.1.0-27-cloud-amd64",
+        ];
+        v.sort_by(|a, b| compare_releases(a, b));
+        assert_eq!(
+            v,
+            [
+                "5.14.0-284.30.1.el9_2.x86_64",
+                "6.1.0-9-amd64",
+                "6.1.0-27-amd64",
+                "6.1.0-27-cloud-amd64",
+                "6.10.0-1-amd64"
+            ]
+        );
+    }
+
+    #[test]
+    fn keeps_newest_and_protected_kernels() {
+        let t = tempfile::tempdir().unwrap();
+        for k in [
+            "6.1.0-1-amd64",
+            "6.1.0-2-amd64",
+            "6.1.0-10-amd64",
+            "6.1.0-3-amd64",
+        ] {
+            fs::create_dir_all(t.path().join("roots/x").join(k).join("key")).unwrap();
+        }
+        fs::create_dir_all(t.path().join("images/x/6.1.0-1-amd64/abc")).unwrap();
+        let p = prune_config(t.path(), None, "x", 2, &["6.1.0-1-amd64"], true).unwrap();
+        assert_eq!(p.kernels, ["6.1.0-2-amd64"]);
+        assert!(
+            t.path().join("roots/x/6.1.0-2-amd64").exists(),
+            "dry run removes nothing"
+        );
+        let p = prune_config(t.path(), None, "x", 2, &["6.1.0-1-amd64"], false).unwrap();
+        assert_eq!(p.kernels, ["6.1.0-2-amd64"]);
+        let left = subdirs(&t.path().join("roots/x"))
+            .into_iter()
+            .collect::<BTreeSet<_>>();
+        assert_eq!(
+            left,
+            ["6.1.0-1-amd64", "6.1.0-10-amd64", "6.1.0-3-amd64"]
+                .map(String::from)
+                .into()
+        );
+        let p = prune_config(t.path(), None, "x", 0, &[], false).unwrap();
+        assert_eq!(p.kernels.len(), 3);
+        assert!(!t.path().join("roots/x").exists() && !t.path().join("images/x").exists());
+        assert!(configs_with_artifacts(t.path()).is_empty());
+    }
+}
