@@ -75,6 +75,21 @@ impl fmt::Display for KernelRelease {
     }
 }
 
+/// Kernels installed under `modules_dir` (a `KERNEL/` directory with the kernel's
+/// own modules or a `modules.dep`; header-only directories do not count).
+pub fn installed_kernels(modules_dir: &std::path::Path) -> Vec<KernelRelease> {
+    let Ok(entries) = std::fs::read_dir(modules_dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<KernelRelease> = entries
+        .flatten()
+        .filter(|e| e.path().join("kernel").is_dir() || e.path().join("modules.dep").is_file())
+        .filter_map(|e| KernelRelease::parse(&e.file_name().to_string_lossy()).ok())
+        .collect();
+    out.sort();
+    out
+}
+
 /// The machine architecture as `uname -m` prints it.
 pub fn arch() -> String {
     nix::sys::utsname::uname()
@@ -248,6 +263,19 @@ mod tests {
             Err(TemplateError::NoValue(..))
         ));
         assert_eq!(KernelRelease::parse("6.1").unwrap().xyz(), Some((6, 1, 0)));
+    }
+
+    #[test]
+    fn installed_kernels_need_modules() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("6.1.0-1-amd64/kernel")).unwrap();
+        std::fs::create_dir_all(t.path().join("6.1.0-2-amd64")).unwrap();
+        std::fs::write(t.path().join("6.1.0-2-amd64/modules.dep"), "").unwrap();
+        std::fs::create_dir_all(t.path().join("6.1.0-3-amd64/build")).unwrap();
+        let k = installed_kernels(t.path());
+        let names: Vec<_> = k.iter().map(KernelRelease::as_str).collect();
+        assert_eq!(names, ["6.1.0-1-amd64", "6.1.0-2-amd64"]);
+        assert!(installed_kernels(&t.path().join("absent")).is_empty());
     }
 
     #[test]

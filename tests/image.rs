@@ -551,3 +551,53 @@ fn missing_firmware_dir_in_the_image_is_named() {
     assert!(msg.contains("extracting /lib/firmware/none from"), "{msg}");
     assert!(msg.contains("the image has no /lib/firmware/none"), "{msg}");
 }
+
+#[test]
+fn prepare_next_prepares_installed_kernels_behind_its_switch() {
+    let _g = lock();
+    let env = Env::new();
+    let etc = env.tmp.path().join("etc");
+    let kvcd_toml = |switch: bool| {
+        format!(
+            "kernel_modules_dir = \"{}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\nprepare_next_kernels = {switch}\n",
+            env.fx.modules_dir().display(),
+            env.state().display(),
+            env.tmp.path().join("run").display()
+        )
+    };
+    env.config("next", PARAM_TAG);
+    let kvcd = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvcd"))
+            .arg("--config-dir")
+            .arg(&etc)
+            .arg("prepare-next")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+
+    fs::write(etc.join("kvcd.toml"), kvcd_toml(false)).unwrap();
+    let (code, out) = kvcd(&["--if-enabled"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("prepare_next_kernels is off"), "{out}");
+    assert!(!env.state().join("images/next").exists());
+
+    fs::write(etc.join("kvcd.toml"), kvcd_toml(true)).unwrap();
+    let (code, out) = kvcd(&["--if-enabled", "--json"]);
+    assert_eq!(code, Some(0), "{out}");
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["kernels"][0], env.fx.kver.as_str(), "{out}");
+    assert_eq!(doc["results"][0]["name"], "next");
+    assert_eq!(doc["results"][0]["state"], "prepared", "{out}");
+    assert!(
+        env.state()
+            .join("images/next")
+            .join(&env.fx.kver)
+            .join("index.json")
+            .exists()
+    );
+}

@@ -31,3 +31,28 @@ fn template_unit_verifies_as_an_instance() {
         "warnings about the unit: {stderr}"
     );
 }
+
+#[test]
+fn prepare_next_units_verify() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    for unit in ["kvcd-prepare-next.path", "kvcd-prepare-next.service"] {
+        let text = fs::read_to_string(repo.join("systemd").join(unit)).unwrap();
+        fs::write(
+            tmp.path().join(unit),
+            text.replace("/usr/bin/kvcd", env!("CARGO_BIN_EXE_kvcd")),
+        )
+        .unwrap();
+    }
+    let service = fs::read_to_string(repo.join("systemd/kvcd-prepare-next.service")).unwrap();
+    assert!(service.contains("ExecStart=/usr/bin/kvcd prepare-next --if-enabled"));
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(tmp.path().join("kvcd-prepare-next.path"))
+        .arg(tmp.path().join("kvcd-prepare-next.service"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("kvcd-prepare-next"), "{stderr}");
+}

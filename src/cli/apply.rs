@@ -1,4 +1,5 @@
-//! `kvcd apply`: one reconcile in the foreground, without D-Bus.
+//! `kvcd apply` (one reconcile in the foreground, without D-Bus) and
+//! `kvcd prepare-next` (artifacts for installed kernels that are not running).
 
 use std::collections::BTreeMap;
 
@@ -8,9 +9,11 @@ use clap::Args;
 use super::{EXIT_FAILED, PathArgs, lock_runtime};
 use crate::artifacts::RootLayout;
 use crate::artifacts::podman::Podman;
-use crate::kernel::KernelRelease;
-use crate::kmod::Libkmod;
-use crate::reconciler::{Engine, Outcome, RecordStore, Step, StepLog, order};
+use crate::artifacts::prune::compare_releases;
+use crate::config::{Config, DaemonSettings};
+use crate::kernel::{KernelRelease, installed_kernels};
+use crate::kmod::{KernelModules, Libkmod};
+use crate::reconciler::{Engine, OnStep, Outcome, RecordStore, Step, StepLog, order};
 
 /// `kvcd apply` arguments.
 #[derive(Debug, Args)]
@@ -32,8 +35,65 @@ pub(super) struct ApplyArgs {
     names: Vec<String>,
 }
 
+/// `kvcd prepare-next` arguments.
+#[derive(Debug, Args)]
+pub(super) struct PrepareNextArgs {
+    /// Do nothing unless kvcd.toml sets `prepare_next_kernels = true` (for the path unit).
+    #[arg(long)]
+    if_enabled: bool,
+    /// Print one JSON document instead of progress lines.
+    #[arg(long)]
+    json: bool,
+    /// Module config names; default every valid module config.
+    #[arg(value_name = "NAME")]
+    names: Vec<String>,
+}
+
 fn print_step(name: &str, s: &StepLog) {
     println!("{name}: {}: {}", s.step.as_str(), s.detail);
+}
+
+fn engine<'a>(
+    d: &DaemonSettings,
+    kernel: &KernelRelease,
+    kmods: &'a dyn KernelModules,
+    on_step: Option<&'a OnStep>,
+) -> Engine<'a> {
+    Engine {
+        layout: RootLayout {
+            state_dir: d.state_dir.clone(),
+            kernel_modules_dir: d.kernel_modules_dir.clone(),
+            depmod: d.depmod.clone(),
+        },
+        kernel: kernel.clone(),
+        kmods,
+        podman: Podman::new(&d.podman),
+        firmware_dir: d.firmware_dir.clone(),
+        keep_kernels: d.keep_kernels,
+        records: RecordStore::new(&d.runtime_dir),
+        on_step,
+    }
+}
+
+fn print_outcome(o: &Outcome) {
+    match &o.error {
+        None => println!("{}: {}", o.name, o.state),
+        Some(e) => println!(
+            "{}: {} at {}: {}",
+            o.name,
+            o.state,
+            e.step.as_str(),
+            e.message
+        ),
+    }
+}
+
+fn exit_code(outcomes: &[Outcome]) -> u8 {
+    if outcomes.iter().all(|o| o.state.is_ok()) {
+        0
+    } else {
+        EXIT_FAILED
+    }
 }
 
 /// Runs `kvcd apply`; returns the exit code.
@@ -45,23 +105,9 @@ pub(super) fn run(paths: &PathArgs, args: &ApplyArgs) -> Result<u8> {
     };
     let d = &config.daemon;
     let _lock = lock_runtime(&d.runtime_dir)?;
-
     let kmods = Libkmod::new()?;
-    let on_step = print_step;
-    let engine = Engine {
-        layout: RootLayout {
-            state_dir: d.state_dir.clone(),
-            kernel_modules_dir: d.kernel_modules_dir.clone(),
-            depmod: d.depmod.clone(),
-        },
-        kernel: kernel.clone(),
-        kmods: &kmods,
-        podman: Podman::new(&d.podman),
-        firmware_dir: d.firmware_dir.clone(),
-        keep_kernels: d.keep_kernels,
-        records: RecordStore::new(&d.runtime_dir),
-        on_step: if args.json { None } else { Some(&on_step) },
-    };
+    let on_step: &OnStep = &print_step;
+    let engine = engine(d, &kernel, &kmods, (!args.json).then_some(on_step));
 
     let after: BTreeMap<String, Vec<String>> = config
         .modules
@@ -89,15 +135,7 @@ pub(super) fn run(paths: &PathArgs, args: &ApplyArgs) -> Result<u8> {
             }
         };
         if !args.json {
-            match &outcome.error {
-                None => println!("{name}: {}", outcome.state),
-                Some(e) => println!(
-                    "{name}: {} at {}: {}",
-                    outcome.state,
-                    e.step.as_str(),
-                    e.message
-                ),
-            }
+            print_outcome(&outcome);
         }
         outcomes.push(outcome);
     }
@@ -105,9 +143,70 @@ pub(super) fn run(paths: &PathArgs, args: &ApplyArgs) -> Result<u8> {
         let doc = serde_json::json!({ "kernel": kernel.as_str(), "results": outcomes });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     }
-    Ok(if outcomes.iter().all(|o| o.state.is_ok()) {
-        0
+    Ok(exit_code(&outcomes))
+}
+
+/// The kernels `prepare-next` works on: installed, not running, newest first, at most `keep_kernels`.
+fn next_kernels(config: &Config, running: &KernelRelease) -> Vec<KernelRelease> {
+    let mut kernels: Vec<_> = installed_kernels(&config.daemon.kernel_modules_dir)
+        .into_iter()
+        .filter(|k| k != running)
+        .collect();
+    kernels.sort_by(|a, b| compare_releases(b.as_str(), a.as_str()));
+    kernels.truncate(config.daemon.keep_kernels);
+    kernels
+}
+
+/// Runs `kvcd prepare-next`; returns the exit code.
+pub(super) fn prepare_next(paths: &PathArgs, args: &PrepareNextArgs) -> Result<u8> {
+    let config = paths.load_strict()?;
+    let d = &config.daemon;
+    if args.if_enabled && !d.prepare_next_kernels {
+        println!("prepare-next: prepare_next_kernels is off in kvcd.toml; nothing to do");
+        return Ok(0);
+    }
+    let _lock = lock_runtime(&d.runtime_dir)?;
+    let running = KernelRelease::running()?;
+    let kernels = next_kernels(&config, &running);
+    let names: Vec<String> = if args.names.is_empty() {
+        config
+            .modules
+            .iter()
+            .filter(|(_, e)| e.result.is_ok())
+            .map(|(n, _)| n.clone())
+            .collect()
     } else {
-        EXIT_FAILED
-    })
+        args.names.clone()
+    };
+    if kernels.is_empty() && !args.json {
+        println!(
+            "prepare-next: no installed kernel besides the running {running} in {}",
+            d.kernel_modules_dir.display()
+        );
+    }
+    let kmods = Libkmod::new()?;
+    let on_step: &OnStep = &print_step;
+    let mut outcomes = Vec::new();
+    for kernel in &kernels {
+        let engine = engine(d, kernel, &kmods, (!args.json).then_some(on_step));
+        for name in &names {
+            let o = match config.module(name) {
+                Ok(c) => engine.prepare(c),
+                Err(e) => Outcome::failed(name, kernel, Step::Config, e.to_string()),
+            };
+            if !args.json {
+                print_outcome(&o);
+            }
+            outcomes.push(o);
+        }
+    }
+    if args.json {
+        let doc = serde_json::json!({
+            "running": running.as_str(),
+            "kernels": kernels.iter().map(KernelRelease::as_str).collect::<Vec<_>>(),
+            "results": outcomes,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    }
+    Ok(exit_code(&outcomes))
 }

@@ -218,6 +218,7 @@ fn show(config: &Config, name: Option<&str>, json: bool) -> Result<u8> {
             println!("  podman: {}", d.podman.display());
             println!("  firmware_dir: {}", d.firmware_dir.display());
             println!("  keep_kernels: {}", d.keep_kernels);
+            println!("  prepare_next_kernels: {}", d.prepare_next_kernels);
             for e in &config.errors {
                 println!("  error: {e}");
             }

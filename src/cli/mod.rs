@@ -90,6 +90,8 @@ enum KvcdCommand {
     Apply(apply::ApplyArgs),
     /// Remove artifacts of old kernels and of module configs that are gone.
     Prune(prune::PruneArgs),
+    /// Prepare artifacts for installed kernels that are not running (before a reboot into them).
+    PrepareNext(apply::PrepareNextArgs),
 }
 
 #[derive(Debug, Parser)]
@@ -155,6 +157,7 @@ pub fn kvcd_main() -> ExitCode {
     let result = match cli.command {
         KvcdCommand::Apply(args) => apply::run(&cli.paths, &args),
         KvcdCommand::Prune(args) => prune::run(&cli.paths, &args),
+        KvcdCommand::PrepareNext(args) => apply::prepare_next(&cli.paths, &args),
     };
     finish(result)
 }

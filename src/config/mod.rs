@@ -220,6 +220,8 @@ pub struct DaemonSettings {
     pub firmware_dir: PathBuf,
     /// Kernels whose artifacts are kept per module config (besides the running one); default 3.
     pub keep_kernels: usize,
+    /// Let `kvcd prepare-next --if-enabled` (run when a kernel is installed) prepare it; default false.
+    pub prepare_next_kernels: bool,
 }
 
 impl Default for DaemonSettings {
@@ -233,6 +235,7 @@ impl Default for DaemonSettings {
             podman: DEFAULT_PODMAN.into(),
             firmware_dir: DEFAULT_FIRMWARE_DIR.into(),
             keep_kernels: crate::artifacts::prune::DEFAULT_KEEP_KERNELS,
+            prepare_next_kernels: false,
         }
     }
 }

@@ -23,6 +23,7 @@ pub(crate) struct RawDaemon {
     pub(crate) podman: Option<S<String>>,
     pub(crate) firmware_dir: Option<S<String>>,
     pub(crate) keep_kernels: Option<S<i64>>,
+    pub(crate) prepare_next_kernels: Option<bool>,
 }
 
 /// `modules.d/NAME.toml`.

@@ -203,6 +203,9 @@ pub(super) fn daemon(file: &Path, text: &str) -> Result<DaemonSettings, Vec<Conf
             *slot = PathBuf::from(v.get_ref());
         }
     }
+    if let Some(v) = raw.prepare_next_kernels {
+        s.prepare_next_kernels = v;
+    }
     if let Some(v) = &raw.keep_kernels {
         match usize::try_from(*v.get_ref()) {
             Ok(n) if n >= 1 => s.keep_kernels = n,
