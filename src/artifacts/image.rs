@@ -179,9 +179,11 @@ impl ImageStore<'_> {
             &modules_dir,
             firmware_dir.as_deref(),
         )?;
-        notes.push(format!(
-            "extracted {modules_dir} from {reference} ({digest})"
-        ));
+        let what = match &firmware_dir {
+            Some(fw) => format!("{modules_dir} and {fw}"),
+            None => modules_dir,
+        };
+        notes.push(format!("extracted {what} from {reference} ({digest})"));
         let idx = Index {
             config_digest: config_digest.to_owned(),
             reference: reference.clone(),

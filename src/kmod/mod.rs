@@ -214,6 +214,12 @@ pub trait KernelModules {
     fn set_firmware_search_path(&self, path: &Path) -> Result<()>;
 }
 
+/// A sysfs value without the one newline the kernel adds (a value that itself
+/// ends in a newline keeps it: for `firmware_class.path` that matters).
+fn sysfs_value(v: &str) -> String {
+    v.strip_suffix('\n').unwrap_or(v).to_owned()
+}
+
 /// Where the kernel shows `firmware_class.path`.
 const FIRMWARE_PATH_PARAM: &str = "/sys/module/firmware_class/parameters/path";
 
@@ -276,19 +282,29 @@ impl KernelModules for Libkmod {
             .join(name.as_str())
             .join("parameters")
             .join(key);
-        std::fs::read_to_string(p)
-            .ok()
-            .map(|v| v.trim_end_matches('\n').to_owned())
+        std::fs::read_to_string(p).ok().map(|v| sysfs_value(&v))
     }
 
     fn firmware_search_path(&self) -> Option<String> {
         std::fs::read_to_string(FIRMWARE_PATH_PARAM)
             .ok()
-            .map(|v| v.trim_end_matches('\n').to_owned())
+            .map(|v| sysfs_value(&v))
     }
 
     fn set_firmware_search_path(&self, path: &Path) -> Result<()> {
         std::fs::write(FIRMWARE_PATH_PARAM, path.as_os_str().as_encoded_bytes())
             .with_context(|| format!("writing {FIRMWARE_PATH_PARAM}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sysfs_value;
+
+    #[test]
+    fn sysfs_values_lose_only_the_kernels_newline() {
+        assert_eq!(sysfs_value("/var/lib/firmware\n"), "/var/lib/firmware");
+        assert_eq!(sysfs_value("/var/lib/firmware\n\n"), "/var/lib/firmware\n");
+        assert_eq!(sysfs_value("\n"), "");
     }
 }

@@ -19,6 +19,9 @@ set -u
 
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 RUN=/run/kvcd
+# The firmware in the fixtures image (scripts/images): 0x00..0xff, 16 times.
+FW_SIZE=4096
+FW_SHA256=c8f5d0341d54d951a71b136e6e2afcb14d11ed8489a7ae126a8fee0df6ecf193
 PASSED=0
 FAILED=0
 
@@ -322,10 +325,59 @@ normal_checks() {
     end
     scrub kvcd_user kvcd_param kvcd_base
 
+    # The same image with firmware_dir: kvcd places the image's
+    # /lib/firmware/kvcd/* under /var/lib/firmware and points the kernel's
+    # firmware search path there before inserting kvcd_fw, whose init asks
+    # for kvcd/kvcd-test.fw: fw_size is the size the kernel found (a
+    # negative errno if it found nothing).
+    begin "firmware from the image"
+    fw=/var/lib/firmware/kvcd/kvcd-test.fw
+    alias=/var/lib/firmware/kvcd/kvcd-alias.fw
+    fwpath=$(cat /sys/module/firmware_class/parameters/path)
+    [ -z "$fwpath" ] || bad "firmware_class.path is '$fwpath' before the apply"
+    run kvcd apply firmware
+    expect_rc 0
+    expect_out "firmware: loaded"
+    expect_out "file(s) in /var/lib/firmware"
+    # The VM boots with an empty firmware_class.path, so kvcd sets it.
+    expect_out "firmware: set the kernel's firmware search path to /var/lib/firmware"
+    expect_before "firmware: firmware: placed" "inserted kvcd_fw"
+    expect_loaded kvcd_fw
+    expect_record firmware
+    if [ -f "$fw" ]; then
+        size=$(stat -c %s "$fw")
+        [ "$size" = "$FW_SIZE" ] || bad "$fw has $size bytes, expected $FW_SIZE"
+        sum=$(sha256sum "$fw" | cut -d' ' -f1)
+        [ "$sum" = "$FW_SHA256" ] || bad "$fw has sha256 $sum, expected $FW_SHA256"
+    else
+        bad "$fw was not placed"
+    fi
+    # The image's in-tree link: reachable under its own name too.
+    if [ -e "$alias" ]; then
+        size=$(stat -L -c %s "$alias")
+        [ "$size" = "$FW_SIZE" ] || bad "$alias has $size bytes, expected $FW_SIZE"
+    else
+        bad "$alias was not placed"
+    fi
+    note "firmware_class.path: '$(cat /sys/module/firmware_class/parameters/path)'"
+    expect_param firmware_class path /var/lib/firmware
+    expect_param kvcd_fw fw_size "$FW_SIZE"
+    run kvcd apply --unload firmware
+    expect_rc 0
+    expect_out "firmware: inactive"
+    expect_out "removed kvcd_fw"
+    expect_out "file(s) from /var/lib/firmware"
+    [ -e "$fw" ] && bad "$fw is still there"
+    if [ -e "$alias" ] || [ -L "$alias" ]; then bad "$alias is still there"; fi
+    expect_unloaded kvcd_fw
+    expect_no_record firmware
+    end
+    scrub kvcd_fw
+
     # Everything above cleaned up after itself: no fixture module and no
     # record may be left.
     begin "clean end state"
-    for m in kvcd_base kvcd_user kvcd_crc kvcd_param crc8 dummy; do
+    for m in kvcd_base kvcd_user kvcd_crc kvcd_param kvcd_fw crc8 dummy; do
         expect_unloaded "$m"
     done
     left=$(ls "$RUN/loaded" 2>/dev/null)
