@@ -137,11 +137,20 @@ fn print_entry(name: &str, e: &ModuleEntry) {
                     .map_or("(any kernel)", regex::Regex::as_str)
             );
             println!("  force_unload: {}", c.force_unload);
+            print_hooks(c);
             for (m, p) in &c.parameters {
                 println!("  parameters.{m}: {}", p.join(" "));
             }
             match &c.source {
                 Source::Directory { path } => println!("  source: directory {path}"),
+                Source::KvcLibrary { libraries } => println!(
+                    "  source: KVC library {}",
+                    libraries
+                        .iter()
+                        .map(|l| l.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
                 Source::Image(i) => {
                     println!("  source: image {}", i.reference);
                     println!(
@@ -172,6 +181,32 @@ fn print_entry(name: &str, e: &ModuleEntry) {
                 }
             }
         }
+    }
+}
+
+fn print_hooks(c: &crate::config::ModuleConfig) {
+    let h = &c.hooks;
+    for (name, cmd) in [
+        ("pre_load", &h.pre_load),
+        ("post_load", &h.post_load),
+        ("pre_unload", &h.pre_unload),
+        ("post_unload", &h.post_unload),
+        ("build", &h.build),
+    ] {
+        if let Some(argv) = cmd {
+            println!("  hooks.{name}: {argv:?}");
+        }
+    }
+    println!(
+        "  hooks.timeout_seconds: {} (build: {})",
+        h.timeout_seconds, h.build_timeout_seconds
+    );
+    if let Some(r) = &c.ready {
+        match &r.kind {
+            crate::config::ReadyKind::Path(p) => println!("  ready.path: {}", p.display()),
+            crate::config::ReadyKind::Command(a) => println!("  ready.command: {a:?}"),
+        }
+        println!("  ready.timeout_seconds: {}", r.timeout_seconds);
     }
 }
 

@@ -101,6 +101,56 @@ pub enum Source {
     },
     /// A driver container image, pulled or built by podman.
     Image(ImageSource),
+    /// A kmods-via-containers framework library that builds and loads by itself.
+    KvcLibrary {
+        /// Libraries sourced in this order (later definitions win).
+        libraries: Vec<PathBuf>,
+    },
+}
+
+/// Default timeout of pre/post hooks and ready commands, in seconds.
+pub const DEFAULT_HOOK_TIMEOUT: u64 = 300;
+/// Default timeout of build hooks and KVC build/load/unload, in seconds (KVC's unit allowed 25 minutes).
+pub const DEFAULT_BUILD_TIMEOUT: u64 = 1500;
+/// Default time a ready check may take, in seconds.
+pub const DEFAULT_READY_TIMEOUT: u64 = 60;
+
+/// `[hooks]`: vendor commands run around kvcd's own steps (argv, never a shell).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Hooks {
+    /// Before anything is loaded (after artifacts are verified); default none.
+    pub pre_load: Option<Vec<String>>,
+    /// After the modules are in; default none.
+    pub post_load: Option<Vec<String>>,
+    /// Before anything is unloaded; a failure leaves the modules loaded; default none.
+    pub pre_unload: Option<Vec<String>>,
+    /// After the modules are out; default none.
+    pub post_unload: Option<Vec<String>>,
+    /// Builds the image instead of `podman build`; must leave `image.ref` in local storage; default none.
+    pub build: Option<Vec<String>>,
+    /// Timeout of pre/post hooks in seconds; default 300.
+    pub timeout_seconds: u64,
+    /// Timeout of the build hook and KVC actions in seconds; default 1500.
+    pub build_timeout_seconds: u64,
+}
+
+/// What a ready check waits for.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadyKind {
+    /// A path that must exist (e.g. a device node).
+    Path(PathBuf),
+    /// A command that must exit 0 (retried until the timeout).
+    Command(Vec<String>),
+}
+
+/// `[ready]`: the module config counts as loaded only once this passes.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadyCheck {
+    /// What to wait for.
+    pub kind: ReadyKind,
+    /// How long to wait in seconds; default 60.
+    pub timeout_seconds: u64,
 }
 
 /// Default `image.modules_dir`.
@@ -178,6 +228,10 @@ pub struct ModuleConfig {
     pub parameters: BTreeMap<ModName, Vec<String>>,
     /// Where the `.ko` files come from.
     pub source: Source,
+    /// Vendor hooks; default none.
+    pub hooks: Hooks,
+    /// Ready check; default none (loaded once the modules are in).
+    pub ready: Option<ReadyCheck>,
 }
 
 fn serialize_regex<S: serde::Serializer>(r: &Option<Regex>, s: S) -> Result<S::Ok, S::Error> {

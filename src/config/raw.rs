@@ -41,6 +41,8 @@ pub(crate) struct RawModuleConfig {
     pub(crate) directory: Option<S<RawDirectory>>,
     pub(crate) image: Option<S<RawImage>>,
     pub(crate) build: Option<S<RawBuild>>,
+    pub(crate) hooks: Option<S<RawHooks>>,
+    pub(crate) ready: Option<S<RawReady>>,
 }
 
 /// `[directory]`: a precompiled driver package on the host.
@@ -71,4 +73,35 @@ pub(crate) struct RawBuild {
     pub(crate) file: Option<S<String>>,
     pub(crate) args: Option<BTreeMap<S<String>, S<String>>>,
     pub(crate) secrets: Option<BTreeMap<S<String>, S<String>>>,
+}
+
+/// One path or a list of paths.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `[hooks]`: vendor commands around kvcd's steps, or a KVC framework library.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHooks {
+    pub(crate) pre_load: Option<SList>,
+    pub(crate) post_load: Option<SList>,
+    pub(crate) pre_unload: Option<SList>,
+    pub(crate) post_unload: Option<SList>,
+    pub(crate) build: Option<SList>,
+    pub(crate) timeout_seconds: Option<S<i64>>,
+    pub(crate) build_timeout_seconds: Option<S<i64>>,
+    pub(crate) kvc_library: Option<S<OneOrMany>>,
+}
+
+/// `[ready]`: when the driver counts as up.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawReady {
+    pub(crate) path: Option<S<String>>,
+    pub(crate) command: Option<SList>,
+    pub(crate) timeout_seconds: Option<S<i64>>,
 }

@@ -8,10 +8,13 @@ use std::path::{Path, PathBuf};
 use regex::Regex;
 use serde::Serialize;
 
-use super::raw::{RawBuild, RawDaemon, RawImage, RawModuleConfig, S, SList};
+use super::raw::{
+    OneOrMany, RawBuild, RawDaemon, RawHooks, RawImage, RawModuleConfig, RawReady, S, SList,
+};
 use super::{
-    BuildSpec, ConfigError, DEFAULT_IMAGE_MODULES_DIR, DaemonSettings, ImageSource, ModuleConfig,
-    ModuleEntry, PullPolicy, Source,
+    BuildSpec, ConfigError, DEFAULT_BUILD_TIMEOUT, DEFAULT_HOOK_TIMEOUT, DEFAULT_IMAGE_MODULES_DIR,
+    DEFAULT_READY_TIMEOUT, DaemonSettings, Hooks, ImageSource, ModuleConfig, ModuleEntry,
+    PullPolicy, ReadyCheck, ReadyKind, Source,
 };
 use crate::kernel::check_template;
 use crate::kmod::ModName;
@@ -458,6 +461,130 @@ fn build_spec(d: &mut Diag<'_>, b: &S<RawBuild>, has_version: bool) -> Option<Bu
     })
 }
 
+/// A command: argv with an absolute program path; arguments may use template variables.
+fn argv(d: &mut Diag<'_>, key: &str, list: &SList, has_version: bool) -> Option<Vec<String>> {
+    let items = list.get_ref();
+    let Some(first) = items.first() else {
+        d.error(
+            Some(list.span()),
+            key,
+            "expected a command: [\"/absolute/program\", \"arg\", …]",
+        );
+        return None;
+    };
+    if !first.get_ref().starts_with('/') {
+        d.error(
+            Some(first.span()),
+            key,
+            format!("expected an absolute program path as the first element, found {:?} (no shell and no PATH lookup: write [\"/bin/sh\", \"-c\", …] for a shell)", first.get_ref()),
+        );
+        return None;
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for a in items {
+        out.push(template(d, key, a, has_version)?);
+    }
+    Some(out)
+}
+
+/// A positive number of seconds.
+fn seconds(d: &mut Diag<'_>, key: &str, v: &S<i64>) -> Option<u64> {
+    match u64::try_from(*v.get_ref()) {
+        Ok(n) if n >= 1 => Some(n),
+        _ => {
+            d.error(
+                Some(v.span()),
+                key,
+                format!(
+                    "expected a whole number of seconds, at least 1, found {}",
+                    v.get_ref()
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn kvc_libraries(d: &mut Diag<'_>, v: &S<OneOrMany>) -> Option<Vec<PathBuf>> {
+    let list: Vec<S<String>> = match v.get_ref() {
+        OneOrMany::One(s) => vec![S::new(v.span(), s.clone())],
+        OneOrMany::Many(l) => l.iter().map(|s| S::new(v.span(), s.clone())).collect(),
+    };
+    if list.is_empty() {
+        d.error(
+            Some(v.span()),
+            "hooks.kvc_library",
+            "expected the path of a KVC library (NAME-lib.sh), or a list of them",
+        );
+        return None;
+    }
+    let mut out = Vec::new();
+    for item in &list {
+        out.push(absolute_path(d, "hooks.kvc_library", item)?);
+    }
+    Some(out)
+}
+
+fn hooks(d: &mut Diag<'_>, h: &RawHooks, has_version: bool) -> Hooks {
+    let mut cmd =
+        |key: &str, v: &Option<SList>| v.as_ref().and_then(|l| argv(d, key, l, has_version));
+    let (pre_load, post_load) = (
+        cmd("hooks.pre_load", &h.pre_load),
+        cmd("hooks.post_load", &h.post_load),
+    );
+    let (pre_unload, post_unload) = (
+        cmd("hooks.pre_unload", &h.pre_unload),
+        cmd("hooks.post_unload", &h.post_unload),
+    );
+    let build = cmd("hooks.build", &h.build);
+    Hooks {
+        pre_load,
+        post_load,
+        pre_unload,
+        post_unload,
+        build,
+        timeout_seconds: h
+            .timeout_seconds
+            .as_ref()
+            .and_then(|v| seconds(d, "hooks.timeout_seconds", v))
+            .unwrap_or(DEFAULT_HOOK_TIMEOUT),
+        build_timeout_seconds: h
+            .build_timeout_seconds
+            .as_ref()
+            .and_then(|v| seconds(d, "hooks.build_timeout_seconds", v))
+            .unwrap_or(DEFAULT_BUILD_TIMEOUT),
+    }
+}
+
+fn ready(d: &mut Diag<'_>, r: &S<RawReady>, has_version: bool) -> Option<ReadyCheck> {
+    let raw = r.get_ref();
+    let timeout_seconds = match &raw.timeout_seconds {
+        Some(v) => seconds(d, "ready.timeout_seconds", v)?,
+        None => DEFAULT_READY_TIMEOUT,
+    };
+    let kind = match (&raw.path, &raw.command) {
+        (Some(p), None) => ReadyKind::Path(PathBuf::from(abs_template(
+            d,
+            "ready.path",
+            p,
+            has_version,
+        )?)),
+        (None, Some(c)) => ReadyKind::Command(argv(d, "ready.command", c, has_version)?),
+        _ => {
+            d.error(
+                Some(r.span()),
+                "ready",
+                "expected exactly one of `path` (must exist) or `command` (must exit 0)",
+            );
+            return None;
+        }
+    };
+    Some(ReadyCheck {
+        kind,
+        timeout_seconds,
+    })
+}
+
 /// Validates one `modules.d/NAME.toml`.
 pub(super) fn module(
     name: &InstanceName,
@@ -571,16 +698,21 @@ pub(super) fn module(
     }
 
     let has_version = raw.version.is_some();
-    let source = match (&raw.directory, &raw.image) {
-        (None, None) => {
+    let kvc = raw
+        .hooks
+        .as_ref()
+        .and_then(|h| h.get_ref().kvc_library.as_ref())
+        .map(|k| kvc_libraries(&mut d, k));
+    let source = match (&raw.directory, &raw.image, kvc) {
+        (None, None, None) => {
             d.error(
                 None,
                 "directory",
-                "missing artifact source: expected a [directory] table with `path` pointing at the .ko files, or an [image] table with `ref`",
+                "missing artifact source: expected a [directory] table with `path` pointing at the .ko files, an [image] table with `ref`, or [hooks] kvc_library",
             );
             None
         }
-        (Some(dir), Some(_)) => {
+        (Some(dir), Some(_), _) => {
             d.error(
                 Some(dir.span()),
                 "directory",
@@ -588,7 +720,25 @@ pub(super) fn module(
             );
             None
         }
-        (Some(dir), None) => {
+        (Some(_), None, Some(_)) | (None, Some(_), Some(_)) => {
+            d.error(
+                None,
+                "hooks.kvc_library",
+                "a KVC library builds and loads by itself: remove [directory] or [image] from this config",
+            );
+            None
+        }
+        (None, None, Some(libraries)) => {
+            if let Some(b) = &raw.build {
+                d.error(
+                    Some(b.span()),
+                    "build",
+                    "[build] goes with an [image] source, not with a KVC library",
+                );
+            }
+            libraries.map(|libraries| Source::KvcLibrary { libraries })
+        }
+        (Some(dir), None, None) => {
             if let Some(b) = &raw.build {
                 d.error(
                     Some(b.span()),
@@ -605,10 +755,30 @@ pub(super) fn module(
                     .map(|path| Source::Directory { path }),
             }
         }
-        (None, Some(img)) => {
+        (None, Some(img), None) => {
             image_source(&mut d, img, raw.build.as_ref(), has_version).map(Source::Image)
         }
     };
+    let hooks = raw
+        .hooks
+        .as_ref()
+        .map(|h| hooks(&mut d, h.get_ref(), has_version))
+        .unwrap_or_else(|| Hooks {
+            timeout_seconds: DEFAULT_HOOK_TIMEOUT,
+            build_timeout_seconds: DEFAULT_BUILD_TIMEOUT,
+            ..Hooks::default()
+        });
+    if hooks.build.is_some() && !matches!(source, Some(Source::Image(_)) | None) {
+        d.error(
+            None,
+            "hooks.build",
+            "a build hook builds the [image]; this config has no [image]",
+        );
+    }
+    let ready = raw
+        .ready
+        .as_ref()
+        .and_then(|r| ready(&mut d, r, has_version));
 
     let Some(source) = source else {
         return Err(d.errors);
@@ -626,6 +796,8 @@ pub(super) fn module(
         force_unload: raw.force_unload.unwrap_or(false),
         parameters,
         source,
+        hooks,
+        ready,
     })
 }
 

@@ -287,6 +287,11 @@ impl Engine<'_> {
         };
         let mut firmware = None;
         let dir = match &c.source {
+            Source::KvcLibrary { .. } => {
+                return Err(Fail::at(Step::Resolve)(anyhow!(
+                    "a KVC library config has no module files for kvcd to stage"
+                )));
+            }
             Source::Directory { path } => expand(path, &vars)
                 .map(PathBuf::from)
                 .with_context(|| format!("{}: key `directory.path`", c.file.display()))

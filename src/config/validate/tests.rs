@@ -460,3 +460,134 @@ fn image_and_build_errors() {
         assert!(e.message.contains(msg), "{text}: {e}");
     }
 }
+
+#[test]
+fn hooks_ready_and_kvc_library() {
+    let t = Tree::new();
+    t.module(
+        2,
+        "h",
+        r#"
+version = "1.0"
+modules = ["a"]
+[directory]
+path = "/x"
+[hooks]
+pre_load = ["/usr/libexec/acme/prep", "--kernel", "${KERNEL_FULL_VERSION}"]
+post_unload = ["/bin/sh", "-c", "echo done"]
+timeout_seconds = 30
+[ready]
+path = "/dev/acme0"
+timeout_seconds = 5
+"#,
+    );
+    t.module(
+        2,
+        "k",
+        "modules = [\"simple-kmod\"]\n[hooks]\nkvc_library = [\"/usr/local/lib/kvc/k-lib.sh\", \"/usr/lib/kvc/k-lib.sh\"]\n",
+    );
+    t.module(
+        2,
+        "k1",
+        "modules = [\"simple-kmod\"]\n[hooks]\nkvc_library = \"/usr/lib/kvc/k1-lib.sh\"\n[ready]\ncommand = [\"/usr/bin/test\", \"-e\", \"/dev/x\"]\n",
+    );
+    let c = t.load();
+    assert!(c.all_errors().is_empty(), "{:#?}", c.all_errors());
+    let h = c.module("h").unwrap();
+    assert_eq!(
+        h.hooks.pre_load.as_deref().unwrap(),
+        [
+            "/usr/libexec/acme/prep",
+            "--kernel",
+            "${KERNEL_FULL_VERSION}"
+        ]
+    );
+    assert_eq!(h.hooks.timeout_seconds, 30);
+    assert_eq!(
+        h.hooks.build_timeout_seconds,
+        crate::config::DEFAULT_BUILD_TIMEOUT
+    );
+    let r = h.ready.as_ref().unwrap();
+    assert!(matches!(&r.kind, crate::config::ReadyKind::Path(p) if p == Path::new("/dev/acme0")));
+    assert_eq!(r.timeout_seconds, 5);
+    let Source::KvcLibrary { libraries } = &c.module("k").unwrap().source else {
+        panic!("expected a KVC library")
+    };
+    assert_eq!(libraries.len(), 2);
+    let k1 = c.module("k1").unwrap();
+    assert!(matches!(&k1.source, Source::KvcLibrary { libraries } if libraries.len() == 1));
+    assert_eq!(
+        k1.ready.as_ref().unwrap().timeout_seconds,
+        crate::config::DEFAULT_READY_TIMEOUT
+    );
+}
+
+#[test]
+fn hook_errors() {
+    let dir = "[directory]\npath = \"/x\"\n";
+    let cases: &[(String, &str, &str)] = &[
+        (
+            format!("modules = [\"a\"]\n{dir}[hooks]\npre_load = [\"prep.sh\"]\n"),
+            "hooks.pre_load",
+            "absolute program path",
+        ),
+        (
+            format!("modules = [\"a\"]\n{dir}[hooks]\npost_load = []\n"),
+            "hooks.post_load",
+            "expected a command",
+        ),
+        (
+            format!("modules = [\"a\"]\n{dir}[hooks]\ntimeout_seconds = 0\n"),
+            "hooks.timeout_seconds",
+            "at least 1",
+        ),
+        (
+            format!("modules = [\"a\"]\n{dir}[hooks]\nbuild = [\"/b\"]\n"),
+            "hooks.build",
+            "this config has no [image]",
+        ),
+        (
+            format!("modules = [\"a\"]\n{dir}[hooks]\npre_unload = [\"/p\", \"${{NOPE}}\"]\n"),
+            "hooks.pre_unload",
+            "unknown template variable ${NOPE}",
+        ),
+        (
+            format!("modules = [\"a\"]\n{dir}[ready]\ntimeout_seconds = 3\n"),
+            "ready",
+            "exactly one of `path`",
+        ),
+        (
+            format!("modules = [\"a\"]\n{dir}[ready]\npath = \"/dev/x\"\ncommand = [\"/t\"]\n"),
+            "ready",
+            "exactly one of `path`",
+        ),
+        (
+            format!("modules = [\"a\"]\n{dir}[ready]\npath = \"dev/x\"\n"),
+            "ready.path",
+            "absolute path",
+        ),
+        (
+            format!("modules = [\"a\"]\n{dir}[hooks]\nkvc_library = \"/usr/lib/kvc/a-lib.sh\"\n"),
+            "hooks.kvc_library",
+            "remove [directory] or [image]",
+        ),
+        (
+            "modules = [\"a\"]\n[hooks]\nkvc_library = \"a-lib.sh\"\n".to_owned(),
+            "hooks.kvc_library",
+            "absolute path",
+        ),
+        (
+            "modules = [\"a\"]\n[hooks]\nkvc_library = []\n".to_owned(),
+            "hooks.kvc_library",
+            "path of a KVC library",
+        ),
+    ];
+    for (text, key, msg) in cases {
+        let (_, errs) = errors_of(text);
+        assert!(
+            errs.iter()
+                .any(|e| e.key.as_deref() == Some(*key) && e.message.contains(msg)),
+            "{text}: {errs:#?}"
+        );
+    }
+}
