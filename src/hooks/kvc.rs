@@ -1,0 +1,228 @@
+//! The kmods-via-containers framework contract, so existing `NAME-lib.sh`
+//! libraries run unmodified: default functions that say they are
+//! unimplemented and fail, the `kvc_c_*` helpers, the `KVC_*` variables,
+//! `set -eu`, and the libraries sourced in order (later definitions win).
+//! kvcd supplies the dispatcher; everything user-provided reaches bash as
+//! arguments, never as script text.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A KVC action, as the dispatcher names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// `build_kmods`.
+    Build,
+    /// `load_kmods`.
+    Load,
+    /// `unload_kmods`.
+    Unload,
+    /// `wrapper TOOL ARGS…`.
+    Wrapper,
+}
+
+impl Action {
+    /// The action's name (`KVC_ACTION`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Build => "build",
+            Self::Load => "load",
+            Self::Unload => "unload",
+            Self::Wrapper => "wrapper",
+        }
+    }
+}
+
+/// The dispatcher. Arguments: ACTION NAME KERNEL NLIBS LIB… [ARGS…].
+const DISPATCHER: &str = r#"set -eu
+KVC_ACTION=$1 KVC_SOFTWARE_NAME=$2 KVC_KVER=$3 kvcd_nlibs=$4
+shift 4
+kvcd_libs=()
+while [ "$kvcd_nlibs" -gt 0 ]; do kvcd_libs+=("$1"); shift; kvcd_nlibs=$((kvcd_nlibs - 1)); done
+: "${KVC_CONTAINER_RUNTIME:=podman}"
+export KVC_ACTION KVC_SOFTWARE_NAME KVC_KVER KVC_CONTAINER_RUNTIME
+
+build_kmods() { echo "build_kmods is unimplemented for ${KVC_SOFTWARE_NAME}!" >&2; return 1; }
+load_kmods() { echo "load_kmods is unimplemented for ${KVC_SOFTWARE_NAME}!" >&2; return 1; }
+unload_kmods() { echo "unload_kmods is unimplemented for ${KVC_SOFTWARE_NAME}!" >&2; return 1; }
+wrapper() { echo "wrapper is unimplemented for ${KVC_SOFTWARE_NAME}!" >&2; return 1; }
+
+kvc_c_run() { "$KVC_CONTAINER_RUNTIME" run -i --rm "$@"; }
+kvc_c_build() { "$KVC_CONTAINER_RUNTIME" build "$@"; }
+kvc_c_images() { "$KVC_CONTAINER_RUNTIME" images "$@"; }
+kvc_c_rmi() { "$KVC_CONTAINER_RUNTIME" rmi "$@"; }
+
+for kvcd_lib in "${kvcd_libs[@]}"; do
+    # shellcheck disable=SC1090
+    source "$kvcd_lib"
+done
+
+case "$KVC_ACTION" in
+    build) build_kmods ;;
+    load) load_kmods ;;
+    unload) unload_kmods ;;
+    wrapper) wrapper "$@" ;;
+esac
+"#;
+
+/// The libraries that exist, in sourcing order: `/usr/local/lib/kvc` before `/usr/lib/kvc`.
+pub fn existing_libraries(name: &str, roots: &[&Path]) -> Vec<PathBuf> {
+    roots
+        .iter()
+        .map(|r| r.join(format!("{name}-lib.sh")))
+        .filter(|p| p.is_file())
+        .collect()
+}
+
+/// A `bash` command running `action` of module config `name` for `kernel`
+/// with `libraries` (sourced in order) and `args` (for `wrapper`).
+pub fn command(
+    libraries: &[PathBuf],
+    action: Action,
+    name: &str,
+    kernel: &str,
+    runtime: &Path,
+    args: &[String],
+) -> Command {
+    let mut c = Command::new("bash");
+    c.arg("-c")
+        .arg(DISPATCHER)
+        .arg("kvcd-kvc")
+        .arg(action.as_str())
+        .arg(name)
+        .arg(kernel)
+        .arg(libraries.len().to_string())
+        .args(libraries)
+        .args(args)
+        .env("KVC_CONTAINER_RUNTIME", runtime);
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn out(c: &mut Command) -> (i32, String, String) {
+        let o = c.output().unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
+    #[test]
+    fn contract_defaults_variables_helpers_and_precedence() {
+        let t = tempfile::tempdir().unwrap();
+        let local = t.path().join("local-lib.sh");
+        let usr = t.path().join("usr-lib.sh");
+        fs::write(
+            &local,
+            "build_kmods() { echo \"local build $KVC_ACTION $KVC_SOFTWARE_NAME $KVC_KVER $KVC_CONTAINER_RUNTIME\"; }\nload_kmods() { echo local-load; }\n",
+        )
+        .unwrap();
+        fs::write(
+            &usr,
+            "load_kmods() { echo usr-load; kvc_c_images --quiet x; }\nwrapper() { printf '<%s>' \"$@\"; }\n",
+        )
+        .unwrap();
+        let libs = vec![local, usr];
+        let rt = Path::new("/bin/echo");
+
+        let (code, o, _) = out(&mut command(
+            &libs,
+            Action::Build,
+            "simple-kmod",
+            "6.1.0-1-amd64",
+            rt,
+            &[],
+        ));
+        assert_eq!(code, 0);
+        assert_eq!(o, "local build build simple-kmod 6.1.0-1-amd64 /bin/echo\n");
+
+        // The later library wins; helpers call the runtime with KVC's arguments.
+        let (code, o, _) = out(&mut command(
+            &libs,
+            Action::Load,
+            "simple-kmod",
+            "k",
+            rt,
+            &[],
+        ));
+        assert_eq!(code, 0);
+        assert_eq!(o, "usr-load\nimages --quiet x\n");
+
+        let (code, _, e) = out(&mut command(
+            &libs,
+            Action::Unload,
+            "simple-kmod",
+            "k",
+            rt,
+            &[],
+        ));
+        assert_eq!(code, 1);
+        assert_eq!(e, "unload_kmods is unimplemented for simple-kmod!\n");
+
+        let args = vec!["tool".to_owned(), "a b".to_owned(), "$(id)".to_owned()];
+        let (code, o, _) = out(&mut command(
+            &libs,
+            Action::Wrapper,
+            "simple-kmod",
+            "k",
+            rt,
+            &args,
+        ));
+        assert_eq!(code, 0);
+        assert_eq!(o, "<tool><a b><$(id)>");
+    }
+
+    #[test]
+    fn set_eu_fails_the_action() {
+        let t = tempfile::tempdir().unwrap();
+        let lib = t.path().join("x-lib.sh");
+        fs::write(
+            &lib,
+            "load_kmods() { false; echo not reached; }\nbuild_kmods() { echo \"$UNSET_VAR\"; }\n",
+        )
+        .unwrap();
+        let libs = vec![lib];
+        let (code, o, _) = out(&mut command(
+            &libs,
+            Action::Load,
+            "x",
+            "k",
+            Path::new("podman"),
+            &[],
+        ));
+        assert_eq!((code, o.as_str()), (1, ""));
+        let (code, _, e) = out(&mut command(
+            &libs,
+            Action::Build,
+            "x",
+            "k",
+            Path::new("podman"),
+            &[],
+        ));
+        assert_eq!(code, 1);
+        assert!(e.contains("UNSET_VAR: unbound variable"), "{e}");
+    }
+
+    #[test]
+    fn existing_libraries_in_kvc_order() {
+        let t = tempfile::tempdir().unwrap();
+        let (l, u) = (
+            t.path().join("usr/local/lib/kvc"),
+            t.path().join("usr/lib/kvc"),
+        );
+        fs::create_dir_all(&l).unwrap();
+        fs::create_dir_all(&u).unwrap();
+        fs::write(u.join("a-lib.sh"), "").unwrap();
+        assert_eq!(existing_libraries("a", &[&l, &u]), vec![u.join("a-lib.sh")]);
+        fs::write(l.join("a-lib.sh"), "").unwrap();
+        assert_eq!(
+            existing_libraries("a", &[&l, &u]),
+            vec![l.join("a-lib.sh"), u.join("a-lib.sh")]
+        );
+    }
+}
