@@ -196,7 +196,7 @@ fn unload_reverses_and_forgets() {
     let c = env.config("deps", DEPS);
     ok(&env.engine().load(&c));
     env.fake.take_log();
-    let o = env.engine().unload("deps", false);
+    let o = env.engine().unload("deps", None);
     ok(&o);
     assert_eq!(o.state, State::Inactive);
     assert_eq!(
@@ -211,7 +211,7 @@ fn unload_reverses_and_forgets() {
     );
     assert!(env.records().get("deps").unwrap().is_none());
     // Unloading again has nothing to do.
-    let o = env.engine().unload("deps", false);
+    let o = env.engine().unload("deps", None);
     ok(&o);
     assert!(env.fake.take_log().is_empty());
 }
@@ -231,7 +231,7 @@ fn in_use_module_refuses_unload_and_changes_nothing() {
         &["kvcd_base"],
     );
     env.fake.take_log();
-    let o = env.engine().unload("base", false);
+    let o = env.engine().unload("base", None);
     assert_eq!(o.state, State::Busy);
     let e = o.error.unwrap();
     assert_eq!(e.step, Step::Remove);
@@ -251,7 +251,7 @@ fn in_use_module_refuses_unload_and_changes_nothing() {
     );
     ok(&env.engine().load(&c));
     env.fake.hold("kvcd_base");
-    let o = env.engine().unload("base", false);
+    let o = env.engine().unload("base", None);
     assert_eq!(o.state, State::Busy);
     assert!(o.error.unwrap().message.contains("in use (refcount 1)"));
 }
@@ -267,7 +267,7 @@ fn a_dependency_someone_else_uses_stays_loaded() {
     env.fake
         .preload("other", Path::new("/x/other.ko"), &["crc8"]);
     env.fake.take_log();
-    let o = env.engine().unload("crc", false);
+    let o = env.engine().unload("crc", None);
     ok(&o);
     assert_eq!(env.fake.take_log(), strs(&["remove kvcd_crc"]));
     assert!(env.fake.is_live("crc8"));
@@ -321,7 +321,7 @@ fn never_unloads_what_it_did_not_load() {
             .any(|s| s.detail.contains("already loaded, not by kvcd")),
         "{o:#?}"
     );
-    let o = env.engine().unload("params", false);
+    let o = env.engine().unload("params", None);
     ok(&o);
     assert!(env.fake.is_live("kvcd_param"));
     assert!(env.fake.take_log().is_empty());
@@ -358,7 +358,7 @@ fn same_name_module_replaces_in_tree_and_restores_it() {
     ok(&env.engine().load(&c));
     assert!(env.fake.take_log().is_empty());
 
-    let o = env.engine().unload("replace", false);
+    let o = env.engine().unload("replace", None);
     ok(&o);
     assert_eq!(env.fake.take_log(), strs(&["remove dummy", "insert dummy"]));
     assert_eq!(env.fake.path_of("dummy").unwrap(), in_tree);
@@ -575,7 +575,7 @@ fn kernel_match_and_after() {
     ok(&env.engine().load(&first));
     ok(&env.engine().load(&second));
     // Unloading `first` while `second` (ordered after it) is loaded is refused.
-    let o = env.engine().unload("first", false);
+    let o = env.engine().unload("first", None);
     assert_eq!(o.state, State::Busy);
     assert!(
         o.error
@@ -583,8 +583,8 @@ fn kernel_match_and_after() {
             .message
             .contains("second is loaded after this one")
     );
-    ok(&env.engine().unload("second", false));
-    ok(&env.engine().unload("first", false));
+    ok(&env.engine().unload("second", None));
+    ok(&env.engine().unload("first", None));
     assert!(!env.fake.is_live("kvcd_base"));
 }
 
@@ -618,4 +618,219 @@ fn module_tree_is_rebuilt_when_files_change_and_old_ones_pruned() {
     );
     let roots = env.tmp.path().join("state/roots/p").join(&env.fx.kver);
     assert_eq!(fs::read_dir(roots).unwrap().count(), 1);
+}
+
+/// A module config with hooks that trace what they see into `trace`.
+fn hooked(env: &Env, hooks: &str, ready: &str) -> ModuleConfig {
+    env.config(
+        "hooked",
+        &format!(
+            "version = \"1.2.0\"\nmodules = [\"kvcd_param\"]\n[directory]\npath = \"@KO@\"\n[hooks]\n{hooks}\n{ready}"
+        ),
+    )
+}
+
+fn tracer(trace: &Path, record: &Path) -> String {
+    format!(
+        r#"["/bin/sh", "-c", "echo \"$KVCD_HOOK $KVCD_MODULE $KVCD_KERNEL $KVCD_VERSION $KVCD_MODULES $KVCD_ARTIFACTS_DIR $(test -e {rec} && echo recorded || echo unrecorded)\" >> {trace}; echo out-$KVCD_HOOK; echo err-$KVCD_HOOK >&2"]"#,
+        rec = record.display(),
+        trace = trace.display()
+    )
+}
+
+#[test]
+fn hooks_run_in_order_with_their_context_and_output_logged() {
+    let env = Env::new();
+    let trace = env.tmp.path().join("trace");
+    let record = env.tmp.path().join("run/loaded/hooked.json");
+    let t = tracer(&trace, &record);
+    let c = hooked(
+        &env,
+        &format!("pre_load = {t}\npost_load = {t}\npre_unload = {t}\npost_unload = {t}"),
+        "",
+    );
+    let o = env.engine().load(&c);
+    assert_eq!(o.state, State::Loaded, "{o:#?}");
+    assert!(
+        o.steps
+            .iter()
+            .any(|s| s.step == Step::Hook && s.detail == "pre_load: out-pre_load"),
+        "{o:#?}"
+    );
+    assert!(
+        o.steps
+            .iter()
+            .any(|s| s.step == Step::Hook && s.detail == "post_load: err-post_load"),
+        "{o:#?}"
+    );
+    let o = env.engine().unload("hooked", Some(&c));
+    assert_eq!(o.state, State::Inactive, "{o:#?}");
+    let ko = env.fx.ko().display().to_string();
+    let k = &env.fx.kver;
+    assert_eq!(
+        fs::read_to_string(&trace).unwrap(),
+        format!(
+            "pre_load hooked {k} 1.2.0 kvcd_param {ko} unrecorded\n\
+             post_load hooked {k} 1.2.0 kvcd_param {ko} recorded\n\
+             pre_unload hooked {k} 1.2.0 kvcd_param  recorded\n\
+             post_unload hooked {k} 1.2.0 kvcd_param  unrecorded\n"
+        )
+    );
+}
+
+#[test]
+fn a_failing_pre_load_loads_nothing_and_names_the_hook() {
+    let env = Env::new();
+    let c = hooked(
+        &env,
+        r#"pre_load = ["/bin/sh", "-c", "echo boom >&2; exit 3"]"#,
+        "",
+    );
+    let o = env.engine().load(&c);
+    assert_eq!(o.state, State::Failed);
+    let e = o.error.unwrap();
+    assert_eq!(e.step, Step::Hook);
+    assert_eq!(
+        e.message,
+        "hook pre_load (/bin/sh) failed: exit status 3; last stderr lines:\n  boom"
+    );
+    assert!(env.fake.take_log().is_empty());
+    assert!(env.records().get("hooked").unwrap().is_none());
+}
+
+#[test]
+fn a_failing_post_load_keeps_the_modules_and_says_so() {
+    let env = Env::new();
+    let c = hooked(&env, r#"post_load = ["/bin/false"]"#, "");
+    let o = env.engine().load(&c);
+    assert_eq!(o.state, State::Failed);
+    assert_eq!(
+        o.error.unwrap().message,
+        "hook post_load (/bin/false) failed: exit status 1"
+    );
+    assert!(env.fake.is_live("kvcd_param"));
+    assert!(env.records().get("hooked").unwrap().is_some());
+}
+
+#[test]
+fn a_failing_pre_unload_leaves_everything_loaded() {
+    let env = Env::new();
+    let c = hooked(
+        &env,
+        r#"pre_unload = ["/bin/sh", "-c", "echo device busy >&2; exit 1"]"#,
+        "",
+    );
+    ok(&env.engine().load(&c));
+    env.fake.take_log();
+    let o = env.engine().unload("hooked", Some(&c));
+    assert_eq!(o.state, State::Failed);
+    let e = o.error.unwrap();
+    assert_eq!(e.step, Step::Hook);
+    assert!(
+        e.message.contains(
+            "hook pre_unload (/bin/sh) failed: exit status 1; last stderr lines:\n  device busy"
+        ),
+        "{}",
+        e.message
+    );
+    assert!(env.fake.take_log().is_empty());
+    assert!(env.fake.is_live("kvcd_param"));
+    // Without the config (file deleted), kvcd still undoes its record, hooks aside.
+    ok(&env.engine().unload("hooked", None));
+    assert!(!env.fake.is_live("kvcd_param"));
+}
+
+#[test]
+fn a_hook_past_its_timeout_is_killed() {
+    let env = Env::new();
+    let c = hooked(
+        &env,
+        "pre_load = [\"/bin/sleep\", \"30\"]\ntimeout_seconds = 1",
+        "",
+    );
+    let t0 = std::time::Instant::now();
+    let o = env.engine().load(&c);
+    assert!(t0.elapsed() < std::time::Duration::from_secs(15));
+    assert_eq!(
+        o.error.unwrap().message,
+        "hook pre_load (/bin/sleep) timed out after 1s; its process group was killed"
+    );
+    assert!(env.fake.take_log().is_empty());
+}
+
+#[test]
+fn ready_path_passes_when_it_appears_and_fails_when_it_does_not() {
+    let env = Env::new();
+    let dev = env.tmp.path().join("dev-acme0");
+    let c = hooked(
+        &env,
+        &format!(
+            "post_load = [\"/bin/sh\", \"-c\", \"(sleep 1; touch {}) &\"]",
+            dev.display()
+        ),
+        &format!(
+            "[ready]\npath = \"{}\"\ntimeout_seconds = 20",
+            dev.display()
+        ),
+    );
+    let o = env.engine().load(&c);
+    assert_eq!(o.state, State::Loaded, "{o:#?}");
+    assert!(
+        o.steps
+            .iter()
+            .any(|s| s.step == Step::Ready && s.detail.contains("exists after")),
+        "{o:#?}"
+    );
+
+    let env = Env::new();
+    let c = hooked(
+        &env,
+        "",
+        "[ready]\npath = \"/nonexistent/acme0\"\ntimeout_seconds = 1",
+    );
+    let o = env.engine().load(&c);
+    assert_eq!(o.state, State::Failed);
+    let e = o.error.unwrap();
+    assert_eq!(e.step, Step::Ready);
+    assert_eq!(
+        e.message,
+        "ready check: /nonexistent/acme0 did not appear within 1s"
+    );
+    assert!(
+        env.fake.is_live("kvcd_param"),
+        "the modules stay for inspection"
+    );
+}
+
+#[test]
+fn ready_command_is_retried_until_it_passes_or_time_runs_out() {
+    let env = Env::new();
+    let flag = env.tmp.path().join("second-try");
+    let c = hooked(
+        &env,
+        "",
+        &format!(
+            "[ready]\ncommand = [\"/bin/sh\", \"-c\", \"test -e {f} || {{ touch {f}; echo not yet >&2; exit 1; }}\"]\ntimeout_seconds = 20",
+            f = flag.display()
+        ),
+    );
+    let o = env.engine().load(&c);
+    assert_eq!(o.state, State::Loaded, "{o:#?}");
+    assert!(
+        o.steps.iter().any(|s| s.detail == "ready: not yet"),
+        "{o:#?}"
+    );
+
+    let env = Env::new();
+    let c = hooked(
+        &env,
+        "",
+        "[ready]\ncommand = [\"/bin/false\"]\ntimeout_seconds = 2",
+    );
+    let e = env.engine().load(&c).error.unwrap();
+    assert_eq!(e.step, Step::Ready);
+    assert_eq!(
+        e.message,
+        "ready check did not pass within 2s; last attempt: hook ready (/bin/false) failed: exit status 1"
+    );
 }

@@ -507,7 +507,7 @@ fn firmware_from_the_image_is_placed_found_and_removed() {
         "{o:#?}"
     );
 
-    let o = env.engine("podman").unload("fw", false);
+    let o = env.engine("podman").unload("fw", None);
     assert_eq!(o.state, State::Inactive, "{o:#?}");
     assert!(
         detail(&o, &format!("removed 2 file(s) from {}", host.display())),
@@ -524,7 +524,7 @@ fn firmware_from_the_image_is_placed_found_and_removed() {
         "{o:#?}"
     );
     assert_eq!(*env.fake.firmware_path.borrow(), "/opt/vendor/firmware");
-    let o = env.engine("podman").unload("fw", false);
+    let o = env.engine("podman").unload("fw", None);
     assert_eq!(o.state, State::Inactive, "{o:#?}");
 
     // A load that fails after placing firmware takes it away again.

@@ -19,6 +19,32 @@ const COMPLETE: &str = ".kvcd-complete";
 const INDEX: &str = "index.json";
 const MAX_LINKS: usize = 8;
 
+/// What to fetch: one module config's image for one kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct FetchRequest<'a> {
+    /// Module config name.
+    pub config_name: &'a str,
+    /// SHA-256 of the config file (cache key part).
+    pub config_digest: &'a str,
+    /// The `[image]` table.
+    pub source: &'a ImageSource,
+    /// Template values (the kernel among them).
+    pub vars: &'a TemplateVars,
+    /// Force a fresh build (once, when a built image failed verification).
+    pub rebuild: bool,
+    /// The config's build hook, which replaces `podman build`.
+    pub build_hook: Option<&'a BuildHook<'a>>,
+}
+
+/// A vendor command that builds the image instead of `podman build`.
+#[derive(Debug)]
+pub struct BuildHook<'a> {
+    /// argv (templates already checked; expanded here).
+    pub argv: &'a [String],
+    /// Timeout in seconds.
+    pub timeout_seconds: u64,
+}
+
 /// An extraction ready to use.
 #[derive(Debug, Clone)]
 pub struct Fetched {
@@ -110,17 +136,16 @@ impl ImageStore<'_> {
         }
     }
 
-    /// Makes the extraction for `config_name` on `vars.kernel` available.
-    /// `rebuild` forces a fresh build (used once when a built image fails verification).
-    pub fn fetch(
-        &self,
-        config_name: &str,
-        config_digest: &str,
-        src: &ImageSource,
-        vars: &TemplateVars,
-        rebuild: bool,
-        sink: LineSink<'_>,
-    ) -> Result<Fetched> {
+    /// Makes the extraction for the request's config on `vars.kernel` available.
+    pub fn fetch(&self, req: &FetchRequest<'_>, sink: LineSink<'_>) -> Result<Fetched> {
+        let FetchRequest {
+            config_name,
+            config_digest,
+            source: src,
+            vars,
+            rebuild,
+            ..
+        } = *req;
         let reference = expand(&src.reference, vars).context("key `image.ref`")?;
         let dir = self.dir(config_name, &vars.kernel);
         let index = Self::read_index(&dir).filter(|i| {
@@ -141,15 +166,7 @@ impl ImageStore<'_> {
         }
 
         let mut notes = Vec::new();
-        let (info, built) = self.acquire(
-            config_name,
-            &reference,
-            src,
-            vars,
-            rebuild,
-            sink,
-            &mut notes,
-        )?;
+        let (info, built) = self.acquire(req, &reference, sink, &mut notes)?;
         let digest = info.identity();
         if let Some(idx) = index.filter(|i| i.digest == digest) {
             notes.push(format!(
@@ -203,17 +220,21 @@ impl ImageStore<'_> {
     }
 
     /// Present image → pull → build, recording why each step did not give an image.
-    #[allow(clippy::too_many_arguments)]
     fn acquire(
         &self,
-        config_name: &str,
+        req: &FetchRequest<'_>,
         reference: &str,
-        src: &ImageSource,
-        vars: &TemplateVars,
-        rebuild: bool,
         sink: LineSink<'_>,
         notes: &mut Vec<String>,
     ) -> Result<(ImageInfo, bool)> {
+        let FetchRequest {
+            config_name,
+            source: src,
+            vars,
+            rebuild,
+            build_hook,
+            ..
+        } = *req;
         let mut tried = Vec::new();
         if !rebuild {
             if src.pull != PullPolicy::Always {
@@ -243,6 +264,41 @@ impl ImageStore<'_> {
                     Err(e) => tried.push(format!("pull: {e:#}")),
                 }
             }
+        }
+        if let Some(hook) = build_hook {
+            let argv = hook
+                .argv
+                .iter()
+                .map(|a| expand(a, vars))
+                .collect::<Result<Vec<_>, _>>()
+                .context("key `hooks.build`")?;
+            let mut cmd = crate::hooks::command(&argv);
+            cmd.env("KVCD_MODULE", config_name)
+                .env("KVCD_KERNEL", vars.kernel.as_str())
+                .env("KVCD_HOOK", "build")
+                .env("KVCD_IMAGE_REF", reference)
+                .env("KVCD_VERSION", vars.mod_version.as_deref().unwrap_or(""));
+            let result = crate::hooks::run(
+                "build",
+                cmd,
+                std::time::Duration::from_secs(hook.timeout_seconds),
+                &|_, line| sink(line),
+            )
+            .map_err(anyhow::Error::from)
+            .and_then(|()| self.present(reference));
+            return match result {
+                Ok(info) => {
+                    notes.push(format!("the build hook made {reference}"));
+                    Ok((info, true))
+                }
+                Err(e) => {
+                    tried.push(format!("build hook: {e:#}"));
+                    Err(anyhow!(
+                        "no image {reference}; tried:\n  - {}",
+                        tried.join("\n  - ")
+                    ))
+                }
+            };
         }
         let Some(b) = &src.build else {
             tried.push("build: no [build] in the config".to_owned());

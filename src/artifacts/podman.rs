@@ -116,6 +116,11 @@ impl Podman {
         }
     }
 
+    /// The program this runs.
+    pub fn program(&self) -> &Path {
+        &self.program
+    }
+
     /// How many podman processes this value has spawned.
     pub fn calls(&self) -> usize {
         self.calls.get()

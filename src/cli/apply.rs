@@ -125,8 +125,7 @@ pub(super) fn run(paths: &PathArgs, args: &ApplyArgs) -> Result<u8> {
     let mut outcomes = Vec::new();
     for name in &names {
         let outcome = if args.unload {
-            let force = config.module(name).is_ok_and(|c| c.force_unload);
-            engine.unload(name, force)
+            engine.unload(name, config.module(name).ok())
         } else {
             match config.module(name) {
                 Ok(c) if args.prepare => engine.prepare(c),

@@ -8,6 +8,7 @@
 //! idempotent, and a failed load rolls back what that load changed.
 
 mod firmware;
+mod hooks;
 pub mod order;
 mod outcome;
 pub mod record;
@@ -19,11 +20,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result, anyhow};
 use tracing::{info, warn};
 
-use crate::artifacts::image::ImageStore;
+use crate::artifacts::image::{BuildHook, FetchRequest, ImageStore};
 use crate::artifacts::podman::Podman;
 use crate::artifacts::{RootLayout, directory, prune, verify};
 use crate::config::{ModuleConfig, Source};
-use crate::kernel::{KernelRelease, TemplateVars, arch, expand};
+use crate::kernel::{KernelRelease, expand};
 use crate::kmod::{KernelModules, KmodErrorKind, LiveModule, ModInfo, ModName, ModuleTree};
 
 pub use outcome::{Action, ImageRef, ModuleAction, Outcome, State, Step, StepError, StepLog};
@@ -114,18 +115,39 @@ impl Engine<'_> {
         if !self.check_supported(config, &mut out) {
             return out;
         }
+        if matches!(config.source, Source::KvcLibrary { .. }) {
+            match self
+                .load_kvc(config, &mut out)
+                .and_then(|()| self.after_load(config, &mut out))
+            {
+                Ok(()) => out.state = State::Loaded,
+                Err(Fail(step, err, state)) => self.fail(&mut out, step, &err, state),
+            }
+            return out;
+        }
         let mut changes = Changes::default();
         match self.try_load(config, &mut out, &mut changes) {
-            Ok(()) => {
-                out.state = State::Loaded;
-                self.prune(config, &mut out);
-            }
+            // A failing post_load hook or ready check leaves the modules in
+            // (and recorded) for inspection; the state says what failed.
+            Ok(()) => match self.after_load(config, &mut out) {
+                Ok(()) => {
+                    out.state = State::Loaded;
+                    self.prune(config, &mut out);
+                }
+                Err(Fail(step, err, state)) => self.fail(&mut out, step, &err, state),
+            },
             Err(Fail(step, err, state)) => {
                 self.fail(&mut out, step, &err, state);
                 self.roll_back(config, &mut out, &changes);
             }
         }
         out
+    }
+
+    /// The post_load hook, then the ready check.
+    fn after_load(&self, c: &ModuleConfig, out: &mut Outcome) -> Result<(), Fail> {
+        self.hook(c, "post_load", c.hooks.post_load.as_ref(), out)?;
+        self.wait_ready(c, out)
     }
 
     fn try_load(
@@ -170,6 +192,8 @@ impl Engine<'_> {
         };
         record.config_digest.clone_from(&c.digest);
         record.after = c.after.iter().map(ToString::to_string).collect();
+
+        self.hook(c, "pre_load", c.hooks.pre_load.as_ref(), out)?;
 
         // Make room: take out the in-tree modules this config replaces.
         for r in &c.replace_in_tree {
@@ -279,12 +303,7 @@ impl Engine<'_> {
     /// Source → module files → module tree → load order → verified; the kernel is not touched.
     fn stage(&self, c: &ModuleConfig, out: &mut Outcome, rebuild: bool) -> Result<Staged, Fail> {
         let name = c.name.as_str();
-        let vars = TemplateVars {
-            kernel: self.kernel.clone(),
-            arch: arch(),
-            mod_name: name.to_owned(),
-            mod_version: c.version.clone(),
-        };
+        let vars = self.vars(c);
         let mut firmware = None;
         let dir = match &c.source {
             Source::KvcLibrary { .. } => {
@@ -314,7 +333,19 @@ impl Engine<'_> {
                     }
                 };
                 let calls = self.podman.calls();
-                let fetched = store.fetch(name, &c.digest, src, &vars, rebuild, &sink);
+                let build_hook = c.hooks.build.as_ref().map(|argv| BuildHook {
+                    argv,
+                    timeout_seconds: c.hooks.build_timeout_seconds,
+                });
+                let req = FetchRequest {
+                    config_name: name,
+                    config_digest: &c.digest,
+                    source: src,
+                    vars: &vars,
+                    rebuild,
+                    build_hook: build_hook.as_ref(),
+                };
+                let fetched = store.fetch(&req, &sink);
                 out.podman_calls += self.podman.calls() - calls;
                 let fetched = fetched.map_err(Fail::at(Step::Fetch))?;
                 for n in &fetched.notes {
@@ -329,6 +360,7 @@ impl Engine<'_> {
                 fetched.modules
             }
         };
+        out.artifacts = Some(dir.clone());
         let files = directory::scan(&dir).map_err(Fail::at(Step::Resolve))?;
         directory::require(&files, &c.modules, &dir).map_err(Fail::at(Step::Resolve))?;
         self.log(
@@ -721,17 +753,25 @@ impl Engine<'_> {
         restored
     }
 
-    /// Unloads what kvcd loaded for `config`; `force` removes modules even when in use.
-    pub fn unload(&self, config: &str, force: bool) -> Outcome {
-        let mut out = Outcome::new(config, &self.kernel);
-        match self.try_unload(config, force, &mut out) {
+    /// Unloads what kvcd loaded for the module config `name`. `config` is its
+    /// current configuration when it still has one (hooks, `force_unload`,
+    /// KVC library); without it kvcd still undoes what its record says.
+    pub fn unload(&self, name: &str, config: Option<&ModuleConfig>) -> Outcome {
+        let mut out = Outcome::new(name, &self.kernel);
+        match self.try_unload(name, config, &mut out) {
             Ok(()) => out.state = State::Inactive,
             Err(Fail(step, err, state)) => self.fail(&mut out, step, &err, state),
         }
         out
     }
 
-    fn try_unload(&self, config: &str, force: bool, out: &mut Outcome) -> Result<(), Fail> {
+    fn try_unload(
+        &self,
+        config: &str,
+        cfg: Option<&ModuleConfig>,
+        out: &mut Outcome,
+    ) -> Result<(), Fail> {
+        let force = cfg.is_some_and(|c| c.force_unload);
         let Some(mut record) = self.records.get(config).map_err(Fail::at(Step::Record))? else {
             self.log(out, Step::Remove, "nothing loaded by kvcd");
             return Ok(());
@@ -747,6 +787,12 @@ impl Engine<'_> {
                     State::Busy,
                 ));
             }
+        }
+
+        if let Some(c) = cfg.filter(|c| matches!(c.source, Source::KvcLibrary { .. })) {
+            self.hook(c, "pre_unload", c.hooks.pre_unload.as_ref(), out)?;
+            self.unload_kvc(c, out)?;
+            return self.hook(c, "post_unload", c.hooks.post_unload.as_ref(), out);
         }
 
         // Check everything before removing anything.
@@ -780,6 +826,9 @@ impl Engine<'_> {
             }
         }
 
+        if let Some(c) = cfg {
+            self.hook(c, "pre_unload", c.hooks.pre_unload.as_ref(), out)?;
+        }
         for o in plan {
             match self.kmods.remove(&o.name, force && o.configured) {
                 Ok(()) => {}
@@ -830,6 +879,9 @@ impl Engine<'_> {
                     .collect::<Vec<_>>()
                     .join(", ")
             )));
+        }
+        if let Some(c) = cfg {
+            self.hook(c, "post_unload", c.hooks.post_unload.as_ref(), out)?;
         }
         Ok(())
     }

@@ -77,6 +77,12 @@ pub enum Step {
     Record,
     /// Removing artifacts of old kernels.
     Prune,
+    /// Running a vendor hook.
+    Hook,
+    /// Waiting for the ready check.
+    Ready,
+    /// Running a KVC framework library.
+    Kvc,
 }
 
 impl Step {
@@ -95,6 +101,9 @@ impl Step {
             Self::Restore => "restore",
             Self::Record => "record",
             Self::Prune => "prune",
+            Self::Hook => "hook",
+            Self::Ready => "ready",
+            Self::Kvc => "kvc",
         }
     }
 }
@@ -168,6 +177,8 @@ pub struct Outcome {
     pub modules: Vec<ModuleAction>,
     /// The driver image used, for image sources.
     pub image: Option<ImageRef>,
+    /// The directory the module files came from (after extraction, for images).
+    pub artifacts: Option<PathBuf>,
     /// How many podman processes this apply spawned.
     pub podman_calls: usize,
     /// True when the image in use was built on this node.
@@ -195,6 +206,7 @@ impl Outcome {
             error: None,
             modules: Vec::new(),
             image: None,
+            artifacts: None,
             podman_calls: 0,
             built_image: false,
             steps: Vec::new(),

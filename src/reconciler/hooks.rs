@@ -1,0 +1,285 @@
+//! The engine's side of vendor hooks, ready checks and KVC libraries.
+
+use std::cell::RefCell;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::anyhow;
+use tracing::info;
+
+use super::{Engine, Fail, Outcome, Record, State, Step, StepLog, now};
+use crate::config::{ModuleConfig, ReadyKind, Source};
+use crate::hooks::{self, kvc};
+use crate::kernel::{TemplateVars, arch, expand};
+
+/// How often a ready check looks again.
+const READY_POLL: Duration = Duration::from_millis(200);
+/// Pause between attempts of a ready command.
+const READY_RETRY: Duration = Duration::from_secs(1);
+
+impl Engine<'_> {
+    /// Template values for `c` on the target kernel.
+    pub(super) fn vars(&self, c: &ModuleConfig) -> TemplateVars {
+        TemplateVars {
+            kernel: self.kernel.clone(),
+            arch: arch(),
+            mod_name: c.name.to_string(),
+            mod_version: c.version.clone(),
+        }
+    }
+
+    /// The environment every hook gets: what it runs for.
+    fn hook_env(&self, c: &ModuleConfig, out: &Outcome, hook: &str) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("KVCD_MODULE".to_owned(), c.name.to_string()),
+            ("KVCD_KERNEL".to_owned(), self.kernel.to_string()),
+            ("KVCD_HOOK".to_owned(), hook.to_owned()),
+            (
+                "KVCD_MODULES".to_owned(),
+                c.modules
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+            (
+                "KVCD_VERSION".to_owned(),
+                c.version.clone().unwrap_or_default(),
+            ),
+        ];
+        if let Some(i) = &out.image {
+            env.push(("KVCD_IMAGE_REF".to_owned(), i.reference.clone()));
+            env.push(("KVCD_IMAGE_DIGEST".to_owned(), i.digest.clone()));
+        }
+        if let Some(dir) = &out.artifacts {
+            env.push(("KVCD_ARTIFACTS_DIR".to_owned(), dir.display().to_string()));
+        }
+        env
+    }
+
+    /// Runs `cmd` as `hook` for `c`, its output logged live and kept in `out`.
+    fn run_logged(
+        &self,
+        c: &ModuleConfig,
+        hook: &str,
+        mut cmd: std::process::Command,
+        timeout: u64,
+        step: Step,
+        out: &mut Outcome,
+    ) -> Result<(), hooks::HookError> {
+        cmd.envs(self.hook_env(c, out, hook));
+        let lines = RefCell::new(Vec::new());
+        let name = c.name.as_str();
+        let sink = |is_stderr: bool, line: &str| {
+            let detail = format!("{hook}: {line}");
+            info!(KVCD_MODULE = %name, KVCD_KERNEL = %self.kernel, KVCD_STEP = step.as_str(), stderr = is_stderr, "{detail}");
+            let entry = StepLog { step, detail };
+            if let Some(f) = self.on_step {
+                f(name, &entry);
+            }
+            lines.borrow_mut().push(entry);
+        };
+        let result = hooks::run(hook, cmd, Duration::from_secs(timeout), &sink);
+        out.steps.append(&mut lines.into_inner());
+        result
+    }
+
+    /// Runs the configured hook `which` (e.g. `pre_load`), if there is one.
+    pub(super) fn hook(
+        &self,
+        c: &ModuleConfig,
+        which: &str,
+        argv: Option<&Vec<String>>,
+        out: &mut Outcome,
+    ) -> Result<(), Fail> {
+        let Some(argv) = argv else { return Ok(()) };
+        let vars = self.vars(c);
+        let argv = argv
+            .iter()
+            .map(|a| expand(a, &vars))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Fail::at(Step::Hook)(anyhow!("hooks.{which}: {e}")))?;
+        self.log(
+            out,
+            Step::Hook,
+            format!("running {which}: {}", argv.join(" ")),
+        );
+        self.run_logged(
+            c,
+            which,
+            hooks::command(&argv),
+            c.hooks.timeout_seconds,
+            Step::Hook,
+            out,
+        )
+        .map_err(|e| Fail::at(Step::Hook)(e.into()))?;
+        self.log(out, Step::Hook, format!("{which} succeeded"));
+        Ok(())
+    }
+
+    /// Waits until the config's ready check passes.
+    pub(super) fn wait_ready(&self, c: &ModuleConfig, out: &mut Outcome) -> Result<(), Fail> {
+        let Some(r) = &c.ready else { return Ok(()) };
+        let vars = self.vars(c);
+        let fail = |e: anyhow::Error| Fail::at(Step::Ready)(e);
+        let timeout = Duration::from_secs(r.timeout_seconds);
+        let start = Instant::now();
+        match &r.kind {
+            ReadyKind::Path(p) => {
+                let p = expand(&p.to_string_lossy(), &vars).map_err(|e| fail(e.into()))?;
+                self.log(out, Step::Ready, format!("waiting for {p}"));
+                while !Path::new(&p).exists() {
+                    if start.elapsed() >= timeout {
+                        return Err(fail(anyhow!(
+                            "ready check: {p} did not appear within {}s",
+                            r.timeout_seconds
+                        )));
+                    }
+                    std::thread::sleep(READY_POLL);
+                }
+                self.log(
+                    out,
+                    Step::Ready,
+                    format!("{p} exists after {:.1}s", start.elapsed().as_secs_f64()),
+                );
+            }
+            ReadyKind::Command(argv) => {
+                let argv = argv
+                    .iter()
+                    .map(|a| expand(a, &vars))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| fail(e.into()))?;
+                self.log(
+                    out,
+                    Step::Ready,
+                    format!("waiting for {} to succeed", argv.join(" ")),
+                );
+                loop {
+                    let left = timeout.saturating_sub(start.elapsed()).as_secs().max(1);
+                    match self.run_logged(c, "ready", hooks::command(&argv), left, Step::Ready, out)
+                    {
+                        Ok(()) => break,
+                        Err(e) if start.elapsed() + READY_RETRY >= timeout => {
+                            return Err(fail(anyhow!(
+                                "ready check did not pass within {}s; last attempt: {e}",
+                                r.timeout_seconds
+                            )));
+                        }
+                        Err(_) => std::thread::sleep(READY_RETRY),
+                    }
+                }
+                self.log(
+                    out,
+                    Step::Ready,
+                    format!("passed after {:.1}s", start.elapsed().as_secs_f64()),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a KVC library action with the KVC contract.
+    fn kvc_action(
+        &self,
+        c: &ModuleConfig,
+        action: kvc::Action,
+        out: &mut Outcome,
+    ) -> Result<(), Fail> {
+        let Source::KvcLibrary { libraries } = &c.source else {
+            return Err(Fail::at(Step::Kvc)(anyhow!("not a KVC library config")));
+        };
+        let func = match action {
+            kvc::Action::Build => "build_kmods",
+            kvc::Action::Load => "load_kmods",
+            kvc::Action::Unload => "unload_kmods",
+            kvc::Action::Wrapper => "wrapper",
+        };
+        let cmd = kvc::command(
+            libraries,
+            action,
+            c.name.as_str(),
+            self.kernel.as_str(),
+            self.podman.program(),
+            &[],
+        );
+        self.log(out, Step::Kvc, format!("running {func}"));
+        self.run_logged(c, func, cmd, c.hooks.build_timeout_seconds, Step::Kvc, out)
+            .map_err(|e| Fail::at(Step::Kvc)(e.into()))?;
+        Ok(())
+    }
+
+    /// Which configured modules are (not) in the kernel, by exact name with `-`/`_` folded.
+    fn missing_modules(&self, c: &ModuleConfig, want_live: bool) -> Result<Vec<String>, Fail> {
+        let mut out = Vec::new();
+        for m in &c.modules {
+            let live = self.kmods.live(m).map_err(Fail::at(Step::Kvc))?.is_some();
+            if live != want_live {
+                out.push(m.to_string());
+            }
+        }
+        Ok(out)
+    }
+
+    /// KVC library mode: build_kmods, load_kmods, then the kernel's own word on what is loaded.
+    pub(super) fn load_kvc(&self, c: &ModuleConfig, out: &mut Outcome) -> Result<(), Fail> {
+        self.hook(c, "pre_load", c.hooks.pre_load.as_ref(), out)?;
+        self.kvc_action(c, kvc::Action::Build, out)?;
+        self.kvc_action(c, kvc::Action::Load, out)?;
+        let missing = self.missing_modules(c, true)?;
+        if !missing.is_empty() {
+            return Err(Fail::at(Step::Kvc)(anyhow!(
+                "load_kmods succeeded, but the kernel does not have: {}",
+                missing.join(", ")
+            )));
+        }
+        self.log(
+            out,
+            Step::Kvc,
+            format!(
+                "the kernel has {}",
+                c.modules
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+        let record = Record {
+            config: c.name.to_string(),
+            kernel: self.kernel.to_string(),
+            config_digest: c.digest.clone(),
+            after: c.after.iter().map(ToString::to_string).collect(),
+            inserted: Vec::new(),
+            removed_in_tree: Vec::new(),
+            firmware: Vec::new(),
+            since: self
+                .records
+                .get(c.name.as_str())
+                .ok()
+                .flatten()
+                .map_or_else(now, |r| r.since),
+        };
+        self.records.put(&record).map_err(Fail::at(Step::Record))?;
+        Ok(())
+    }
+
+    /// KVC library mode: unload_kmods, then check the modules are gone.
+    pub(super) fn unload_kvc(&self, c: &ModuleConfig, out: &mut Outcome) -> Result<(), Fail> {
+        self.kvc_action(c, kvc::Action::Unload, out)?;
+        let left = self.missing_modules(c, false)?;
+        if !left.is_empty() {
+            return Err(Fail(
+                Step::Kvc,
+                anyhow!(
+                    "unload_kmods succeeded, but the kernel still has: {}",
+                    left.join(", ")
+                ),
+                State::Busy,
+            ));
+        }
+        self.records
+            .delete(c.name.as_str())
+            .map_err(Fail::at(Step::Record))?;
+        Ok(())
+    }
+}
