@@ -204,7 +204,15 @@ impl Engine<'_> {
         );
         self.log(out, Step::Kvc, format!("running {func}"));
         self.run_logged(c, func, cmd, c.hooks.build_timeout_seconds, Step::Kvc, out)
-            .map_err(|e| Fail::at(Step::Kvc)(e.into()))?;
+            .map_err(|mut e| {
+                // Name the library rather than the bash that ran it.
+                e.program = libraries
+                    .iter()
+                    .map(|l| l.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                Fail::at(Step::Kvc)(e.into())
+            })?;
         Ok(())
     }
 

@@ -1,0 +1,174 @@
+//! KVC library mode through the real `kvcd` binary and real podman: an
+//! unmodified framework library (tests/fixtures/kvc) builds its image with
+//! `kvc_c_build`, checks with `kvc_c_images`, and loads with
+//! `kvc_c_run --privileged … modprobe`. On these hosts that modprobe fails
+//! (the kernel cannot load modules), and that error must reach the state and
+//! the log intact; kvcd never takes the library's word for what is loaded.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::Fixtures;
+
+fn images_env(key: &str) -> String {
+    if let Ok(v) = std::env::var(key) {
+        return v;
+    }
+    let env = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/images/env");
+    let text = fs::read_to_string(&env).expect("run scripts/images first");
+    text.lines()
+        .filter_map(|l| l.trim_start_matches("export ").split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.trim_matches(['"', '\'']).to_owned())
+        .unwrap_or_else(|| panic!("{key} not in {}", env.display()))
+}
+
+struct Node {
+    tmp: tempfile::TempDir,
+    fx: Fixtures,
+}
+
+impl Node {
+    fn new(library: &Path) -> Self {
+        let fx = Fixtures::get();
+        let tmp = tempfile::tempdir().unwrap();
+        let etc = tmp.path().join("etc");
+        fs::create_dir_all(etc.join("modules.d")).unwrap();
+        fs::write(
+            etc.join("kvcd.toml"),
+            format!(
+                "kernel_modules_dir = \"{}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n",
+                fx.modules_dir().display(),
+                tmp.path().join("state").display(),
+                tmp.path().join("run").display()
+            ),
+        )
+        .unwrap();
+        fs::write(
+            etc.join("modules.d/kvc-simple.toml"),
+            format!(
+                "modules = [\"kvcd_param\", \"kvcd_base\"]\n[hooks]\nkvc_library = \"{}\"\n",
+                library.display()
+            ),
+        )
+        .unwrap();
+        // The library's own settings, as /etc/kvc/kvc-simple.conf would hold them.
+        let conf = fs::read_to_string(repo().join("tests/fixtures/kvc/kvc-simple.conf"))
+            .unwrap()
+            .replace("/usr/src/kvc-simple", &images_env("KVCD_BUILD_CONTEXT"));
+        fs::create_dir_all(tmp.path().join("kvc")).unwrap();
+        fs::write(tmp.path().join("kvc/kvc-simple.conf"), conf).unwrap();
+        Self { tmp, fx }
+    }
+
+    fn trace(&self) -> PathBuf {
+        self.tmp.path().join("trace")
+    }
+
+    fn kvcd(&self, args: &[&str]) -> (i32, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_kvcd"))
+            .arg("--config-dir")
+            .arg(self.tmp.path().join("etc"))
+            .arg("apply")
+            .arg("--kernel")
+            .arg(&self.fx.kver)
+            .args(args)
+            .env("KVC_CONF_DIR", self.tmp.path().join("kvc"))
+            .env("KVC_TRACE", self.trace())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+}
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn an_unmodified_kvc_library_builds_then_fails_to_load_and_the_error_arrives_intact() {
+    let library = repo().join("tests/fixtures/kvc/kvc-simple-lib.sh");
+    let node = Node::new(&library);
+    let image = format!("kvc-simple-1.2.0:{}", node.fx.kver);
+    let _ = Command::new("podman").args(["rmi", &image]).output();
+
+    let (code, out) = node.kvcd(&["kvc-simple"]);
+    assert_eq!(code, 1, "{out}");
+    let podman = "runtime=podman";
+    let k = &node.fx.kver;
+    assert_eq!(
+        fs::read_to_string(node.trace()).unwrap(),
+        format!(
+            "build_kmods action=build name=kvc-simple kver={k} {podman}\n\
+             load_kmods action=load name=kvc-simple kver={k} {podman}\n"
+        )
+    );
+    assert!(
+        out.contains(&format!("kvc-simple: kvc: build_kmods: building {image}")),
+        "{out}"
+    );
+    let failure = format!(
+        "kvc-simple: failed at kvc: hook load_kmods ({}) failed: exit status 1; last stderr lines:\n  modprobe: ",
+        library.display()
+    );
+    // modprobe's own words, from inside the container, are in the error.
+    assert!(out.contains(&failure), "{out}");
+    assert!(!node.tmp.path().join("run/loaded/kvc-simple.json").exists());
+
+    // The image is there now: the second build_kmods skips the build.
+    let (_, out) = node.kvcd(&["--json", "kvc-simple"]);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let r = &doc["results"][0];
+    assert_eq!(r["state"], "failed");
+    assert_eq!(r["error"]["step"], "kvc");
+    let steps: Vec<&str> = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["detail"].as_str().unwrap())
+        .collect();
+    assert!(
+        steps.contains(&format!("build_kmods: {image} is already built").as_str()),
+        "{steps:?}"
+    );
+    let _ = Command::new("podman").args(["rmi", &image]).output();
+}
+
+#[test]
+fn kvcd_checks_the_kernel_rather_than_trusting_load_kmods() {
+    let tmp = tempfile::tempdir().unwrap();
+    let library = tmp.path().join("liar-lib.sh");
+    fs::write(
+        &library,
+        "build_kmods() { echo built; }\nload_kmods() { echo \"loaded (not really)\"; }\nunload_kmods() { :; }\n",
+    )
+    .unwrap();
+    let node = Node::new(&library);
+    let (code, out) = node.kvcd(&["kvc-simple"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("kvc-simple: kvc: load_kmods: loaded (not really)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("kvc-simple: failed at kvc: load_kmods succeeded, but the kernel does not have: kvcd_param, kvcd_base"),
+        "{out}"
+    );
+
+    // A library that leaves a function out fails the way KVC's dispatcher does.
+    fs::write(&library, "build_kmods() { :; }\n").unwrap();
+    let (code, out) = node.kvcd(&["kvc-simple"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("load_kmods is unimplemented for kvc-simple!"),
+        "{out}"
+    );
+}
