@@ -226,7 +226,7 @@ impl Podman {
             format!("--tag={}", build.tag),
             format!("--file={}", build.file),
             format!("--label={BUILT_LABEL}={}", build.config),
-            "--pull=never".to_owned(),
+            "--pull=missing".to_owned(),
         ];
         for (k, v) in build.args {
             args.push(format!("--build-arg={k}={v}"));

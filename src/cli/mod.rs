@@ -2,7 +2,9 @@
 
 mod apply;
 mod config;
+mod import_kvc;
 mod prune;
+mod wrapper;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -108,6 +110,12 @@ enum KvcctlCommand {
     /// Work with configuration files offline.
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// Convert kmods-via-containers configs (/etc/kvc/NAME.conf) into module configs.
+    ImportKvc(import_kvc::ImportKvcArgs),
+    /// Run TOOL from a module config's driver image on the host (as KVC's wrapper did).
+    Wrapper(wrapper::WrapperArgs),
+    /// Write DIR/TOOL, a shim that runs `kvcctl wrapper NAME TOOL`.
+    InstallWrapper(wrapper::InstallArgs),
 }
 
 /// Takes the runtime directory's lock (`kvcd.lock`), waiting for another kvcd that holds it.
@@ -169,6 +177,9 @@ pub fn kvcctl_main() -> ExitCode {
     init_logging(0);
     let result = match cli.command {
         KvcctlCommand::Config(cmd) => config::run(&cli.paths, &cmd),
+        KvcctlCommand::ImportKvc(args) => import_kvc::run(&cli.paths, &args),
+        KvcctlCommand::Wrapper(args) => wrapper::run(&cli.paths, &args),
+        KvcctlCommand::InstallWrapper(args) => wrapper::install(&cli.paths, &args),
     };
     finish(result)
 }

@@ -5,6 +5,7 @@
 //! `modules.d/NAME.toml`, one per module config. A broken module config fails
 //! only itself; its errors name the file, the line and column, and the key.
 
+pub mod kvc_import;
 pub mod merge;
 mod raw;
 mod validate;

@@ -374,6 +374,25 @@ normal_checks() {
     end
     scrub kvcd_fw
 
+    begin "hooks and ready check around a real load"
+    rm -f /run/hooked.trace
+    run kvcd apply hooked
+    expect_rc 0
+    expect_out "hooked: ready: /sys/module/kvcd_param/parameters/level exists"
+    expect_out "hooked: loaded"
+    expect_loaded kvcd_param
+    run kvcd apply --unload hooked
+    expect_rc 0
+    expect_unloaded kvcd_param
+    trace=$(cat /run/hooked.trace 2>/dev/null)
+    want="pre_load hooked 0
+post_load hooked 1
+pre_unload hooked 1
+post_unload hooked 0"
+    [ "$trace" = "$want" ] || bad "hook trace is '$trace', expected '$want'"
+    end
+    scrub kvcd_param
+
     # Everything above cleaned up after itself: no fixture module and no
     # record may be left.
     begin "clean end state"
