@@ -601,3 +601,41 @@ fn prepare_next_prepares_installed_kernels_behind_its_switch() {
             .exists()
     );
 }
+
+#[test]
+fn a_build_hook_replaces_podman_build() {
+    let _g = lock();
+    let env = Env::new();
+    let reference = format!("127.0.0.1:9/kvcd/hook-built:{}", env.fx.kver);
+    rmi(&reference);
+    let hook = r#"["/bin/sh", "-c", "podman build -q --build-arg KVER=$KVCD_KERNEL --build-arg KMODVER=$KVCD_VERSION -t \"$KVCD_IMAGE_REF\" @KVCD_BUILD_CONTEXT@"]"#;
+    let c = env.config(
+        "hookbuilt",
+        &format!(
+            "version = \"1.2.0\"\nmodules = [\"kvcd_user\"]\n[image]\nref = \"127.0.0.1:9/kvcd/hook-built:${{KERNEL_FULL_VERSION}}\"\ntls_verify = false\n[hooks]\nbuild = {hook}\n"
+        ),
+    );
+    let o = env.engine("podman").load(&c);
+    assert_eq!(o.state, State::Loaded, "{o:#?}");
+    assert!(
+        detail(&o, &format!("the build hook made {reference}")),
+        "{o:#?}"
+    );
+    assert!(env.fake.is_live("kvcd_user"));
+    rmi(&reference);
+
+    let env = Env::new();
+    let c = env.config(
+        "hookbuilt",
+        "modules = [\"kvcd_user\"]\n[image]\nref = \"127.0.0.1:9/kvcd/hook-built:x\"\ntls_verify = false\n[hooks]\nbuild = [\"/bin/sh\", \"-c\", \"echo no compiler here >&2; exit 4\"]\n",
+    );
+    let msg = fail(&env.engine("podman").load(&c), Step::Fetch);
+    assert!(
+        msg.contains("pull: pulling 127.0.0.1:9/kvcd/hook-built:x from registry 127.0.0.1:9"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("build hook: hook build (/bin/sh) failed: exit status 4; last stderr lines:\n  no compiler here"),
+        "{msg}"
+    );
+}
