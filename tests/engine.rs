@@ -408,7 +408,7 @@ fn a_failed_load_rolls_back_and_restores_in_tree() {
     let env = Env::new();
     let in_tree = env.in_tree("kernel/drivers/net/dummy.ko");
     env.fake.preload("dummy", &in_tree, &[]);
-    *env.fake.fail_insert.borrow_mut() = Some((m("kvcd_crc"), Errno::EKEYREJECTED));
+    *env.fake.fail_insert.lock().unwrap() = Some((m("kvcd_crc"), Errno::EKEYREJECTED));
     let c = env.config(
         "x",
         "modules = [\"dummy\", \"kvcd_user\", \"kvcd_crc\"]\nreplace_in_tree = [\"dummy\"]\n[directory]\npath = \"@KO@\"\n",

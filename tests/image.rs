@@ -495,7 +495,10 @@ fn firmware_from_the_image_is_placed_found_and_removed() {
     assert!(!data.is_empty());
     // A link inside the firmware directory arrives as the file it points to.
     assert_eq!(fs::read(host.join("kvcd/kvcd-alias.fw")).unwrap(), data);
-    assert_eq!(*env.fake.firmware_path.borrow(), host.display().to_string());
+    assert_eq!(
+        *env.fake.firmware_path.lock().unwrap(),
+        host.display().to_string()
+    );
     assert!(
         detail(
             &o,
@@ -516,19 +519,22 @@ fn firmware_from_the_image_is_placed_found_and_removed() {
     assert!(!fw.exists() && !host.join("kvcd").exists());
 
     // A search path someone else set is kept, and said so.
-    *env.fake.firmware_path.borrow_mut() = "/opt/vendor/firmware".to_owned();
+    *env.fake.firmware_path.lock().unwrap() = "/opt/vendor/firmware".to_owned();
     let o = env.engine("podman").load(&c);
     assert_eq!(o.state, State::Loaded, "{o:#?}");
     assert!(
         detail(&o, "firmware search path is /opt/vendor/firmware; kept it"),
         "{o:#?}"
     );
-    assert_eq!(*env.fake.firmware_path.borrow(), "/opt/vendor/firmware");
+    assert_eq!(
+        *env.fake.firmware_path.lock().unwrap(),
+        "/opt/vendor/firmware"
+    );
     let o = env.engine("podman").unload("fw", None);
     assert_eq!(o.state, State::Inactive, "{o:#?}");
 
     // A load that fails after placing firmware takes it away again.
-    *env.fake.fail_insert.borrow_mut() =
+    *env.fake.fail_insert.lock().unwrap() =
         Some((common::m("kvcd_param"), nix::errno::Errno::ENOEXEC));
     let o = env.engine("podman").load(&c);
     assert_eq!(o.state, State::Failed, "{o:#?}");

@@ -1,5 +1,5 @@
-//! The shipped unit files pass `systemd-analyze verify` (as an instance),
-//! with the unit's binary path pointed at the binary just built.
+//! The shipped unit files pass `systemd-analyze verify` (template units as an
+//! instance), with their binary paths pointed at the binaries just built.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -7,52 +7,69 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-#[test]
-fn template_unit_verifies_as_an_instance() {
+fn verify(units: &[&str], check: &[&str]) {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let unit = fs::read_to_string(repo.join("systemd/kvcd@.service")).unwrap();
-    assert!(unit.contains("ExecStart=/usr/bin/kvcd apply %i"));
-    assert!(unit.contains("ExecStop=/usr/bin/kvcd apply --unload %i"));
     let tmp = tempfile::tempdir().unwrap();
-    fs::write(
-        tmp.path().join("kvcd@.service"),
-        unit.replace("/usr/bin/kvcd", env!("CARGO_BIN_EXE_kvcd")),
-    )
-    .unwrap();
+    for unit in units {
+        let text = fs::read_to_string(repo.join("systemd").join(unit)).unwrap();
+        fs::write(
+            tmp.path().join(unit),
+            text.replace("/usr/bin/kvcctl", env!("CARGO_BIN_EXE_kvcctl"))
+                .replace("/usr/bin/kvcd", env!("CARGO_BIN_EXE_kvcd")),
+        )
+        .unwrap();
+    }
     let out = Command::new("systemd-analyze")
         .arg("verify")
-        .arg(tmp.path().join("kvcd@simple-kmod.service"))
+        .args(check.iter().map(|u| tmp.path().join(u)))
         .output()
         .expect("systemd-analyze is needed (apt-get install systemd)");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
+    // Unknown keys and the like only warn: any mention of our units is a failure.
     assert!(
-        !stderr.contains("kvcd@"),
-        "warnings about the unit: {stderr}"
+        !stderr.contains("kvcd"),
+        "warnings about the units: {stderr}"
+    );
+}
+
+#[test]
+fn agent_and_template_units_verify() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let agent = fs::read_to_string(repo.join("systemd/kvcd.service")).unwrap();
+    for line in [
+        "Type=notify",
+        "BusName=org.kvcd.Kvcd1",
+        "ExecStart=/usr/bin/kvcd daemon",
+        "RuntimeDirectoryPreserve=yes",
+        "WatchdogSec=",
+    ] {
+        assert!(agent.contains(line), "kvcd.service lacks {line}");
+    }
+    let template = fs::read_to_string(repo.join("systemd/kvcd@.service")).unwrap();
+    for line in [
+        "ExecStart=/usr/bin/kvcctl load --wait %i",
+        "ExecStop=/usr/bin/kvcctl unload --wait %i",
+        "ExecReload=/usr/bin/kvcctl reload --wait %i",
+        "Type=oneshot",
+        "RemainAfterExit=yes",
+        "After=kvcd.service",
+    ] {
+        assert!(template.contains(line), "kvcd@.service lacks {line}");
+    }
+    verify(
+        &["kvcd.service", "kvcd@.service"],
+        &["kvcd.service", "kvcd@simple-kmod.service"],
     );
 }
 
 #[test]
 fn prepare_next_units_verify() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let tmp = tempfile::tempdir().unwrap();
-    for unit in ["kvcd-prepare-next.path", "kvcd-prepare-next.service"] {
-        let text = fs::read_to_string(repo.join("systemd").join(unit)).unwrap();
-        fs::write(
-            tmp.path().join(unit),
-            text.replace("/usr/bin/kvcd", env!("CARGO_BIN_EXE_kvcd")),
-        )
-        .unwrap();
-    }
     let service = fs::read_to_string(repo.join("systemd/kvcd-prepare-next.service")).unwrap();
     assert!(service.contains("ExecStart=/usr/bin/kvcd prepare-next --if-enabled"));
-    let out = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(tmp.path().join("kvcd-prepare-next.path"))
-        .arg(tmp.path().join("kvcd-prepare-next.service"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert!(!stderr.contains("kvcd-prepare-next"), "{stderr}");
+    verify(
+        &["kvcd-prepare-next.path", "kvcd-prepare-next.service"],
+        &["kvcd-prepare-next.path", "kvcd-prepare-next.service"],
+    );
 }

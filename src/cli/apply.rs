@@ -57,7 +57,7 @@ fn engine<'a>(
     d: &DaemonSettings,
     kernel: &KernelRelease,
     kmods: &'a dyn KernelModules,
-    on_step: Option<&'a OnStep>,
+    on_step: Option<&'a OnStep<'a>>,
 ) -> Engine<'a> {
     Engine {
         layout: RootLayout {
@@ -106,7 +106,7 @@ pub(super) fn run(paths: &PathArgs, args: &ApplyArgs) -> Result<u8> {
     let d = &config.daemon;
     let _lock = lock_runtime(&d.runtime_dir)?;
     let kmods = Libkmod::new()?;
-    let on_step: &OnStep = &print_step;
+    let on_step: &OnStep<'_> = &print_step;
     let engine = engine(d, &kernel, &kmods, (!args.json).then_some(on_step));
 
     let after: BTreeMap<String, Vec<String>> = config
@@ -184,7 +184,7 @@ pub(super) fn prepare_next(paths: &PathArgs, args: &PrepareNextArgs) -> Result<u
         );
     }
     let kmods = Libkmod::new()?;
-    let on_step: &OnStep = &print_step;
+    let on_step: &OnStep<'_> = &print_step;
     let mut outcomes = Vec::new();
     for kernel in &kernels {
         let engine = engine(d, kernel, &kmods, (!args.json).then_some(on_step));

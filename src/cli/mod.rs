@@ -1,7 +1,9 @@
 //! Command-line verbs of `kvcd` and `kvcctl`; the `main.rs` files only call [`kvcd_main`] and [`kvcctl_main`].
 
 mod apply;
+mod client;
 mod config;
+pub mod daemon;
 mod import_kvc;
 mod prune;
 mod wrapper;
@@ -21,6 +23,8 @@ use crate::config::{Config, DEFAULT_CONFIG_DIRS, Overrides};
 pub const EXIT_FAILED: u8 = 1;
 /// Exit code: the command line or the environment is wrong (clap uses 2 as well).
 pub const EXIT_USAGE: u8 = 2;
+/// Exit code of kvcctl's D-Bus verbs when kvcd (or the bus) cannot be reached.
+pub const EXIT_NO_DAEMON: u8 = 3;
 
 /// Where configuration and state live; every verb takes these.
 #[derive(Debug, Clone, Args)]
@@ -94,6 +98,8 @@ enum KvcdCommand {
     Prune(prune::PruneArgs),
     /// Prepare artifacts for installed kernels that are not running (before a reboot into them).
     PrepareNext(apply::PrepareNextArgs),
+    /// Run the agent: D-Bus service, config watcher, retries (what kvcd.service runs).
+    Daemon(daemon::DaemonArgs),
 }
 
 #[derive(Debug, Parser)]
@@ -101,12 +107,16 @@ enum KvcdCommand {
 struct KvcctlCli {
     #[command(flatten)]
     paths: PathArgs,
+    #[command(flatten)]
+    bus: client::BusArgs,
     #[command(subcommand)]
     command: KvcctlCommand,
 }
 
 #[derive(Debug, Subcommand)]
 enum KvcctlCommand {
+    #[command(flatten)]
+    Client(client::ClientCommand),
     /// Work with configuration files offline.
     #[command(subcommand)]
     Config(config::ConfigCommand),
@@ -135,18 +145,33 @@ fn lock_runtime(runtime_dir: &Path) -> anyhow::Result<Flock<fs::File>> {
     }
 }
 
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "off",
-        1 => "kvcd=info",
+/// Logging: `KVCD_LOG` or `RUST_LOG` if set, else by `-v` (the daemon logs at info by default).
+/// The daemon writes to the journal, with `KVCD_*` fields, when the journal socket exists.
+fn init_logging(verbose: u8, daemon: bool) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let default = match (verbose, daemon) {
+        (0, false) => "off",
+        (0, true) | (1, _) => "kvcd=info",
         _ => "kvcd=debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("KVCD_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("RUST_LOG"))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let journal = (daemon && Path::new("/run/systemd/journal/socket").exists())
+        .then(|| tracing_journald::layer().ok())
+        .flatten()
+        .map(|l| {
+            l.with_field_prefix(None)
+                .with_syslog_identifier("kvcd".to_owned())
+        });
+    let registry = tracing_subscriber::registry().with(filter);
+    let _ = match journal {
+        Some(j) => registry.with(j).try_init(),
+        None => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init(),
+    };
 }
 
 /// Lets a closed pipe end the process quietly, as for any Unix filter (`kvcctl … | head`).
@@ -161,11 +186,12 @@ fn default_sigpipe() {
 pub fn kvcd_main() -> ExitCode {
     default_sigpipe();
     let cli = KvcdCli::parse();
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, matches!(cli.command, KvcdCommand::Daemon(_)));
     let result = match cli.command {
         KvcdCommand::Apply(args) => apply::run(&cli.paths, &args),
         KvcdCommand::Prune(args) => prune::run(&cli.paths, &args),
         KvcdCommand::PrepareNext(args) => apply::prepare_next(&cli.paths, &args),
+        KvcdCommand::Daemon(args) => daemon::main(&cli.paths, &args),
     };
     finish(result)
 }
@@ -174,9 +200,10 @@ pub fn kvcd_main() -> ExitCode {
 pub fn kvcctl_main() -> ExitCode {
     default_sigpipe();
     let cli = KvcctlCli::parse();
-    init_logging(0);
+    init_logging(0, false);
     let result = match cli.command {
         KvcctlCommand::Config(cmd) => config::run(&cli.paths, &cmd),
+        KvcctlCommand::Client(cmd) => client::run(&cli.bus, &cmd),
         KvcctlCommand::ImportKvc(args) => import_kvc::run(&cli.paths, &args),
         KvcctlCommand::Wrapper(args) => wrapper::run(&cli.paths, &args),
         KvcctlCommand::InstallWrapper(args) => wrapper::install(&cli.paths, &args),

@@ -277,6 +277,14 @@ pub struct DaemonSettings {
     pub keep_kernels: usize,
     /// Let `kvcd prepare-next --if-enabled` (run when a kernel is installed) prepare it; default false.
     pub prepare_next_kernels: bool,
+    /// Module configs the daemon works on at the same time; default 2.
+    pub max_parallel: usize,
+    /// First retry delay after a failure, in seconds (doubles each time); default 5.
+    pub retry_base_seconds: u64,
+    /// Longest retry delay, in seconds; default 300.
+    pub retry_max_seconds: u64,
+    /// Unload what kvcd loaded when the daemon stops; default false (drivers stay).
+    pub unload_on_stop: bool,
 }
 
 impl Default for DaemonSettings {
@@ -291,6 +299,10 @@ impl Default for DaemonSettings {
             firmware_dir: DEFAULT_FIRMWARE_DIR.into(),
             keep_kernels: crate::artifacts::prune::DEFAULT_KEEP_KERNELS,
             prepare_next_kernels: false,
+            max_parallel: 2,
+            retry_base_seconds: 5,
+            retry_max_seconds: 300,
+            unload_on_stop: false,
         }
     }
 }

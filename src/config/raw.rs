@@ -24,6 +24,10 @@ pub(crate) struct RawDaemon {
     pub(crate) firmware_dir: Option<S<String>>,
     pub(crate) keep_kernels: Option<S<i64>>,
     pub(crate) prepare_next_kernels: Option<bool>,
+    pub(crate) max_parallel: Option<S<i64>>,
+    pub(crate) retry_base_seconds: Option<S<i64>>,
+    pub(crate) retry_max_seconds: Option<S<i64>>,
+    pub(crate) unload_on_stop: Option<bool>,
 }
 
 /// `modules.d/NAME.toml`.

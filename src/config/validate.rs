@@ -209,6 +209,30 @@ pub(super) fn daemon(file: &Path, text: &str) -> Result<DaemonSettings, Vec<Conf
     if let Some(v) = raw.prepare_next_kernels {
         s.prepare_next_kernels = v;
     }
+    if let Some(v) = raw.unload_on_stop {
+        s.unload_on_stop = v;
+    }
+    if let Some(n) = raw
+        .max_parallel
+        .as_ref()
+        .and_then(|v| seconds(&mut d, "max_parallel", v))
+    {
+        s.max_parallel = usize::try_from(n).unwrap_or(usize::MAX);
+    }
+    if let Some(n) = raw
+        .retry_base_seconds
+        .as_ref()
+        .and_then(|v| seconds(&mut d, "retry_base_seconds", v))
+    {
+        s.retry_base_seconds = n;
+    }
+    if let Some(n) = raw
+        .retry_max_seconds
+        .as_ref()
+        .and_then(|v| seconds(&mut d, "retry_max_seconds", v))
+    {
+        s.retry_max_seconds = n;
+    }
     if let Some(v) = &raw.keep_kernels {
         match usize::try_from(*v.get_ref()) {
             Ok(n) if n >= 1 => s.keep_kernels = n,

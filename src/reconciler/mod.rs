@@ -7,11 +7,13 @@
 //! and refuses (changing nothing) when a module is in use. Both are
 //! idempotent, and a failed load rolls back what that load changed.
 
+pub mod agent;
 mod firmware;
 mod hooks;
 pub mod order;
 mod outcome;
 pub mod record;
+pub mod status;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -31,7 +33,7 @@ pub use outcome::{Action, ImageRef, ModuleAction, Outcome, State, Step, StepErro
 pub use record::{Owned, Record, RecordStore};
 
 /// A progress callback: module config name and the step just logged.
-pub type OnStep = dyn Fn(&str, &StepLog);
+pub type OnStep<'a> = dyn Fn(&str, &StepLog) + 'a;
 
 /// Applies module configs for one target kernel.
 pub struct Engine<'a> {
@@ -50,7 +52,7 @@ pub struct Engine<'a> {
     /// Kernels whose artifacts are kept per module config, besides the running one.
     pub keep_kernels: usize,
     /// Called for every step as it happens (human output); default none.
-    pub on_step: Option<&'a OnStep>,
+    pub on_step: Option<&'a OnStep<'a>>,
 }
 
 impl std::fmt::Debug for Engine<'_> {

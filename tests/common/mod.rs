@@ -4,9 +4,9 @@
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 use kvcd::kmod::{
@@ -78,13 +78,13 @@ struct FakeModule {
 /// A kernel in memory: modules, their users, and an operation log.
 #[derive(Debug, Default)]
 pub struct FakeKernel {
-    mods: RefCell<BTreeMap<ModName, FakeModule>>,
+    mods: Mutex<BTreeMap<ModName, FakeModule>>,
     /// Every insert/remove, e.g. `insert kvcd_base`.
-    pub log: RefCell<Vec<String>>,
+    pub log: Mutex<Vec<String>>,
     /// Fail inserting this module with this errno.
-    pub fail_insert: RefCell<Option<(ModName, Errno)>>,
+    pub fail_insert: Mutex<Option<(ModName, Errno)>>,
     /// `firmware_class.path`.
-    pub firmware_path: RefCell<String>,
+    pub firmware_path: Mutex<String>,
 }
 
 pub fn m(name: &str) -> ModName {
@@ -99,7 +99,7 @@ impl FakeKernel {
 
     /// Like `preload`, with parameter values.
     pub fn preload_with(&self, name: &str, path: &Path, depends: &[&str], params: &[&str]) {
-        self.mods.borrow_mut().insert(
+        self.mods.lock().unwrap().insert(
             m(name),
             FakeModule {
                 path: path.to_owned(),
@@ -112,29 +112,38 @@ impl FakeKernel {
 
     /// Adds a reference that is not a module (like an open device).
     pub fn hold(&self, name: &str) {
-        self.mods.borrow_mut().get_mut(&m(name)).unwrap().extra_refs += 1;
+        self.mods
+            .lock()
+            .unwrap()
+            .get_mut(&m(name))
+            .unwrap()
+            .extra_refs += 1;
     }
 
     pub fn is_live(&self, name: &str) -> bool {
-        self.mods.borrow().contains_key(&m(name))
+        self.mods.lock().unwrap().contains_key(&m(name))
     }
 
     pub fn path_of(&self, name: &str) -> Option<PathBuf> {
-        self.mods.borrow().get(&m(name)).map(|f| f.path.clone())
+        self.mods
+            .lock()
+            .unwrap()
+            .get(&m(name))
+            .map(|f| f.path.clone())
     }
 
     pub fn params_of(&self, name: &str) -> Vec<String> {
-        self.mods.borrow()[&m(name)].params.clone()
+        self.mods.lock().unwrap()[&m(name)].params.clone()
     }
 
     pub fn take_log(&self) -> Vec<String> {
-        std::mem::take(&mut self.log.borrow_mut())
+        std::mem::take(&mut *self.log.lock().unwrap())
     }
 }
 
 impl KernelModules for FakeKernel {
     fn live(&self, name: &ModName) -> Result<Option<LiveModule>> {
-        let mods = self.mods.borrow();
+        let mods = self.mods.lock().unwrap();
         let Some(me) = mods.get(name) else {
             return Ok(None);
         };
@@ -152,7 +161,7 @@ impl KernelModules for FakeKernel {
 
     fn insert(&self, file: &ModuleFile, params: &[String]) -> Result<(), KmodError> {
         let err = |e| KmodError::new(Op::Insert, &file.name, e);
-        if let Some((n, e)) = &*self.fail_insert.borrow() {
+        if let Some((n, e)) = &*self.fail_insert.lock().unwrap() {
             if *n == file.name {
                 return Err(err(*e));
             }
@@ -167,7 +176,7 @@ impl KernelModules for FakeKernel {
             let _ = missing;
             return Err(err(Errno::ENOENT));
         }
-        self.mods.borrow_mut().insert(
+        self.mods.lock().unwrap().insert(
             file.name.clone(),
             FakeModule {
                 path: file.path.clone(),
@@ -176,12 +185,15 @@ impl KernelModules for FakeKernel {
                 extra_refs: 0,
             },
         );
-        self.log.borrow_mut().push(format!("insert {}", file.name));
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("insert {}", file.name));
         Ok(())
     }
 
     fn parameter(&self, name: &ModName, key: &str) -> Option<String> {
-        let mods = self.mods.borrow();
+        let mods = self.mods.lock().unwrap();
         let f = mods.get(name)?;
         f.params.iter().find_map(|p| {
             let (k, v) = p.split_once('=')?;
@@ -190,11 +202,11 @@ impl KernelModules for FakeKernel {
     }
 
     fn firmware_search_path(&self) -> Option<String> {
-        Some(self.firmware_path.borrow().clone())
+        Some(self.firmware_path.lock().unwrap().clone())
     }
 
     fn set_firmware_search_path(&self, path: &Path) -> Result<()> {
-        *self.firmware_path.borrow_mut() = path.display().to_string();
+        *self.firmware_path.lock().unwrap() = path.display().to_string();
         Ok(())
     }
 
@@ -204,10 +216,35 @@ impl KernelModules for FakeKernel {
             None => Err(KmodError::new(Op::Remove, name, Errno::ENOENT)),
             Some(l) if l.refcount > 0 => Err(KmodError::new(Op::Remove, name, Errno::EAGAIN)),
             Some(_) => {
-                self.mods.borrow_mut().remove(name);
-                self.log.borrow_mut().push(format!("remove {name}"));
+                self.mods.lock().unwrap().remove(name);
+                self.log.lock().unwrap().push(format!("remove {name}"));
                 Ok(())
             }
         }
+    }
+}
+
+/// A fake kernel shared between threads (the daemon's blocking pool and the test).
+#[derive(Debug, Clone, Default)]
+pub struct SharedFake(pub Arc<FakeKernel>);
+
+impl KernelModules for SharedFake {
+    fn live(&self, name: &ModName) -> Result<Option<LiveModule>> {
+        self.0.live(name)
+    }
+    fn insert(&self, file: &ModuleFile, params: &[String]) -> Result<(), KmodError> {
+        self.0.insert(file, params)
+    }
+    fn remove(&self, name: &ModName, force: bool) -> Result<(), KmodError> {
+        self.0.remove(name, force)
+    }
+    fn parameter(&self, name: &ModName, key: &str) -> Option<String> {
+        self.0.parameter(name, key)
+    }
+    fn firmware_search_path(&self) -> Option<String> {
+        self.0.firmware_search_path()
+    }
+    fn set_firmware_search_path(&self, path: &Path) -> Result<()> {
+        self.0.set_firmware_search_path(path)
     }
 }

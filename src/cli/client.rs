@@ -1,0 +1,287 @@
+//! `kvcctl status|list|load|unload|reload|reload-config|prepare`: talking to the running agent over D-Bus.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow};
+use clap::{Args, Subcommand};
+use futures_util::StreamExt as _;
+use zbus::Connection;
+
+use super::{EXIT_FAILED, EXIT_NO_DAEMON};
+use crate::dbus::BUS_NAME;
+use crate::dbus::proxy::{ManagerProxy, ModuleProxy};
+use crate::reconciler::status::{ModuleStatus, Phase};
+
+/// Where the agent is.
+#[derive(Debug, Clone, Args)]
+pub(super) struct BusArgs {
+    /// D-Bus address of the bus kvcd serves on; default the system bus.
+    #[arg(long, value_name = "ADDRESS", global = true)]
+    bus_address: Option<String>,
+}
+
+/// The D-Bus verbs.
+#[derive(Debug, Subcommand)]
+pub(super) enum ClientCommand {
+    /// Every module config (or NAME) with its state, kernel, image and last error.
+    Status {
+        /// Only this module config.
+        name: Option<String>,
+        /// Print JSON (a stable format: the fields of the Module object).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Module config names, one per line.
+    List,
+    /// Want NAME loaded and load it.
+    Load(OpArgs),
+    /// Want NAME unloaded and unload it.
+    Unload(OpArgs),
+    /// Unload NAME, fetch its artifacts again and load them.
+    Reload(OpArgs),
+    /// Make the agent read its configuration again.
+    ReloadConfig,
+    /// Prepare every valid module config for KERNEL (runs in the background; see the journal).
+    Prepare {
+        /// Kernel release.
+        kernel: String,
+    },
+}
+
+/// NAME and waiting.
+#[derive(Debug, Clone, Args)]
+pub(super) struct OpArgs {
+    /// Module config name.
+    name: String,
+    /// Wait until the operation finished; exit 1 with its error when it failed.
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 1800, value_name = "SECONDS")]
+    timeout: u64,
+}
+
+/// A failure that is not the module config's: no bus, no daemon.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Unreachable(String);
+
+async fn connect(bus: &BusArgs) -> Result<Connection> {
+    let conn = match &bus.bus_address {
+        Some(a) => {
+            zbus::connection::Builder::address(a.as_str())?
+                .build()
+                .await
+        }
+        None => Connection::system().await,
+    }
+    .map_err(|e| Unreachable(format!("cannot reach the D-Bus system bus: {e}")))?;
+    let owned = zbus::fdo::DBusProxy::new(&conn)
+        .await?
+        .name_has_owner(BUS_NAME.try_into()?)
+        .await?;
+    if !owned {
+        return Err(Unreachable(format!(
+            "kvcd is not running (nothing owns {BUS_NAME} on the bus); start it with `systemctl start kvcd`"
+        ))
+        .into());
+    }
+    Ok(conn)
+}
+
+async fn module_status(
+    conn: &Connection,
+    path: &zbus::zvariant::OwnedObjectPath,
+) -> Result<ModuleStatus> {
+    let m = ModuleProxy::builder(conn)
+        .path(path.clone())?
+        .build()
+        .await?;
+    Ok(ModuleStatus {
+        name: m.name().await?,
+        state: Phase::parse(&m.state().await?).unwrap_or(Phase::Invalid),
+        step: m.step().await?,
+        error: m.error().await?,
+        kernel: m.kernel().await?,
+        image: m.image().await?,
+        image_digest: m.image_digest().await?,
+        loaded_modules: m.loaded_modules().await?,
+        since: m.since().await?,
+        next_retry: m.next_retry().await?,
+        config_file: m.config_file().await?,
+        wanted: m.wanted().await?,
+        started_op: m.started_op().await?,
+        completed_op: m.completed_op().await?,
+    })
+}
+
+fn print_table(mods: &[ModuleStatus]) {
+    println!(
+        "{:<24} {:<12} {:<22} {:<28} ERROR",
+        "NAME", "STATE", "KERNEL", "MODULES"
+    );
+    for m in mods {
+        let mut error = m.error.lines().next().unwrap_or("").to_owned();
+        if m.next_retry > 0 {
+            error = format!("{error} (retry at {})", m.next_retry);
+        }
+        println!(
+            "{:<24} {:<12} {:<22} {:<28} {}",
+            m.name,
+            m.state,
+            m.kernel,
+            m.loaded_modules.join(","),
+            error
+        );
+    }
+}
+
+/// Follows the module object until operation `op` finished; Ok(true) when it succeeded.
+async fn wait_for(
+    conn: &Connection,
+    path: &zbus::zvariant::OwnedObjectPath,
+    op: u64,
+    timeout: u64,
+    unloading: bool,
+) -> Result<ModuleStatus> {
+    let m = ModuleProxy::builder(conn)
+        .path(path.clone())?
+        .build()
+        .await?;
+    let mut changes = m.receive_completed_op_changed().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+    loop {
+        let s = module_status(conn, path).await?;
+        if s.completed_op >= op && s.state.is_settled() && s.started_op <= s.completed_op {
+            return Ok(s);
+        }
+        tokio::select! {
+            _ = changes.next() => {}
+            () = tokio::time::sleep_until(deadline) => {
+                return Err(anyhow!(
+                    "gave up waiting after {timeout}s: {} is {}{}",
+                    s.name,
+                    s.state,
+                    if unloading { " (still unloading?)" } else { "" }
+                ));
+            }
+        }
+    }
+}
+
+async fn run_async(bus: &BusArgs, cmd: &ClientCommand) -> Result<u8> {
+    let conn = connect(bus).await?;
+    let manager = ManagerProxy::new(&conn).await?;
+    match cmd {
+        ClientCommand::List => {
+            for (name, _, _) in manager.list_modules().await? {
+                println!("{name}");
+            }
+            Ok(0)
+        }
+        ClientCommand::Status { name, json } => {
+            let mut mods = Vec::new();
+            for (n, path, _) in manager.list_modules().await? {
+                if name.as_ref().is_none_or(|w| *w == n) {
+                    mods.push(module_status(&conn, &path).await?);
+                }
+            }
+            if let Some(n) = name {
+                if mods.is_empty() {
+                    eprintln!("no module config named {n:?}");
+                    return Ok(EXIT_FAILED);
+                }
+            }
+            if *json {
+                let doc = serde_json::json!({
+                    "version": manager.version().await?,
+                    "kernel": manager.kernel().await?,
+                    "errors": manager.errors().await?,
+                    "modules": mods,
+                });
+                println!("{doc:#}");
+            } else {
+                println!(
+                    "kvcd {} on kernel {}",
+                    manager.version().await?,
+                    manager.kernel().await?
+                );
+                for e in manager.errors().await? {
+                    println!("error: {e}");
+                }
+                print_table(&mods);
+            }
+            let bad = mods
+                .iter()
+                .any(|m| matches!(m.state, Phase::Failed | Phase::Busy | Phase::Invalid));
+            Ok(if bad { EXIT_FAILED } else { 0 })
+        }
+        ClientCommand::Load(a) | ClientCommand::Unload(a) | ClientCommand::Reload(a) => {
+            let unloading = matches!(cmd, ClientCommand::Unload(_));
+            let (path, op) = match cmd {
+                ClientCommand::Load(_) => manager.load(&a.name).await,
+                ClientCommand::Unload(_) => manager.unload(&a.name).await,
+                _ => manager.reload(&a.name).await,
+            }
+            .map_err(dbus_error)?;
+            if !a.wait {
+                println!("{}: queued (operation {op})", a.name);
+                return Ok(0);
+            }
+            let s = wait_for(&conn, &path, op, a.timeout, unloading).await?;
+            let ok = if unloading {
+                matches!(
+                    s.state,
+                    Phase::Inactive | Phase::Unsupported | Phase::Invalid
+                )
+            } else {
+                matches!(s.state, Phase::Loaded | Phase::Unsupported)
+            };
+            if ok {
+                println!("{}: {}", s.name, s.state);
+                Ok(0)
+            } else {
+                println!("{}: {} at {}: {}", s.name, s.state, s.step, s.error);
+                Ok(EXIT_FAILED)
+            }
+        }
+        ClientCommand::ReloadConfig => {
+            manager.reload_config().await.map_err(dbus_error)?;
+            Ok(0)
+        }
+        ClientCommand::Prepare { kernel } => {
+            manager.prepare(kernel).await.map_err(dbus_error)?;
+            println!("preparing every module config for {kernel}; see `journalctl -u kvcd`");
+            Ok(0)
+        }
+    }
+}
+
+/// A D-Bus error as one line: its name's last part and its message.
+fn dbus_error(e: zbus::Error) -> anyhow::Error {
+    match &e {
+        zbus::Error::MethodError(name, Some(msg), _) => {
+            anyhow!("{msg} ({})", name.as_str())
+        }
+        _ => anyhow!(e),
+    }
+}
+
+/// Runs a D-Bus verb; returns the exit code (3 when kvcd cannot be reached).
+pub(super) fn run(bus: &BusArgs, cmd: &ClientCommand) -> Result<u8> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    match rt.block_on(run_async(bus, cmd)) {
+        Ok(code) => Ok(code),
+        Err(e) if e.is::<Unreachable>() => {
+            eprintln!("error: {e}");
+            Ok(EXIT_NO_DAEMON)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            Ok(EXIT_FAILED)
+        }
+    }
+}

@@ -1,0 +1,568 @@
+//! `kvcd daemon` against a real private dbus-daemon running the shipped
+//! policy (scripts/dbus-bus). The daemon runs in this process with the kernel
+//! faked behind `KernelModules` (this host cannot load modules); `kvcctl` and
+//! `busctl` talk to it as an admin would. The VM test loads for real.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Fixtures, SharedFake};
+use kvcd::cli::daemon::{DaemonOptions, run};
+use kvcd::config::Overrides;
+use kvcd::kernel::KernelRelease;
+use kvcd::kmod::KernelModules;
+use kvcd::reconciler::agent::KmodsFactory;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A private bus, a config tree, and a daemon with a fake kernel.
+struct Node {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    address: String,
+    fx: Fixtures,
+    fake: SharedFake,
+    rt: tokio::runtime::Runtime,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    daemon: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Node {
+    fn new() -> Self {
+        let tmp = tempfile::Builder::new()
+            .prefix("kvcd-dbus")
+            .tempdir()
+            .unwrap();
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let root = tmp.path().to_owned();
+        let bus = root.join("bus-dir");
+        let out = Command::new(repo().join("scripts/dbus-bus"))
+            .arg("start")
+            .arg(&bus)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let address = format!("unix:path={}", bus.join("bus").display());
+        let fx = Fixtures::get();
+        fs::create_dir_all(root.join("etc/modules.d")).unwrap();
+        fs::write(
+            root.join("etc/kvcd.toml"),
+            format!(
+                "kernel_modules_dir = \"{}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\nretry_base_seconds = 1\nretry_max_seconds = 2\n",
+                fx.modules_dir().display(),
+                root.join("state").display(),
+                root.join("run").display()
+            ),
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        Self {
+            _tmp: tmp,
+            root,
+            address,
+            fx,
+            fake: SharedFake::default(),
+            rt,
+            stop: None,
+            daemon: None,
+        }
+    }
+
+    fn module(&self, name: &str, text: &str) {
+        let text = text.replace("@KO@", &self.fx.ko().display().to_string());
+        let p = self.root.join(format!("etc/modules.d/{name}.toml"));
+        let tmp = p.with_extension("tmp");
+        fs::write(&tmp, text).unwrap();
+        fs::rename(tmp, p).unwrap();
+    }
+
+    fn start(&mut self) {
+        let fake = self.fake.clone();
+        let factory: KmodsFactory =
+            Arc::new(move || Ok(Box::new(fake.clone()) as Box<dyn KernelModules>));
+        let opts = DaemonOptions {
+            dirs: vec![self.root.join("etc")],
+            overrides: Overrides::default(),
+            bus_address: Some(self.address.clone()),
+            kernel: KernelRelease::parse(&self.fx.kver).unwrap(),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        self.stop = Some(tx);
+        self.daemon = Some(self.rt.spawn(run(opts, factory, async move {
+            let _ = rx.await;
+        })));
+        // Ready when the name is on the bus.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.kvcctl(&["list"]).0 != 0 {
+            assert!(Instant::now() < deadline, "daemon did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(d) = self.daemon.take() {
+            self.rt.block_on(d).unwrap().unwrap();
+        }
+    }
+
+    fn kvcctl_as(&self, uid: Option<u32>, args: &[&str]) -> (i32, String, String) {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kvcctl"));
+        c.arg("--bus-address").arg(&self.address).args(args);
+        if let Some(u) = uid {
+            c.uid(u).gid(u);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn kvcctl(&self, args: &[&str]) -> (i32, String, String) {
+        self.kvcctl_as(None, args)
+    }
+
+    fn status(&self, name: &str) -> serde_json::Value {
+        let (_, out, err) = self.kvcctl(&["status", name, "--json"]);
+        let doc: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}{err}"));
+        doc["modules"][0].clone()
+    }
+
+    /// Waits until `pred` holds for the status of `name` (or it is gone, for `None`).
+    fn wait_until(&self, what: &str, pred: impl Fn(Option<&serde_json::Value>) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, out, _) = self.kvcctl(&["status", "--json"]);
+            let doc: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+            let mods = doc["modules"].as_array().cloned().unwrap_or_default();
+            let name = what.split(':').next().unwrap();
+            let m = mods.iter().find(|m| m["name"] == name);
+            if pred(m) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last status: {out}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = Command::new(repo().join("scripts/dbus-bus"))
+            .arg("stop")
+            .arg(self.root.join("bus-dir"))
+            .output();
+    }
+}
+
+const PARAM: &str = "version = \"1.2.0\"\nmodules = [\"kvcd_param\"]\n[parameters]\nkvcd_param = [\"level=4\"]\n[directory]\npath = \"@KO@\"\n";
+
+#[test]
+fn load_status_unload_over_dbus_with_wait() {
+    let mut node = Node::new();
+    node.module("params", PARAM);
+    node.start();
+
+    let (code, out, err) = node.kvcctl(&["load", "--wait", "params"]);
+    assert_eq!((code, out.as_str()), (0, "params: loaded\n"), "{err}");
+    assert!(node.fake.0.is_live("kvcd_param"));
+    assert_eq!(node.fake.0.params_of("kvcd_param"), ["level=4"]);
+    let s = node.status("params");
+    assert_eq!(s["state"], "loaded");
+    assert_eq!(s["loaded_modules"][0], "kvcd_param");
+    assert_eq!(s["wanted"], true);
+    assert!(
+        s["config_file"]
+            .as_str()
+            .unwrap()
+            .ends_with("etc/modules.d/params.toml")
+    );
+
+    let (code, out, _) = node.kvcctl(&["status"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("params") && l.contains("loaded") && l.contains("kvcd_param")),
+        "{out}"
+    );
+
+    // Loading again is a no-op that answers at once.
+    node.fake.0.take_log();
+    let (code, _, _) = node.kvcctl(&["load", "--wait", "params"]);
+    assert_eq!(code, 0);
+    assert!(node.fake.0.take_log().is_empty());
+
+    let (code, out, _) = node.kvcctl(&["unload", "--wait", "params"]);
+    assert_eq!((code, out.as_str()), (0, "params: inactive\n"));
+    assert!(!node.fake.0.is_live("kvcd_param"));
+
+    let (code, _, err) = node.kvcctl(&["load", "nosuch"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no module config named \"nosuch\" (org.kvcd.Kvcd1.Error.NotFound)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_failed_load_says_why_and_retries_with_backoff() {
+    let mut node = Node::new();
+    node.module(
+        "wrong",
+        "version = \"9.9\"\nmodules = [\"kvcd_user\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    node.start();
+    let (code, out, _) = node.kvcctl(&["load", "--wait", "wrong"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.starts_with("wrong: failed at verify: module kvcd_user ("),
+        "{out}"
+    );
+    let s = node.status("wrong");
+    assert!(s["next_retry"].as_u64().unwrap() > 0, "{s}");
+    let first = s["started_op"].as_u64().unwrap();
+    // retry_base_seconds = 1: it tries again by itself.
+    node.wait_until("wrong", |m| {
+        m.is_some_and(|m| m["started_op"].as_u64().unwrap() > first)
+    });
+    // Fixing the file is picked up by the watcher and the next attempt succeeds.
+    node.module(
+        "wrong",
+        "version = \"1.2.0\"\nmodules = [\"kvcd_user\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    node.wait_until("wrong", |m| m.is_some_and(|m| m["state"] == "loaded"));
+    assert!(node.fake.0.is_live("kvcd_user"));
+}
+
+#[test]
+fn non_root_callers_may_read_but_not_change() {
+    let mut node = Node::new();
+    node.module("params", PARAM);
+    node.start();
+    let (code, out, err) = node.kvcctl_as(Some(65534), &["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("params"), "{out}");
+    for verb in [
+        &["load", "params"][..],
+        &["unload", "params"],
+        &["reload", "params"],
+        &["reload-config"],
+        &["prepare", "6.1.0-1-amd64"],
+    ] {
+        let (code, _, err) = node.kvcctl_as(Some(65534), verb);
+        assert_eq!(code, 1, "{verb:?}: {err}");
+        assert!(err.contains("AccessDenied"), "{verb:?}: {err}");
+    }
+    assert!(!node.fake.0.is_live("kvcd_param"));
+    // busctl as nobody can introspect and read properties.
+    let out = Command::new("busctl")
+        .args([
+            "--address",
+            &node.address,
+            "get-property",
+            "org.kvcd.Kvcd1",
+            "/org/kvcd/Kvcd1/module/params",
+            "org.kvcd.Kvcd1.Module",
+            "State",
+        ])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "s \"inactive\"\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn introspection_and_object_manager() {
+    let mut node = Node::new();
+    node.module("simple-kmod", PARAM);
+    node.start();
+    let busctl = |args: &[&str]| {
+        let out = Command::new("busctl")
+            .arg("--address")
+            .arg(&node.address)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let manager = busctl(&["introspect", "org.kvcd.Kvcd1", "/org/kvcd/Kvcd1"]);
+    for member in [
+        ".ListModules",
+        ".Load",
+        ".Unload",
+        ".Reload",
+        ".ReloadConfig",
+        ".Prepare",
+        ".Version",
+        ".Kernel",
+        ".Modules",
+        "org.freedesktop.DBus.ObjectManager",
+    ] {
+        assert!(manager.contains(member), "{member} missing:\n{manager}");
+    }
+    let module = busctl(&[
+        "introspect",
+        "org.kvcd.Kvcd1",
+        "/org/kvcd/Kvcd1/module/simple_2dkmod",
+    ]);
+    for prop in [
+        ".Name",
+        ".State",
+        ".Step",
+        ".Error",
+        ".Kernel",
+        ".Image",
+        ".ImageDigest",
+        ".LoadedModules",
+        ".Since",
+        ".NextRetry",
+        ".ConfigFile",
+    ] {
+        assert!(module.contains(prop), "{prop} missing:\n{module}");
+    }
+    let objects = busctl(&[
+        "call",
+        "org.kvcd.Kvcd1",
+        "/org/kvcd/Kvcd1",
+        "org.freedesktop.DBus.ObjectManager",
+        "GetManagedObjects",
+    ]);
+    assert!(
+        objects.contains("/org/kvcd/Kvcd1/module/simple_2dkmod"),
+        "{objects}"
+    );
+    assert!(objects.contains("\"simple-kmod\""), "{objects}");
+
+    // The shipped introspection data is what the daemon serves.
+    for (file, path) in [
+        ("org.kvcd.Kvcd1.Manager.xml", "/org/kvcd/Kvcd1"),
+        (
+            "org.kvcd.Kvcd1.Module.xml",
+            "/org/kvcd/Kvcd1/module/simple_2dkmod",
+        ),
+    ] {
+        let xml = busctl(&["--xml-interface", "introspect", "org.kvcd.Kvcd1", path]);
+        let iface = file.trim_end_matches(".xml");
+        let start = xml.find(&format!("<interface name=\"{iface}\">")).unwrap();
+        let end = start + xml[start..].find("</interface>").unwrap() + "</interface>".len();
+        let served = format!("{}\n", &xml[start..end]);
+        let shipped = repo().join("docs/dbus").join(file);
+        if std::env::var_os("KVCD_BLESS").is_some() {
+            fs::create_dir_all(shipped.parent().unwrap()).unwrap();
+            fs::write(&shipped, &served).unwrap();
+        }
+        assert_eq!(
+            fs::read_to_string(&shipped).unwrap_or_default(),
+            served,
+            "{} is stale: run the test with KVCD_BLESS=1",
+            shipped.display()
+        );
+    }
+}
+
+#[test]
+fn config_changes_are_followed_live() {
+    let mut node = Node::new();
+    node.module("params", PARAM);
+    node.start();
+    assert_eq!(node.kvcctl(&["load", "--wait", "params"]).0, 0);
+
+    // A new file appears as a new object.
+    node.module(
+        "other",
+        "modules = [\"kvcd_base\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    node.wait_until("other", |m| m.is_some_and(|m| m["state"] == "inactive"));
+
+    // A version bump reloads the loaded config: out with the old, in with the new.
+    node.fake.0.take_log();
+    let before = node.status("params")["completed_op"].as_u64().unwrap();
+    node.module("params", &PARAM.replace("level=4", "level=5"));
+    node.wait_until("params", |m| {
+        m.is_some_and(|m| m["completed_op"].as_u64().unwrap() > before && m["state"] == "loaded")
+    });
+    assert_eq!(
+        node.fake.0.take_log(),
+        ["remove kvcd_param", "insert kvcd_param"]
+    );
+    assert_eq!(node.fake.0.params_of("kvcd_param"), ["level=5"]);
+
+    // A broken file keeps the working driver and says so.
+    node.module("params", "modules = [\n");
+    node.wait_until("params", |m| {
+        m.is_some_and(|m| {
+            m["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("invalid configuration, keeping the last good one:")
+        })
+    });
+    assert_eq!(node.status("params")["state"], "loaded");
+    assert!(node.fake.0.is_live("kvcd_param"));
+
+    // Masking it unloads it and its object goes away.
+    fs::remove_file(node.root.join("etc/modules.d/params.toml")).unwrap();
+    std::os::unix::fs::symlink("/dev/null", node.root.join("etc/modules.d/params.toml")).unwrap();
+    node.wait_until("params", |m| m.is_none());
+    assert!(!node.fake.0.is_live("kvcd_param"));
+
+    // Deleting works the same way.
+    node.module(
+        "other",
+        "modules = [\"kvcd_base\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    assert_eq!(node.kvcctl(&["load", "--wait", "other"]).0, 0);
+    fs::remove_file(node.root.join("etc/modules.d/other.toml")).unwrap();
+    node.wait_until("other", |m| m.is_none());
+    assert!(!node.fake.0.is_live("kvcd_base"));
+}
+
+#[test]
+fn a_restarted_daemon_adopts_what_is_loaded_without_reinserting() {
+    let mut node = Node::new();
+    node.module("params", PARAM);
+    node.start();
+    assert_eq!(node.kvcctl(&["load", "--wait", "params"]).0, 0);
+    node.stop();
+    // Stopping leaves drivers loaded.
+    assert!(node.fake.0.is_live("kvcd_param"));
+    node.fake.0.take_log();
+    node.start();
+    node.wait_until("params", |m| m.is_some_and(|m| m["state"] == "loaded"));
+    assert!(node.fake.0.take_log().is_empty(), "adopted, not reinserted");
+    assert_eq!(node.status("params")["wanted"], true);
+}
+
+#[test]
+fn after_ordering_is_respected() {
+    let mut node = Node::new();
+    node.module(
+        "first",
+        "modules = [\"kvcd_base\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    node.module(
+        "second",
+        "after = [\"first\"]\nmodules = [\"kvcd_param\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    node.start();
+    assert_eq!(node.kvcctl(&["load", "first"]).0, 0);
+    let (code, out, _) = node.kvcctl(&["load", "--wait", "second"]);
+    assert_eq!(code, 0, "{out}");
+    let log = node.fake.0.take_log();
+    assert_eq!(log, ["insert kvcd_base", "insert kvcd_param"]);
+}
+
+#[test]
+fn kvcctl_says_when_kvcd_is_not_running() {
+    let node = Node::new();
+    let (code, _, err) = node.kvcctl(&["status"]);
+    assert_eq!(code, 3);
+    assert_eq!(
+        err,
+        "error: kvcd is not running (nothing owns org.kvcd.Kvcd1 on the bus); start it with `systemctl start kvcd`\n"
+    );
+    let (code, _, err) = Command::new(env!("CARGO_BIN_EXE_kvcctl"))
+        .args(["--bus-address", "unix:path=/nonexistent/bus", "status"])
+        .output()
+        .map(|o| {
+            (
+                o.status.code().unwrap(),
+                (),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        })
+        .unwrap();
+    assert_eq!(code, 3);
+    assert!(
+        err.starts_with("error: cannot reach the D-Bus system bus:"),
+        "{err}"
+    );
+}
+
+/// The real `kvcd daemon` process: systemd notifications, SIGHUP, watchdog, SIGTERM.
+#[test]
+fn the_daemon_process_talks_to_systemd_and_obeys_signals() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    use std::os::unix::net::UnixDatagram;
+
+    let node = Node::new();
+    node.module("params", PARAM);
+    let sock_path = node.root.join("notify");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvcd"))
+        .arg("--config-dir")
+        .arg(node.root.join("etc"))
+        .args(["daemon", "--bus-address", &node.address])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .env_remove("WATCHDOG_PID")
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let mut recv_until = |want: &str| -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            let n = sock
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no {want:?} from the daemon (got {seen:?}): {e}"));
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            seen.push(msg.clone());
+            if msg == want {
+                return seen;
+            }
+        }
+    };
+    let seen = recv_until("READY=1");
+    assert!(seen.contains(&"STATUS=1 inactive".to_owned()), "{seen:?}");
+    recv_until("WATCHDOG=1");
+    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
+    kill(pid, Signal::SIGHUP).unwrap();
+    recv_until("RELOADING=1");
+    recv_until("READY=1");
+    kill(pid, Signal::SIGTERM).unwrap();
+    recv_until("STOPPING=1");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
