@@ -334,6 +334,8 @@ fn registry_down_falls_back_to_build() {
 fn build_failure_reports_what_was_tried_and_the_last_lines() {
     let _g = lock();
     let env = Env::new();
+    // A build from another test must not stand in for this one.
+    rmi(&format!("127.0.0.1:9/kvcd/unreachable:{}", env.fx.kver));
     let c = env.config("broken", &build_config("Containerfile.broken", "1.2.0"));
     let msg = fail(&env.engine("podman").prepare(&c), Step::Fetch);
     assert!(
