@@ -566,3 +566,27 @@ fn the_daemon_process_talks_to_systemd_and_obeys_signals() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn a_busy_reload_is_retried_as_a_reload_and_unload_on_stop_unloads() {
+    let mut node = Node::new();
+    let toml = node.root.join("etc/kvcd.toml");
+    let text = fs::read_to_string(&toml).unwrap();
+    fs::write(&toml, format!("{text}unload_on_stop = true\n")).unwrap();
+    node.module("params", PARAM);
+    node.start();
+    assert_eq!(node.kvcctl(&["load", "--wait", "params"]).0, 0);
+    // Someone holds the module: the reload after a config change is refused...
+    node.fake.0.hold("kvcd_param");
+    node.module("params", &PARAM.replace("level=4", "level=6"));
+    node.wait_until("params", |m| {
+        m.is_some_and(|m| m["state"] == "busy" && m["next_retry"].as_u64().unwrap() > 0)
+    });
+    // ...and once it is free, the retry swaps in the new config.
+    node.fake.0.release("kvcd_param");
+    node.wait_until("params", |m| m.is_some_and(|m| m["state"] == "loaded"));
+    assert_eq!(node.fake.0.params_of("kvcd_param"), ["level=6"]);
+    // unload_on_stop = true: stopping the agent unloads what it loaded.
+    node.stop();
+    assert!(!node.fake.0.is_live("kvcd_param"));
+}

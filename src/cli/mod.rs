@@ -169,7 +169,11 @@ fn init_logging(verbose: u8, daemon: bool) {
     let _ = match journal {
         Some(j) => registry.with(j).try_init(),
         None => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
             .try_init(),
     };
 }

@@ -130,6 +130,8 @@ struct Entry {
     running: bool,
     attempts: u32,
     retry_at: Option<Instant>,
+    /// The operation a retry repeats (a reload that met a busy module is retried as a reload).
+    retry_op: Op,
     /// The file is gone: unload (if needed), then forget it.
     removed: bool,
 }
@@ -302,6 +304,7 @@ impl Agent {
                         running: false,
                         attempts: 0,
                         retry_at: None,
+                        retry_op: Op::Load,
                         removed: false,
                     },
                 );
@@ -726,6 +729,7 @@ impl Agent {
                     let delay = backoff(base, max, e.attempts);
                     e.attempts = e.attempts.saturating_add(1);
                     e.retry_at = Some(Instant::now() + delay);
+                    e.retry_op = op;
                     e.status.next_retry = unix_now() + delay.as_secs().max(1);
                     info!(KVCD_MODULE = %name, "retrying in {}s", delay.as_secs());
                 }
@@ -744,14 +748,12 @@ impl Agent {
             .iter()
             .filter(|(_, e)| e.retry_at.is_some_and(|t| t <= now))
             .map(|(n, e)| {
-                (
-                    n.clone(),
-                    if e.status.wanted {
-                        Op::Load
-                    } else {
-                        Op::Unload
-                    },
-                )
+                let op = match (e.status.wanted, e.retry_op) {
+                    (true, Op::Reload) => Op::Reload,
+                    (true, _) => Op::Load,
+                    (false, _) => Op::Unload,
+                };
+                (n.clone(), op)
             })
             .collect();
         for (n, op) in due {

@@ -120,6 +120,16 @@ impl FakeKernel {
             .extra_refs += 1;
     }
 
+    /// Drops a reference added by `hold`.
+    pub fn release(&self, name: &str) {
+        self.mods
+            .lock()
+            .unwrap()
+            .get_mut(&m(name))
+            .unwrap()
+            .extra_refs -= 1;
+    }
+
     pub fn is_live(&self, name: &str) -> bool {
         self.mods.lock().unwrap().contains_key(&m(name))
     }
