@@ -9,7 +9,7 @@
 pub mod proxy;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 use zbus::message::Header;
@@ -91,7 +91,17 @@ async fn require_root(conn: &Connection, hdr: &Header<'_>) -> Result<(), Error> 
 
 struct Manager {
     agent: Handle,
-    status: watch::Receiver<Arc<Snapshot>>,
+    /// What the objects on the bus show (updated after they are registered,
+    /// so `ListModules` never names an object that is not there yet).
+    shown: Arc<Mutex<Arc<Snapshot>>>,
+}
+
+impl Manager {
+    fn shown(&self) -> Arc<Snapshot> {
+        self.shown
+            .lock()
+            .map_or_else(|p| p.into_inner().clone(), |g| g.clone())
+    }
 }
 
 impl Manager {
@@ -105,8 +115,7 @@ impl Manager {
 impl Manager {
     /// Every module config: name, object path and state.
     async fn list_modules(&self) -> Vec<(String, OwnedObjectPath, String)> {
-        self.status
-            .borrow()
+        self.shown()
             .modules
             .values()
             .map(|m| (m.name.clone(), module_path(&m.name), m.state.to_string()))
@@ -170,20 +179,19 @@ impl Manager {
     /// kvcd's version.
     #[zbus(property)]
     fn version(&self) -> String {
-        self.status.borrow().version.clone()
+        self.shown().version.clone()
     }
 
     /// The running kernel.
     #[zbus(property)]
     fn kernel(&self) -> String {
-        self.status.borrow().kernel.clone()
+        self.shown().kernel.clone()
     }
 
     /// The module config objects.
     #[zbus(property)]
     fn modules(&self) -> Vec<OwnedObjectPath> {
-        self.status
-            .borrow()
+        self.shown()
             .modules
             .keys()
             .map(|n| module_path(n))
@@ -193,7 +201,7 @@ impl Manager {
     /// Problems outside the module configs (a broken kvcd.toml).
     #[zbus(property)]
     fn errors(&self) -> Vec<String> {
-        self.status.borrow().errors.clone()
+        self.shown().errors.clone()
     }
 }
 
@@ -370,28 +378,37 @@ pub async fn serve(
 ) -> zbus::Result<()> {
     let server = conn.object_server();
     server.at(MANAGER_PATH, zbus::fdo::ObjectManager).await?;
+    let shown_snapshot = Arc::new(Mutex::new(Arc::new(Snapshot::default())));
     server
         .at(
             MANAGER_PATH,
             Manager {
                 agent,
-                status: status.clone(),
+                shown: shown_snapshot.clone(),
             },
         )
         .await?;
     let mut shown = BTreeMap::new();
-    let snap = status.borrow_and_update().clone();
-    sync(server, &mut shown, &snap).await?;
-    conn.request_name(BUS_NAME).await?;
-    while status.changed().await.is_ok() {
+    let mut first = true;
+    loop {
         let snap = status.borrow_and_update().clone();
-        if sync(server, &mut shown, &snap).await? {
+        let set_changed = sync(server, &mut shown, &snap).await?;
+        if let Ok(mut g) = shown_snapshot.lock() {
+            *g = snap;
+        }
+        if first {
+            conn.request_name(BUS_NAME).await?;
+            first = false;
+        } else if set_changed {
             let iface = server.interface::<_, Manager>(MANAGER_PATH).await?;
             iface
                 .get()
                 .await
                 .modules_changed(iface.signal_emitter())
                 .await?;
+        }
+        if status.changed().await.is_err() {
+            break;
         }
     }
     Ok(())

@@ -11,6 +11,12 @@
 # followed by the commands it ran and their output. The last line is
 # "KVCD-E2E: N passed, M failed"; the exit status is 1 if any check failed.
 #
+# The agent checks (kvcd daemon + kvcctl over D-Bus) run last in the normal
+# boot, after every `kvcd apply` check, since the daemon holds the runtime
+# lock: dbus-daemon with the config tests/vm/e2e renders
+# (/etc/dbus-1/kvcd-e2e-system-bus.conf, socket at the system bus's default
+# path), then `kvcd daemon` in the background, logging to /tmp.
+#
 # Kernel command line with module.sig_enforce=1: only the signature checks
 # run (every fixture is unsigned, so nothing of ours can load there).
 # With kvcd_e2e_verbose on the command line, passed checks show their
@@ -107,6 +113,151 @@ scrub() {
         if loaded "$_m"; then busybox rmmod "$_m" >/dev/null 2>&1; fi
     done
 }
+
+# --- background processes (busybox sh) --------------------------------------------
+# proc_state PID: the process's state letter (R, S, Z, ...); empty once it is
+# gone. The shell reaps its children by itself, so both cases mean "exited".
+proc_state() { sed -n 's/^.*) \(.\).*/\1/p' "/proc/$1/stat" 2>/dev/null; }
+exited() { _s=$(proc_state "$1"); [ -z "$_s" ] || [ "$_s" = Z ]; }
+
+# wait_exit PID SECONDS: true when PID exited within SECONDS; its exit
+# status is then in EXIT_RC (from `wait`, which works on a reaped child too).
+wait_exit() {
+    _i=0
+    while ! exited "$1"; do
+        if [ "$_i" -ge $(($2 * 10)) ]; then return 1; fi
+        sleep 0.1
+        _i=$((_i + 1))
+    done
+    wait "$1"
+    EXIT_RC=$?
+}
+
+# --- the agent: a system bus and kvcd daemon ---------------------------------------
+BUS_CONF=/etc/dbus-1/kvcd-e2e-system-bus.conf
+BUS_SOCKET=/run/dbus/system_bus_socket
+BUS_LOG=/run/dbus/log
+BUS_PID=""
+DAEMON_PID=""
+# kvcctl --wait gives up after this long (the boot's own timeout is longer).
+WAIT_S=120
+
+# start_bus: dbus-daemon in the background, until its socket exists.
+start_bus() {
+    mkdir -p /run/dbus
+    rm -f "$BUS_SOCKET"
+    dbus-daemon --config-file="$BUS_CONF" --nofork --nopidfile \
+        </dev/null >"$BUS_LOG" 2>&1 &
+    BUS_PID=$!
+    note "started dbus-daemon (pid $BUS_PID)"
+    _i=0
+    while [ ! -S "$BUS_SOCKET" ]; do
+        if exited "$BUS_PID" || [ "$_i" -ge 100 ]; then
+            bad "the bus did not come up: $(cat "$BUS_LOG")"
+            return 1
+        fi
+        sleep 0.1
+        _i=$((_i + 1))
+    done
+}
+
+stop_bus() {
+    [ -n "$BUS_PID" ] || return 0
+    kill "$BUS_PID" 2>/dev/null
+    wait_exit "$BUS_PID" 10 || { kill -9 "$BUS_PID" 2>/dev/null; wait "$BUS_PID"; }
+    BUS_PID=""
+}
+
+# start_daemon LOG: kvcd daemon in the background with stderr in LOG, until
+# `kvcctl list` answers with the configs (params among them).
+start_daemon() {
+    DAEMON_LOG=$1
+    NO_COLOR=1 kvcd daemon </dev/null >"$DAEMON_LOG" 2>&1 &
+    DAEMON_PID=$!
+    note "started kvcd daemon (pid $DAEMON_PID), log in $DAEMON_LOG"
+    _i=0
+    until kvcctl list 2>/dev/null | grep -qx params; do
+        if exited "$DAEMON_PID"; then
+            wait "$DAEMON_PID"
+            bad "kvcd daemon exited at start with status $?"
+            DAEMON_PID=""
+            return 1
+        fi
+        if [ "$_i" -ge 60 ]; then
+            bad "kvcctl list did not show the configs within 30 s"
+            return 1
+        fi
+        sleep 0.5
+        _i=$((_i + 1))
+    done
+    note "kvcctl list answers"
+}
+
+# stop_daemon: SIGTERM, then wait (30 s) for it to exit; exit status in
+# EXIT_RC. SIGKILL (and a failure) if it does not stop.
+stop_daemon() {
+    EXIT_RC=""
+    [ -n "$DAEMON_PID" ] || return 1
+    kill -TERM "$DAEMON_PID" 2>/dev/null
+    if wait_exit "$DAEMON_PID" 30; then
+        note "kvcd daemon (pid $DAEMON_PID) exited with status $EXIT_RC"
+        DAEMON_PID=""
+        return 0
+    fi
+    bad "kvcd daemon (pid $DAEMON_PID) did not exit within 30 s of SIGTERM"
+    kill -9 "$DAEMON_PID" 2>/dev/null
+    wait "$DAEMON_PID"
+    DAEMON_PID=""
+    return 1
+}
+
+# log_has FILE TEXT / log_count FILE TEXT: on the daemon's log.
+log_has() { grep -q -F -- "$2" "$1" 2>/dev/null; }
+log_count() { grep -c -F -- "$2" "$1" 2>/dev/null || true; }
+
+# end_with_logs FILE...: end, with the daemon logs in the transcript of a
+# failed check.
+end_with_logs() {
+    if [ -n "$WHY" ]; then
+        for _f; do
+            note "$_f:"
+            TRANSCRIPT="$TRANSCRIPT
+$(cat "$_f" 2>/dev/null)"
+        done
+        note "$BUS_LOG:"
+        TRANSCRIPT="$TRANSCRIPT
+$(cat "$BUS_LOG" 2>/dev/null)"
+    fi
+    end
+}
+
+# json_module NAME: module NAME's object in OUT (kvcctl status --json) on one
+# line, without blanks (the pretty JSON's indentation and line breaks).
+json_module() {
+    printf '%s' "$OUT" | tr -d ' \n' |
+        sed -n "s/.*\({[^{}]*\"name\":\"$1\"[^{}]*}\).*/\1/p"
+}
+
+# expect_json_state NAME STATE [MODULE]: OUT has module NAME in STATE, and
+# MODULE among its loaded_modules.
+expect_json_state() {
+    _o=$(json_module "$1")
+    if [ -z "$_o" ]; then bad "no module \"$1\" in the JSON"; return; fi
+    case "$_o" in
+        *"\"state\":\"$2\""*) ;;
+        *) bad "$1 is not in state $2: $_o" ;;
+    esac
+    [ $# -ge 3 ] || return 0
+    _l=$(printf '%s' "$_o" | sed -n 's/.*"loaded_modules":\[\([^]]*\)\].*/\1/p')
+    case ",$_l," in
+        *",\"$3\","*) ;;
+        *) bad "loaded_modules of $1 is [$_l], without $3" ;;
+    esac
+}
+
+# module_address MODULE: the module's load address from /proc/modules (root
+# sees the real one); a new insert gets a new one.
+module_address() { sed -n "s/^$1 .* \(0x[0-9a-f]*\).*/\1/p" /proc/modules; }
 
 KVER=$(uname -r)
 VERBOSE=""
@@ -393,6 +544,8 @@ post_unload hooked 0"
     end
     scrub kvcd_param
 
+    daemon_checks
+
     # Everything above cleaned up after itself: no fixture module and no
     # record may be left.
     begin "clean end state"
@@ -402,6 +555,102 @@ post_unload hooked 0"
     left=$(ls "$RUN/loaded" 2>/dev/null)
     [ -z "$left" ] || bad "records left: $left"
     end
+}
+
+# --- the agent over D-Bus (normal kernel, after every `kvcd apply` check) ---------
+daemon_checks() {
+    log1=/tmp/kvcd-daemon.1.log
+    log2=/tmp/kvcd-daemon.2.log
+
+    begin "daemon over D-Bus"
+    if start_bus && start_daemon "$log1"; then
+        run kvcctl load --wait --timeout "$WAIT_S" params
+        expect_rc 0
+        expect_out "params: loaded"
+        expect_loaded kvcd_param
+        expect_param kvcd_param level 7
+        expect_param kvcd_param label vm
+        expect_record params
+        run kvcctl status --json
+        expect_rc 0
+        expect_json_state params loaded kvcd_param
+        # Configs nobody asked for stay as they are.
+        expect_json_state deps inactive
+        run kvcctl status
+        expect_rc 0
+        printf '%s\n' "$OUT" | grep -q -E '^params +loaded +[^ ]+ +kvcd_param( |$)' ||
+            bad "the status table has no line 'params loaded ... kvcd_param'"
+        run kvcctl unload --wait --timeout "$WAIT_S" params
+        expect_rc 0
+        expect_out "params: inactive"
+        expect_unloaded kvcd_param
+        expect_no_record params
+        log_has "$log1" "inserted kvcd_param" || bad "the daemon log lacks 'inserted kvcd_param'"
+        log_has "$log1" "removed kvcd_param" || bad "the daemon log lacks 'removed kvcd_param'"
+    fi
+    end_with_logs "$log1"
+
+    # SIGTERM stops the daemon and leaves the driver in; the next daemon finds
+    # its record and the live module and takes it over without inserting.
+    begin "daemon restart keeps and adopts loaded drivers"
+    if [ -z "$DAEMON_PID" ]; then
+        bad "no daemon runs (see the check before)"
+    else
+        run kvcctl load --wait --timeout "$WAIT_S" params
+        expect_rc 0
+        expect_out "params: loaded"
+        expect_loaded kvcd_param
+        addr1=$(module_address kvcd_param)
+        note "kvcd_param is at $addr1"
+        if stop_daemon; then
+            [ "$EXIT_RC" = 0 ] || bad "kvcd daemon exited with status $EXIT_RC after SIGTERM, expected 0"
+        fi
+        log_has "$log1" "SIGTERM: stopping" || bad "the daemon log lacks 'SIGTERM: stopping'"
+        expect_loaded kvcd_param
+        expect_record params
+        if start_daemon "$log2"; then
+            run kvcctl status --json params
+            expect_rc 0
+            expect_json_state params loaded kvcd_param
+            log_has "$log2" "adopted: already loaded by kvcd" ||
+                bad "the second daemon's log lacks 'adopted: already loaded by kvcd'"
+            n=$(log_count "$log2" "inserted")
+            [ "$n" = 0 ] || bad "the second daemon inserted something ($n 'inserted' lines)"
+            addr2=$(module_address kvcd_param)
+            note "kvcd_param is at $addr2"
+            [ "$addr1" = "$addr2" ] || bad "kvcd_param moved from $addr1 to $addr2: it was inserted again"
+            run kvcctl unload --wait --timeout "$WAIT_S" params
+            expect_rc 0
+            expect_out "params: inactive"
+            expect_unloaded kvcd_param
+            expect_no_record params
+            if stop_daemon; then
+                [ "$EXIT_RC" = 0 ] || bad "kvcd daemon exited with status $EXIT_RC after SIGTERM, expected 0"
+            fi
+        fi
+    fi
+    end_with_logs "$log1" "$log2"
+
+    begin "kvcctl without a running daemon"
+    if [ -n "$DAEMON_PID" ]; then stop_daemon; fi
+    if [ -n "$BUS_PID" ]; then
+        # The bus runs, nobody owns org.kvcd.Kvcd1.
+        run kvcctl status
+        expect_rc 3
+        expect_out "kvcd is not running"
+        run kvcctl load --wait params
+        expect_rc 3
+        expect_unloaded kvcd_param
+    else
+        bad "the bus is not running (see the checks before)"
+    fi
+    stop_bus
+    # No bus at all.
+    run kvcctl status
+    expect_rc 3
+    expect_out "cannot reach the D-Bus system bus"
+    end_with_logs "$log1" "$log2"
+    scrub kvcd_param
 }
 
 case " $(cat /proc/cmdline) " in
