@@ -13,7 +13,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use common::{FakeKernel, Fixtures};
+use common::{FakeKernel, Fixtures, images_env};
 use kvcd::artifacts::RootLayout;
 use kvcd::artifacts::image::Manifest;
 use kvcd::artifacts::podman::Podman;
@@ -28,26 +28,6 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
     PODMAN
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// The variables `scripts/images` prints (environment, or target/images/env).
-fn images_env() -> BTreeMap<String, String> {
-    let mut vars: BTreeMap<String, String> = std::env::vars().collect();
-    if !vars.contains_key("KVCD_IMAGE_TAG") {
-        let env = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/images/env");
-        let text = fs::read_to_string(&env).unwrap_or_else(|_| {
-            panic!(
-                "test images missing: run scripts/registry start and scripts/images first (no {})",
-                env.display()
-            )
-        });
-        for line in text.lines() {
-            if let Some((k, v)) = line.trim_start_matches("export ").split_once('=') {
-                vars.insert(k.to_owned(), v.trim_matches(['"', '\'']).to_owned());
-            }
-        }
-    }
-    vars
 }
 
 struct Env {

@@ -16,16 +16,9 @@ use std::process::Command;
 use common::Fixtures;
 
 fn images_env(key: &str) -> String {
-    if let Ok(v) = std::env::var(key) {
-        return v;
-    }
-    let env = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/images/env");
-    let text = fs::read_to_string(&env).expect("run scripts/images first");
-    text.lines()
-        .filter_map(|l| l.trim_start_matches("export ").split_once('='))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v.trim_matches(['"', '\'']).to_owned())
-        .unwrap_or_else(|| panic!("{key} not in {}", env.display()))
+    common::images_env()
+        .remove(key)
+        .unwrap_or_else(|| panic!("{key} not set by scripts/images"))
 }
 
 struct Node {

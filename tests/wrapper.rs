@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
-use common::Fixtures;
+use common::{Fixtures, images_env};
 use kvcd::hooks::kvc::{self, Action};
 use kvcd::kernel::KernelRelease;
 
@@ -31,26 +31,6 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The variables `scripts/images` prints (environment, or target/images/env).
-fn images_env() -> BTreeMap<String, String> {
-    let mut vars: BTreeMap<String, String> = std::env::vars().collect();
-    if !vars.contains_key("KVCD_IMAGE_TAG") {
-        let env = repo().join("target/images/env");
-        let text = fs::read_to_string(&env).unwrap_or_else(|_| {
-            panic!(
-                "test images missing: run scripts/registry start and scripts/images first (no {})",
-                env.display()
-            )
-        });
-        for line in text.lines() {
-            if let Some((k, v)) = line.trim_start_matches("export ").split_once('=') {
-                vars.insert(k.to_owned(), v.trim_matches(['"', '\'']).to_owned());
-            }
-        }
-    }
-    vars
 }
 
 /// podman as an absolute path, so tests can tell kvcd.toml's value reached the tool runner.

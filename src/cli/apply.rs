@@ -7,13 +7,11 @@ use anyhow::Result;
 use clap::Args;
 
 use super::{EXIT_FAILED, PathArgs, lock_runtime};
-use crate::artifacts::RootLayout;
-use crate::artifacts::podman::Podman;
 use crate::artifacts::prune::compare_releases;
-use crate::config::{Config, DaemonSettings};
+use crate::config::Config;
 use crate::kernel::{KernelRelease, installed_kernels};
-use crate::kmod::{KernelModules, Libkmod};
-use crate::reconciler::{Engine, OnStep, Outcome, RecordStore, Step, StepLog, order};
+use crate::kmod::Libkmod;
+use crate::reconciler::{Engine, OnStep, Outcome, Step, StepLog, order};
 
 /// `kvcd apply` arguments.
 #[derive(Debug, Args)]
@@ -53,28 +51,6 @@ fn print_step(name: &str, s: &StepLog) {
     println!("{name}: {}: {}", s.step.as_str(), s.detail);
 }
 
-fn engine<'a>(
-    d: &DaemonSettings,
-    kernel: &KernelRelease,
-    kmods: &'a dyn KernelModules,
-    on_step: Option<&'a OnStep<'a>>,
-) -> Engine<'a> {
-    Engine {
-        layout: RootLayout {
-            state_dir: d.state_dir.clone(),
-            kernel_modules_dir: d.kernel_modules_dir.clone(),
-            depmod: d.depmod.clone(),
-        },
-        kernel: kernel.clone(),
-        kmods,
-        podman: Podman::new(&d.podman),
-        firmware_dir: d.firmware_dir.clone(),
-        keep_kernels: d.keep_kernels,
-        records: RecordStore::new(&d.runtime_dir),
-        on_step,
-    }
-}
-
 fn print_outcome(o: &Outcome) {
     match &o.error {
         None => println!("{}: {}", o.name, o.state),
@@ -107,7 +83,7 @@ pub(super) fn run(paths: &PathArgs, args: &ApplyArgs) -> Result<u8> {
     let _lock = lock_runtime(&d.runtime_dir)?;
     let kmods = Libkmod::new()?;
     let on_step: &OnStep<'_> = &print_step;
-    let engine = engine(d, &kernel, &kmods, (!args.json).then_some(on_step));
+    let engine = Engine::from_settings(d, &kernel, &kmods, (!args.json).then_some(on_step));
 
     let after: BTreeMap<String, Vec<String>> = config
         .modules
@@ -187,7 +163,7 @@ pub(super) fn prepare_next(paths: &PathArgs, args: &PrepareNextArgs) -> Result<u
     let on_step: &OnStep<'_> = &print_step;
     let mut outcomes = Vec::new();
     for kernel in &kernels {
-        let engine = engine(d, kernel, &kmods, (!args.json).then_some(on_step));
+        let engine = Engine::from_settings(d, kernel, &kmods, (!args.json).then_some(on_step));
         for name in &names {
             let o = match config.module(name) {
                 Ok(c) => engine.prepare(c),

@@ -407,6 +407,14 @@ impl Config {
     }
 }
 
+/// Several errors on one line, `; `-separated.
+pub fn join_errors(errs: &[ConfigError]) -> String {
+    errs.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Why a module config could not be used.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ModuleLookupError {

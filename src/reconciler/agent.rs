@@ -19,8 +19,6 @@ use tracing::{info, warn};
 
 use super::status::{ModuleStatus, Phase, Snapshot};
 use super::{Engine, Outcome, RecordStore, State, Step, StepLog};
-use crate::artifacts::RootLayout;
-use crate::artifacts::podman::Podman;
 use crate::config::{Config, DaemonSettings, ModuleConfig, Overrides};
 use crate::kernel::KernelRelease;
 use crate::kmod::KernelModules;
@@ -284,11 +282,7 @@ impl Agent {
                 let (cfg, err) = match &me.result {
                     Ok(c) => (Some(c.clone()), None),
                     Err(errs) => {
-                        let msg = errs
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join("; ");
+                        let msg = crate::config::join_errors(errs);
                         Self::set_phase(&mut status, Phase::Invalid);
                         status.error.clone_from(&msg);
                         (None, Some(msg))
@@ -334,11 +328,7 @@ impl Agent {
                         }
                     }
                     Err(errs) => {
-                        let msg = errs
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join("; ");
+                        let msg = crate::config::join_errors(errs);
                         warn!(KVCD_MODULE = %name, "invalid configuration: {msg}");
                         if e.config.is_some() {
                             e.status.error =
@@ -520,7 +510,7 @@ impl Agent {
         let settings = self.settings.clone();
         tokio::task::spawn_blocking(move || {
             let Ok(kmods) = factory() else { return };
-            let engine = engine(&settings, &kernel, &*kmods, None);
+            let engine = Engine::from_settings(&settings, &kernel, &*kmods, None);
             for c in &configs {
                 let o = engine.prepare(c);
                 match &o.error {
@@ -870,28 +860,6 @@ fn backoff(base: u64, max: u64, attempts: u32) -> Duration {
     Duration::from_millis(millis - spread + offset)
 }
 
-fn engine<'a>(
-    settings: &DaemonSettings,
-    kernel: &KernelRelease,
-    kmods: &'a dyn KernelModules,
-    on_step: Option<&'a super::OnStep<'a>>,
-) -> Engine<'a> {
-    Engine {
-        layout: RootLayout {
-            state_dir: settings.state_dir.clone(),
-            kernel_modules_dir: settings.kernel_modules_dir.clone(),
-            depmod: settings.depmod.clone(),
-        },
-        kernel: kernel.clone(),
-        kmods,
-        podman: Podman::new(&settings.podman),
-        firmware_dir: settings.firmware_dir.clone(),
-        keep_kernels: settings.keep_kernels,
-        records: RecordStore::new(&settings.runtime_dir),
-        on_step,
-    }
-}
-
 fn run_op(
     factory: &KmodsFactory,
     settings: &DaemonSettings,
@@ -908,7 +876,7 @@ fn run_op(
     let progress = |n: &str, s: &StepLog| {
         let _ = tx.send(Event::Progress(n.to_owned(), s.step));
     };
-    let engine = engine(settings, kernel, &*kmods, Some(&progress));
+    let engine = Engine::from_settings(settings, kernel, &*kmods, Some(&progress));
     match (op, config) {
         (Op::Unload, c) => engine.unload(name, c),
         (Op::Load, Some(c)) => engine.load(c),

@@ -95,6 +95,31 @@ struct Changes {
     firmware: Vec<PathBuf>,
 }
 
+impl<'a> Engine<'a> {
+    /// An engine for `kernel` with the paths and programs of `settings` (kvcd.toml).
+    pub fn from_settings(
+        settings: &crate::config::DaemonSettings,
+        kernel: &KernelRelease,
+        kmods: &'a dyn KernelModules,
+        on_step: Option<&'a OnStep<'a>>,
+    ) -> Self {
+        Self {
+            layout: RootLayout {
+                state_dir: settings.state_dir.clone(),
+                kernel_modules_dir: settings.kernel_modules_dir.clone(),
+                depmod: settings.depmod.clone(),
+            },
+            kernel: kernel.clone(),
+            kmods,
+            podman: Podman::new(&settings.podman),
+            firmware_dir: settings.firmware_dir.clone(),
+            keep_kernels: settings.keep_kernels,
+            records: RecordStore::new(&settings.runtime_dir),
+            on_step,
+        }
+    }
+}
+
 impl Engine<'_> {
     fn log(&self, out: &mut Outcome, step: Step, detail: impl Into<String>) {
         let detail = detail.into();

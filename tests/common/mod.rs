@@ -14,6 +14,33 @@ use kvcd::kmod::{
 };
 use nix::errno::Errno;
 
+/// The variables a setup script exports: the environment when it has `key`,
+/// else the script's env file under the repository (`run` says which script).
+pub fn env_file(key: &str, file: &str, run: &str) -> BTreeMap<String, String> {
+    let mut vars: BTreeMap<String, String> = std::env::vars().collect();
+    if !vars.contains_key(key) {
+        let env = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let text = std::fs::read_to_string(&env).unwrap_or_else(|_| {
+            panic!("test setup missing: run {run} first (no {})", env.display())
+        });
+        for line in text.lines() {
+            if let Some((k, v)) = line.trim_start_matches("export ").split_once('=') {
+                vars.insert(k.to_owned(), v.trim_matches(['"', '\'']).to_owned());
+            }
+        }
+    }
+    vars
+}
+
+/// The variables `scripts/images` prints (registries, image references, build context).
+pub fn images_env() -> BTreeMap<String, String> {
+    env_file(
+        "KVCD_IMAGE_TAG",
+        "target/images/env",
+        "scripts/registry start and scripts/images",
+    )
+}
+
 /// Paths from `scripts/fixtures` (environment, or `target/fixtures/env`).
 #[derive(Debug, Clone)]
 pub struct Fixtures {
@@ -27,22 +54,7 @@ pub struct Fixtures {
 
 impl Fixtures {
     pub fn get() -> Self {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let mut vars: BTreeMap<String, String> = std::env::vars().collect();
-        if !vars.contains_key("KVCD_FIXTURES") {
-            let env = repo.join("target/fixtures/env");
-            let text = std::fs::read_to_string(&env).unwrap_or_else(|_| {
-                panic!(
-                    "fixture modules missing: run scripts/fixtures first (no {})",
-                    env.display()
-                )
-            });
-            for line in text.lines() {
-                if let Some((k, v)) = line.trim_start_matches("export ").split_once('=') {
-                    vars.insert(k.to_owned(), v.trim_matches('"').to_owned());
-                }
-            }
-        }
+        let vars = env_file("KVCD_FIXTURES", "target/fixtures/env", "scripts/fixtures");
         let get = |k: &str| {
             vars.get(k)
                 .cloned()
