@@ -42,7 +42,7 @@ fn shipped_examples_validate() {
     assert_eq!(code, 0, "{out}");
     assert_eq!(
         out.trim(),
-        "3 module config(s) valid, 0 invalid, 0 error(s)"
+        "7 module config(s) valid, 0 invalid, 0 error(s)"
     );
 }
 
@@ -87,7 +87,7 @@ fn each_broken_example_names_file_and_key() {
         files.len(),
         "{out}"
     );
-    assert_eq!(doc["valid"].as_array().unwrap().len(), 3, "{out}");
+    assert_eq!(doc["valid"].as_array().unwrap().len(), 7, "{out}");
     assert!(doc["errors"][0]["file"].is_string());
 }
 

@@ -326,6 +326,7 @@ impl ImageStore<'_> {
             args: &args,
             secrets: &b.secrets,
             no_cache: rebuild,
+            auth_file: src.auth_file.as_deref(),
         };
         match self
             .podman

@@ -231,6 +231,9 @@ impl Podman {
         for (k, v) in build.args {
             args.push(format!("--build-arg={k}={v}"));
         }
+        if let Some(a) = build.auth_file {
+            args.push(format!("--authfile={}", a.display()));
+        }
         for (id, src) in build.secrets {
             args.push(format!("--secret=id={id},src={}", src.display()));
         }
@@ -300,6 +303,8 @@ pub struct BuildArgs<'a> {
     pub secrets: &'a BTreeMap<String, PathBuf>,
     /// Ignore cached layers (a rebuild after a bad result).
     pub no_cache: bool,
+    /// Credentials for pulling base images (the config's `image.auth_file`).
+    pub auth_file: Option<&'a Path>,
 }
 
 #[cfg(test)]

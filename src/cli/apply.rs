@@ -51,6 +51,18 @@ fn print_step(name: &str, s: &StepLog) {
     println!("{name}: {}: {}", s.step.as_str(), s.detail);
 }
 
+/// Each valid module config's `after` list.
+fn after_map(config: &Config) -> BTreeMap<String, Vec<String>> {
+    config
+        .modules
+        .iter()
+        .filter_map(|(n, e)| {
+            let c = e.result.as_ref().ok()?;
+            Some((n.clone(), c.after.iter().map(ToString::to_string).collect()))
+        })
+        .collect()
+}
+
 fn print_outcome(o: &Outcome) {
     match &o.error {
         None => println!("{}: {}", o.name, o.state),
@@ -85,15 +97,7 @@ pub(super) fn run(paths: &PathArgs, args: &ApplyArgs) -> Result<u8> {
     let on_step: &OnStep<'_> = &print_step;
     let engine = Engine::from_settings(d, &kernel, &kmods, (!args.json).then_some(on_step));
 
-    let after: BTreeMap<String, Vec<String>> = config
-        .modules
-        .iter()
-        .filter_map(|(n, e)| {
-            let c = e.result.as_ref().ok()?;
-            Some((n.clone(), c.after.iter().map(ToString::to_string).collect()))
-        })
-        .collect();
-    let mut names = order::load_order(&args.names, &after);
+    let mut names = order::load_order(&args.names, &after_map(&config));
     if args.unload {
         names.reverse();
     }
@@ -153,6 +157,8 @@ pub(super) fn prepare_next(paths: &PathArgs, args: &PrepareNextArgs) -> Result<u
     } else {
         args.names.clone()
     };
+    // A config built on another's image (its `after`) is prepared after it.
+    let names = order::load_order(&names, &after_map(&config));
     if kernels.is_empty() && !args.json {
         println!(
             "prepare-next: no installed kernel besides the running {running} in {}",

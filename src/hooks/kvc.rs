@@ -52,10 +52,19 @@ kvc_c_build() { "$KVC_CONTAINER_RUNTIME" build "$@"; }
 kvc_c_images() { "$KVC_CONTAINER_RUNTIME" images "$@"; }
 kvc_c_rmi() { "$KVC_CONTAINER_RUNTIME" rmi "$@"; }
 
+# Like KVC: each location is sourced when the library is there; one must be.
+kvcd_sourced=0
 for kvcd_lib in "${kvcd_libs[@]}"; do
-    # shellcheck disable=SC1090
-    source "$kvcd_lib"
+    if [ -e "$kvcd_lib" ]; then
+        # shellcheck disable=SC1090
+        source "$kvcd_lib"
+        kvcd_sourced=$((kvcd_sourced + 1))
+    fi
 done
+if [ "$kvcd_sourced" -eq 0 ]; then
+    echo "no KVC library for ${KVC_SOFTWARE_NAME}: none of ${kvcd_libs[*]} exists" >&2
+    exit 1
+fi
 
 case "$KVC_ACTION" in
     build) build_kmods ;;
@@ -175,6 +184,34 @@ mod tests {
         ));
         assert_eq!(code, 0);
         assert_eq!(o, "<tool><a b><$(id)>");
+    }
+
+    #[test]
+    fn missing_locations_are_skipped_but_one_must_exist() {
+        let t = tempfile::tempdir().unwrap();
+        let lib = t.path().join("x-lib.sh");
+        fs::write(&lib, "load_kmods() { echo loaded; }\n").unwrap();
+        let libs = vec![t.path().join("absent-lib.sh"), lib];
+        let (code, o, _) = out(&mut command(
+            &libs,
+            Action::Load,
+            "x",
+            "k",
+            Path::new("podman"),
+            &[],
+        ));
+        assert_eq!((code, o.as_str()), (0, "loaded\n"));
+        let none = vec![t.path().join("absent-lib.sh")];
+        let (code, _, e) = out(&mut command(
+            &none,
+            Action::Load,
+            "x",
+            "k",
+            Path::new("podman"),
+            &[],
+        ));
+        assert_eq!(code, 1);
+        assert!(e.starts_with("no KVC library for x: none of "), "{e}");
     }
 
     #[test]

@@ -501,10 +501,11 @@ impl Agent {
     fn prepare(&mut self, kernel: &str) -> Result<u64, AgentError> {
         let kernel = KernelRelease::parse(kernel)
             .map_err(|e| AgentError::InvalidConfig(format!("{e:#}")))?;
+        // In `after` order: a config may build on another's image.
         let configs: Vec<ModuleConfig> = self
-            .entries
-            .values()
-            .filter_map(|e| e.config.clone())
+            .ordered()
+            .iter()
+            .filter_map(|n| self.entries.get(n)?.config.clone())
             .collect();
         let factory = self.factory.clone();
         let settings = self.settings.clone();
