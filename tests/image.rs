@@ -11,24 +11,14 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
-use common::{FakeKernel, Fixtures, images_env};
+use common::{FakeKernel, Fixtures, images_env, podman_lock};
 use kvcd::artifacts::RootLayout;
 use kvcd::artifacts::image::Manifest;
 use kvcd::artifacts::podman::Podman;
 use kvcd::config::{Config, ModuleConfig, Overrides};
 use kvcd::kernel::KernelRelease;
 use kvcd::reconciler::{Engine, Outcome, RecordStore, State, Step};
-
-/// Tests share podman's local storage; they take turns.
-static PODMAN: Mutex<()> = Mutex::new(());
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    PODMAN
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 struct Env {
     tmp: tempfile::TempDir,
@@ -125,7 +115,7 @@ tls_verify = false
 
 #[test]
 fn pull_by_tag_extract_load_then_warm_path_without_podman() {
-    let _g = lock();
+    let _g = podman_lock();
     let env = Env::new();
     rmi(env.var("KVCD_IMAGE_TAG"));
     let c = env.config("img", PARAM_TAG);
@@ -175,7 +165,7 @@ fn pull_by_tag_extract_load_then_warm_path_without_podman() {
 
 #[test]
 fn pull_by_digest_and_always_rechecks_without_reextracting() {
-    let _g = lock();
+    let _g = podman_lock();
     let env = Env::new();
     let reference = env.var("KVCD_IMAGE_DIGEST").to_owned();
     rmi(&reference);
@@ -199,7 +189,7 @@ fn pull_by_digest_and_always_rechecks_without_reextracting() {
 
 #[test]
 fn pull_with_credentials_and_each_auth_failure_named() {
-    let _g = lock();
+    let _g = podman_lock();
     let env = Env::new();
     let reference = env.var("KVCD_IMAGE_AUTH").to_owned();
     let registry = env.var("KVCD_REGISTRY_AUTH").to_owned();
@@ -234,7 +224,7 @@ fn pull_with_credentials_and_each_auth_failure_named() {
 
 #[test]
 fn unknown_image_names_registry_reference_and_cause() {
-    let _g = lock();
+    let _g = podman_lock();
     let env = Env::new();
     let c = env.config(
         "nope",
@@ -279,7 +269,7 @@ args = {{ KVER = "${{KERNEL_FULL_VERSION}}", KMODVER = "${{MOD_VERSION}}" }}
 
 #[test]
 fn registry_down_falls_back_to_build() {
-    let _g = lock();
+    let _g = podman_lock();
     let env = Env::new();
     let reference = format!("127.0.0.1:9/kvcd/unreachable:{}", env.fx.kver);
     rmi(&reference);
@@ -312,7 +302,7 @@ fn registry_down_falls_back_to_build() {
 
 #[test]
 fn build_failure_reports_what_was_tried_and_the_last_lines() {
-    let _g = lock();
+    let _g = podman_lock();
     let env = Env::new();
     // A build from another test must not stand in for this one.
     rmi(&format!("127.0.0.1:9/kvcd/unreachable:{}", env.fx.kver));
@@ -335,7 +325,7 @@ fn build_failure_reports_what_was_tried_and_the_last_lines() {
 
 #[test]
 fn a_built_image_that_fails_verification_is_rebuilt_once() {
-    let _g = lock();
+    let _g = podman_lock();
     let env = Env::new();
     let reference = format!("127.0.0.1:9/kvcd/unreachable:{}", env.fx.kver);
     rmi(&reference);
@@ -364,7 +354,7 @@ fn a_built_image_that_fails_verification_is_rebuilt_once() {
 
 #[test]
 fn image_for_another_kernel_fails_verification() {
-    let _g = lock();
+    let _g = podman_lock();
     let env = Env::new();
     let c = env.config(
         "other",
@@ -382,7 +372,7 @@ fn image_for_another_kernel_fails_verification() {
 
 #[test]
 fn escaping_symlink_in_image_is_refused_and_nothing_extracted() {
-    let _g = lock();
+    let _g = podman_lock();
     let env = Env::new();
     let c = env.config(
         "evil",
@@ -404,7 +394,7 @@ fn escaping_symlink_in_image_is_refused_and_nothing_extracted() {
 
 #[test]
 fn prepare_a_kernel_then_apply_it_on_the_warm_path_through_the_cli() {
-    let _g = lock();
+    let _g = podman_lock();
     let env = Env::new();
     let etc = env.tmp.path().join("etc");
     let kvcd_toml = |podman: &str| {
@@ -463,7 +453,7 @@ fn prepare_a_kernel_then_apply_it_on_the_warm_path_through_the_cli() {
 
 #[test]
 fn firmware_from_the_image_is_placed_found_and_removed() {
-    let _g = lock();
+    let _g = podman_lock();
     let env = Env::new();
     let c = env.config(
         "fw",
@@ -529,7 +519,7 @@ fn firmware_from_the_image_is_placed_found_and_removed() {
 
 #[test]
 fn missing_firmware_dir_in_the_image_is_named() {
-    let _g = lock();
+    let _g = podman_lock();
     let env = Env::new();
     let c = env.config(
         "fw",
@@ -542,7 +532,7 @@ fn missing_firmware_dir_in_the_image_is_named() {
 
 #[test]
 fn prepare_next_prepares_installed_kernels_behind_its_switch() {
-    let _g = lock();
+    let _g = podman_lock();
     let env = Env::new();
     let etc = env.tmp.path().join("etc");
     let kvcd_toml = |switch: bool| {
@@ -592,7 +582,7 @@ fn prepare_next_prepares_installed_kernels_behind_its_switch() {
 
 #[test]
 fn a_build_hook_replaces_podman_build() {
-    let _g = lock();
+    let _g = podman_lock();
     let env = Env::new();
     let reference = format!("127.0.0.1:9/kvcd/hook-built:{}", env.fx.kver);
     rmi(&reference);

@@ -14,20 +14,10 @@ use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 
-use common::{Fixtures, images_env};
+use common::{Fixtures, images_env, podman_lock};
 use kvcd::hooks::kvc::{self, Action};
 use kvcd::kernel::KernelRelease;
-
-/// Tests share podman's local storage; they take turns.
-static PODMAN: Mutex<()> = Mutex::new(());
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    PODMAN
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -184,7 +174,7 @@ tls_verify = false
 
 #[test]
 fn tool_from_the_prepared_image_passes_status_stdin_and_arguments() {
-    let _g = lock();
+    let _g = podman_lock();
     let node = Node::new();
     let kver = node.fx.kver.clone();
     let reference = node.var("KVCD_IMAGE_TAG").to_owned();
@@ -291,7 +281,7 @@ pull = "never"
 
 #[test]
 fn config_reference_for_the_running_kernel_and_each_error() {
-    let _g = lock();
+    let _g = podman_lock();
     let node = Node::new();
     let (_name, _untag) = running_kernel_image();
     node.config("run", RUNNING_CONFIG);
@@ -353,7 +343,7 @@ fn config_reference_for_the_running_kernel_and_each_error() {
 
 #[test]
 fn install_wrapper_writes_a_working_shim_and_keeps_foreign_files() {
-    let _g = lock();
+    let _g = podman_lock();
     // A configuration directory whose name needs quoting in the shim.
     let node = Node::with_etc("etc with 'quotes' and $HOME");
     let (_name, _untag) = running_kernel_image();
@@ -437,7 +427,7 @@ fn trace(path: &Path) -> Vec<String> {
 
 #[test]
 fn kvc_library_builds_its_image_and_runs_tools_through_its_wrapper() {
-    let _g = lock();
+    let _g = podman_lock();
     let mut node = Node::new();
     let kver = node.fx.kver.clone();
     let image = format!("localhost/kvc-simple-1.2.0:{kver}");

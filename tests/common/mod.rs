@@ -32,6 +32,14 @@ pub fn env_file(key: &str, file: &str, run: &str) -> BTreeMap<String, String> {
     vars
 }
 
+/// Tests of one binary that use podman's local storage take turns.
+pub fn podman_lock() -> std::sync::MutexGuard<'static, ()> {
+    static PODMAN: Mutex<()> = Mutex::new(());
+    PODMAN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The variables `scripts/images` prints (registries, image references, build context).
 pub fn images_env() -> BTreeMap<String, String> {
     env_file(
