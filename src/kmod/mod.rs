@@ -126,11 +126,6 @@ impl ModuleTree {
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
     }
 
-    /// Resolves one module name to its file.
-    pub fn resolve(&self, name: &ModName) -> Result<ModuleFile> {
-        self.lookup(name).map(|m| self.file(&m)).and_then(|r| r)
-    }
-
     fn lookup(&self, name: &ModName) -> Result<sys::Module> {
         let found = self
             .ctx
