@@ -203,6 +203,11 @@ pub fn expand(template: &str, vars: &TemplateVars) -> Result<String, TemplateErr
     Ok(out)
 }
 
+/// Expands every element of a command's argv.
+pub fn expand_all(argv: &[String], vars: &TemplateVars) -> Result<Vec<String>, TemplateError> {
+    argv.iter().map(|a| expand(a, vars)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

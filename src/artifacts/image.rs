@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::podman::{BUILT_LABEL, BuildArgs, ImageInfo, LineSink, Podman};
 use crate::config::{ImageSource, PullPolicy};
-use crate::kernel::{KernelRelease, TemplateVars, expand};
+use crate::kernel::{KernelRelease, TemplateVars, expand, expand_all};
 use crate::kmod::ModName;
 use crate::util::write_atomic;
 
@@ -266,12 +266,7 @@ impl ImageStore<'_> {
             }
         }
         if let Some(hook) = build_hook {
-            let argv = hook
-                .argv
-                .iter()
-                .map(|a| expand(a, vars))
-                .collect::<Result<Vec<_>, _>>()
-                .context("key `hooks.build`")?;
+            let argv = expand_all(hook.argv, vars).context("key `hooks.build`")?;
             let mut cmd = crate::hooks::command(&argv);
             cmd.env("KVCD_MODULE", config_name)
                 .env("KVCD_KERNEL", vars.kernel.as_str())

@@ -10,7 +10,7 @@ use tracing::info;
 use super::{Engine, Fail, Outcome, Record, State, Step, StepLog, now};
 use crate::config::{ModuleConfig, ReadyKind, Source};
 use crate::hooks::{self, kvc};
-use crate::kernel::{TemplateVars, arch, expand};
+use crate::kernel::{TemplateVars, arch, expand, expand_all};
 
 /// How often a ready check looks again.
 const READY_POLL: Duration = Duration::from_millis(200);
@@ -94,10 +94,7 @@ impl Engine<'_> {
     ) -> Result<(), Fail> {
         let Some(argv) = argv else { return Ok(()) };
         let vars = self.vars(c);
-        let argv = argv
-            .iter()
-            .map(|a| expand(a, &vars))
-            .collect::<Result<Vec<_>, _>>()
+        let argv = expand_all(argv, &vars)
             .map_err(|e| Fail::at(Step::Hook)(anyhow!("hooks.{which}: {e}")))?;
         self.log(
             out,
@@ -144,11 +141,7 @@ impl Engine<'_> {
                 );
             }
             ReadyKind::Command(argv) => {
-                let argv = argv
-                    .iter()
-                    .map(|a| expand(a, &vars))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| fail(e.into()))?;
+                let argv = expand_all(argv, &vars).map_err(|e| fail(e.into()))?;
                 self.log(
                     out,
                     Step::Ready,
