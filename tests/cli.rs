@@ -261,7 +261,7 @@ fn apply_on_a_kernel_that_cannot_load_modules() {
     let (code, out, _) = node.apply(&["p"]);
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("p: verify: vermagic and versions match"),
+        out.contains("p: verify: architecture, vermagic and versions match"),
         "{out}"
     );
     assert!(

@@ -328,6 +328,121 @@ fn never_unloads_what_it_did_not_load() {
 }
 
 #[test]
+fn a_live_in_tree_module_of_the_same_name_is_not_reported_as_the_package() {
+    let env = Env::new();
+    let in_tree = env.in_tree("kernel/drivers/net/dummy.ko");
+    env.fake.preload("dummy", &in_tree, &[]);
+    let c = env.config(
+        "nic",
+        "modules = [\"dummy\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    let o = env.engine().load(&c);
+    assert_eq!(o.state, State::Failed, "{o:#?}");
+    let e = o.error.as_ref().unwrap();
+    assert_eq!(e.step, Step::Verify);
+    let msg = &e.message;
+    for want in [
+        "dummy is already loaded, but the live module is the in-tree dummy of kernel",
+        &format!("({})", in_tree.display()),
+        "not the package's",
+        "live build ID",
+        "add replace_in_tree = [\"dummy\"] to",
+        "nic.toml",
+    ] {
+        assert!(msg.contains(want), "{want:?} not in {msg}");
+    }
+    // Nothing changed: the in-tree module is still the live one, nothing recorded.
+    assert!(env.fake.take_log().is_empty());
+    assert_eq!(env.fake.path_of("dummy").unwrap(), in_tree);
+    assert!(env.records().get("nic").unwrap().is_none());
+}
+
+#[test]
+fn a_live_module_from_elsewhere_is_named_as_such() {
+    let env = Env::new();
+    // Another build under the package's name: the fixture kvcd_base file posing as kvcd_param.
+    let other = env.tmp.path().join("other/kvcd_param.ko");
+    fs::create_dir_all(other.parent().unwrap()).unwrap();
+    fs::copy(env.fx.ko().join("kvcd_base.ko"), &other).unwrap();
+    env.fake.preload("kvcd_param", &other, &[]);
+    let c = env.config(
+        "params",
+        "modules = [\"kvcd_param\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    let o = env.engine().load(&c);
+    assert_eq!(o.state, State::Failed, "{o:#?}");
+    let msg = &o.error.as_ref().unwrap().message;
+    assert!(
+        msg.contains("kvcd_param is already loaded, but the live module is a kvcd_param from outside this package"),
+        "{msg}"
+    );
+    assert!(msg.contains("replace_in_tree = [\"kvcd_param\"]"), "{msg}");
+    assert!(env.fake.take_log().is_empty());
+}
+
+#[test]
+fn build_ids_read_from_real_modules_match_readelf() {
+    let env = Env::new();
+    for f in [
+        env.fx.ko().join("kvcd_param.ko"),
+        env.in_tree("kernel/lib/crc8.ko"),
+    ] {
+        let out = std::process::Command::new("readelf")
+            .arg("-n")
+            .arg(&f)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let want = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Build ID: "))
+            .expect("readelf shows a build ID");
+        let id = kvcd::kmod::ModuleIdentity::of_file(&f).unwrap();
+        assert_eq!(
+            kvcd::util::hex(&id.build_id.unwrap()),
+            want,
+            "{}",
+            f.display()
+        );
+    }
+}
+
+#[test]
+fn a_module_has_one_owner() {
+    let env = Env::new();
+    let a = env.config(
+        "first",
+        "modules = [\"kvcd_param\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    ok(&env.engine().load(&a));
+    // A second config for the same module, delivered where validation did not see both.
+    let b_dir = env.tmp.path().join("other-etc/modules.d");
+    fs::create_dir_all(&b_dir).unwrap();
+    fs::write(
+        b_dir.join("second.toml"),
+        format!(
+            "modules = [\"kvcd-param\"]\n[directory]\npath = \"{}\"\n",
+            env.fx.ko().display()
+        ),
+    )
+    .unwrap();
+    let cfg = Config::load(&[env.tmp.path().join("other-etc")], &Overrides::default());
+    let b = cfg.module("second").unwrap().clone();
+    let o = env.engine().load(&b);
+    assert_eq!(o.state, State::Failed, "{o:#?}");
+    assert_eq!(
+        o.error.as_ref().unwrap().message,
+        "kvcd_param is loaded by module config first; a module has one owner, so unload first first or list kvcd_param in only one config"
+    );
+    assert!(env.records().get("second").unwrap().is_none());
+    // The owner's unload still removes it, and then the second config may load it.
+    ok(&env.engine().unload("first", None));
+    assert!(!env.fake.is_live("kvcd_param"));
+    ok(&env.engine().load(&b));
+    assert!(env.fake.is_live("kvcd_param"));
+}
+
+#[test]
 fn same_name_module_replaces_in_tree_and_restores_it() {
     let env = Env::new();
     let in_tree = env.in_tree("kernel/drivers/net/dummy.ko");
@@ -458,6 +573,36 @@ fn version_mismatch_fails_before_any_insert() {
     assert!(
         e.message
             .contains("is version 1.2.0, but the config expects version 9.9"),
+        "{}",
+        e.message
+    );
+    assert!(env.fake.take_log().is_empty());
+}
+
+#[test]
+fn a_module_for_another_architecture_is_refused_by_name() {
+    let env = Env::new();
+    // The fixture with its ELF machine changed to aarch64 (183): libkmod still reads it.
+    let dir = env.tmp.path().join("arm");
+    fs::create_dir_all(&dir).unwrap();
+    let mut data = fs::read(env.fx.ko().join("kvcd_param.ko")).unwrap();
+    data[18..20].copy_from_slice(&183u16.to_le_bytes());
+    fs::write(dir.join("kvcd_param.ko"), data).unwrap();
+    let c = env.config(
+        "arm",
+        &format!(
+            "modules = [\"kvcd_param\"]\n[directory]\npath = \"{}\"\n",
+            dir.display()
+        ),
+    );
+    let o = env.engine().load(&c);
+    assert_eq!(o.state, State::Failed);
+    let e = o.error.unwrap();
+    assert_eq!(e.step, Step::Verify);
+    assert!(
+        e.message.starts_with("module kvcd_param (")
+            && e.message
+                .ends_with("kvcd_param.ko) is built for aarch64, but this kernel runs on x86_64"),
         "{}",
         e.message
     );

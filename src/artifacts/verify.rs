@@ -7,7 +7,23 @@ use std::path::Path;
 use anyhow::{Result, bail};
 
 use crate::kernel::KernelRelease;
+use crate::kmod::elf::{ElfInfo, machine_name, machine_of};
 use crate::kmod::{ModInfo, ModuleFile};
+
+/// Refuses a module built for another architecture than `arch` (as `uname -m` names it).
+pub fn check_machine(file: &ModuleFile, elf: &ElfInfo, arch: &str) -> Result<()> {
+    if let Some(want) = machine_of(arch) {
+        if elf.machine != want {
+            bail!(
+                "module {} ({}) is built for {}, but this kernel runs on {arch}",
+                file.name,
+                file.path.display(),
+                machine_name(elf.machine)
+            );
+        }
+    }
+    Ok(())
+}
 
 /// The vermagic of the host's own modules for a kernel (from the first entry of its `modules.dep`).
 pub fn reference_vermagic(host_tree: &Path) -> Option<String> {
@@ -77,11 +93,30 @@ mod tests {
         }
     }
 
+    #[test]
+    fn another_architecture_is_refused_by_name() {
+        let elf = |machine| ElfInfo {
+            machine,
+            is_64: true,
+            build_id: None,
+        };
+        assert!(check_machine(&file(), &elf(62), "x86_64").is_ok());
+        assert_eq!(
+            check_machine(&file(), &elf(183), "x86_64")
+                .unwrap_err()
+                .to_string(),
+            "module m (/x/m.ko) is built for aarch64, but this kernel runs on x86_64"
+        );
+        // An architecture kvcd does not know is not guessed at.
+        assert!(check_machine(&file(), &elf(183), "mips").is_ok());
+    }
+
     fn info(vermagic: &str, version: Option<&str>) -> ModInfo {
         ModInfo {
             vermagic: Some(vermagic.into()),
             version: version.map(Into::into),
             signer: None,
+            srcversion: None,
             depends: Vec::new(),
         }
     }

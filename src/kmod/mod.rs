@@ -2,6 +2,7 @@
 //! tree made by `depmod`, module file info, and the live kernel behind the
 //! narrow [`KernelModules`] trait (faked in unit tests, real in the VM).
 
+pub mod elf;
 mod error;
 mod name;
 mod sys;
@@ -36,6 +37,8 @@ pub struct ModInfo {
     pub version: Option<String>,
     /// `signer`, when the file is signed.
     pub signer: Option<String>,
+    /// `srcversion`: a hash of the module's source, when modpost added one.
+    pub srcversion: Option<String>,
     /// `depends`: modules it needs symbols from.
     pub depends: Vec<String>,
 }
@@ -56,6 +59,7 @@ impl ModInfo {
                 "vermagic" => out.vermagic = Some(v),
                 "version" => out.version = Some(v),
                 "signer" => out.signer = Some(v),
+                "srcversion" => out.srcversion = Some(v),
                 "depends" => {
                     out.depends = v
                         .split(',')
@@ -193,6 +197,74 @@ pub struct LiveModule {
     pub holders: Vec<ModName>,
 }
 
+/// What tells one build of a module from another: from a file, or from the kernel for a live module.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModuleIdentity {
+    /// The GNU build ID (`.note.gnu.build-id`), when there is one.
+    pub build_id: Option<Vec<u8>>,
+    /// `srcversion`, when there is one.
+    pub srcversion: Option<String>,
+    /// `version` (`MODULE_VERSION`), when there is one.
+    pub version: Option<String>,
+}
+
+/// How a live module compares with a module file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityMatch {
+    /// The same build.
+    Same,
+    /// Another build; the text says what differs.
+    Differs(String),
+    /// Neither a build ID nor a srcversion to compare.
+    Unknown,
+}
+
+impl ModuleIdentity {
+    /// The identity of the module file at `path` (compressed or not).
+    pub fn of_file(path: &Path) -> Result<Self> {
+        let elf = elf::ElfInfo::read(path)?;
+        let info = ModInfo::read(path)?;
+        Ok(Self {
+            build_id: elf.build_id,
+            srcversion: info.srcversion,
+            version: info.version,
+        })
+    }
+
+    /// Compares the live module `live` with this file: build IDs first, then srcversion, then version.
+    pub fn compare(&self, live: &Self) -> IdentityMatch {
+        if let (Some(v), Some(l)) = (&self.version, &live.version) {
+            if v != l {
+                return IdentityMatch::Differs(format!("live version {l}, the file has {v}"));
+            }
+        }
+        match (&self.build_id, &live.build_id) {
+            (Some(f), Some(l)) if f == l => return IdentityMatch::Same,
+            (Some(f), Some(l)) => {
+                return IdentityMatch::Differs(format!(
+                    "live build ID {}, the file has {}",
+                    crate::util::hex(l),
+                    crate::util::hex(f)
+                ));
+            }
+            _ => {}
+        }
+        match (&self.srcversion, &live.srcversion) {
+            (Some(f), Some(l)) if f == l => IdentityMatch::Same,
+            (Some(f), Some(l)) => {
+                IdentityMatch::Differs(format!("live srcversion {l}, the file has {f}"))
+            }
+            (Some(f), None) => IdentityMatch::Differs(format!(
+                "the live module has no srcversion, the file has {f}"
+            )),
+            (None, Some(l)) => {
+                IdentityMatch::Differs(format!("live srcversion {l}, the file has none"))
+            }
+            (None, None) => IdentityMatch::Unknown,
+        }
+    }
+}
+
 /// The running kernel's modules: the narrow seam the reconciler works through.
 pub trait KernelModules {
     /// The module's state in the kernel, `None` when it is not there.
@@ -201,6 +273,8 @@ pub trait KernelModules {
     fn insert(&self, file: &ModuleFile, params: &[String]) -> Result<(), KmodError>;
     /// Removes `name`; `force` only when the config asks for it.
     fn remove(&self, name: &ModName, force: bool) -> Result<(), KmodError>;
+    /// What the kernel shows of a loaded module's identity (build ID, srcversion, version).
+    fn identity(&self, name: &ModName) -> ModuleIdentity;
     /// The value of a loaded module's parameter, when the kernel shows it.
     fn parameter(&self, name: &ModName, key: &str) -> Option<String>;
     /// The kernel's extra firmware search path (`firmware_class.path`), when readable.
@@ -270,6 +344,24 @@ impl KernelModules for Libkmod {
             .map_err(|e| KmodError::new(Op::Remove, name, e))?;
         m.remove(force)
             .map_err(|e| KmodError::new(Op::Remove, name, e))
+    }
+
+    fn identity(&self, name: &ModName) -> ModuleIdentity {
+        let dir = Path::new("/sys/module").join(name.as_str());
+        let text = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .ok()
+                .map(|v| v.trim().to_owned())
+        };
+        // Notes are in the kernel's own byte order.
+        let build_id = std::fs::read(dir.join("notes/.note.gnu.build-id"))
+            .ok()
+            .and_then(|n| elf::gnu_build_id_in(&n, cfg!(target_endian = "little")));
+        ModuleIdentity {
+            build_id,
+            srcversion: text("srcversion"),
+            version: text("version"),
+        }
     }
 
     fn parameter(&self, name: &ModName, key: &str) -> Option<String> {

@@ -27,7 +27,11 @@ use crate::artifacts::podman::Podman;
 use crate::artifacts::{RootLayout, directory, prune, verify};
 use crate::config::{ModuleConfig, Source};
 use crate::kernel::{KernelRelease, expand};
-use crate::kmod::{KernelModules, KmodErrorKind, LiveModule, ModInfo, ModName, ModuleTree};
+use crate::kmod::elf::ElfInfo;
+use crate::kmod::{
+    IdentityMatch, KernelModules, KmodErrorKind, LiveModule, ModInfo, ModName, ModuleFile,
+    ModuleIdentity, ModuleTree,
+};
 
 pub use outcome::{Action, ImageRef, ModuleAction, Outcome, State, Step, StepError, StepLog};
 pub use record::{Owned, Record, RecordStore};
@@ -82,7 +86,7 @@ fn now() -> u64 {
 /// A module config staged for loading: its tree and verified load order.
 struct Staged {
     tree: ModuleTree,
-    order: Vec<crate::kmod::ModuleFile>,
+    order: Vec<ModuleFile>,
     /// Extracted firmware to place before inserting.
     firmware: Option<PathBuf>,
 }
@@ -220,6 +224,7 @@ impl Engine<'_> {
         record.config_digest.clone_from(&c.digest);
         record.after = c.after.iter().map(ToString::to_string).collect();
 
+        self.check_live(c, &order, &record)?;
         self.hook(c, "pre_load", c.hooks.pre_load.as_ref(), out)?;
 
         // Make room: take out the in-tree modules this config replaces.
@@ -245,7 +250,7 @@ impl Engine<'_> {
                         out,
                         Step::Insert,
                         format!(
-                            "{} is already loaded, not by kvcd; kvcd will not unload it",
+                            "{} is already loaded, not by kvcd (the same build as the package's file); kvcd will not unload it",
                             f.name
                         ),
                     );
@@ -310,6 +315,102 @@ impl Engine<'_> {
             )));
         }
         Ok(())
+    }
+
+    /// Refuses, before anything changes, a load that would call a live module
+    /// the package's own when it is not: each of the package's modules that
+    /// is already live must be the same build as the package's file (build ID,
+    /// else srcversion; `version` too), and a module it names must not belong
+    /// to another config (a dependency another config loaded is shared).
+    fn check_live(
+        &self,
+        c: &ModuleConfig,
+        order: &[ModuleFile],
+        record: &Record,
+    ) -> Result<(), Fail> {
+        let fail = Fail::at(Step::Verify);
+        let mut others = None;
+        for f in order.iter().filter(|f| !f.in_tree) {
+            if c.replace_in_tree.contains(&f.name)
+                || self
+                    .kmods
+                    .live(&f.name)
+                    .map_err(Fail::at(Step::Verify))?
+                    .is_none()
+            {
+                continue;
+            }
+            let ours = record.inserted.iter().find(|o| o.name == f.name);
+            // A dependency another config loaded is shared; a module this config names is claimed.
+            if ours.is_none() && c.modules.contains(&f.name) {
+                let all = match &others {
+                    Some(a) => a,
+                    None => others.insert(self.records.all().map_err(Fail::at(Step::Record))?),
+                };
+                if let Some(owner) = all.iter().find(|r| {
+                    r.config != c.name.as_str() && r.inserted.iter().any(|o| o.name == f.name)
+                }) {
+                    return Err(fail(anyhow!(
+                        "{} is loaded by module config {}; a module has one owner, so unload {} first or list {} in only one config",
+                        f.name,
+                        owner.config,
+                        owner.config,
+                        f.name
+                    )));
+                }
+            }
+            let file = ModuleIdentity::of_file(&f.path).map_err(Fail::at(Step::Verify))?;
+            let live = self.kmods.identity(&f.name);
+            let detail = match file.compare(&live) {
+                IdentityMatch::Same => continue,
+                IdentityMatch::Unknown if ours.is_some_and(|o| o.path == f.path) => continue,
+                IdentityMatch::Unknown => {
+                    "neither carries a build ID or srcversion to compare".to_owned()
+                }
+                IdentityMatch::Differs(d) => d,
+            };
+            if ours.is_some() {
+                return Err(fail(anyhow!(
+                    "{} is live from another build of this package than {} ({detail}); unload and load again (kvcctl reload {}) to change it",
+                    f.name,
+                    f.path.display(),
+                    c.name
+                )));
+            }
+            return Err(fail(anyhow!(
+                "{} is already loaded, but the live module is {}, not the package's {} ({detail}); add replace_in_tree = [\"{}\"] to {} to have kvcd replace it, or unload it first",
+                f.name,
+                self.live_provider(&f.name, &live),
+                f.path.display(),
+                f.name,
+                c.file.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Who provides a live module that is not the package's: the target kernel's own, or something else.
+    fn live_provider(&self, name: &ModName, live: &ModuleIdentity) -> String {
+        let in_tree = ModuleTree::open(&self.layout.host_tree(&self.kernel))
+            .and_then(|t| t.load_order(std::slice::from_ref(name)))
+            .ok()
+            .and_then(|files| files.into_iter().find(|f| f.name == *name));
+        match in_tree {
+            Some(f) => match ModuleIdentity::of_file(&f.path).map(|i| i.compare(live)) {
+                Ok(IdentityMatch::Same) => {
+                    format!(
+                        "the in-tree {name} of kernel {} ({})",
+                        self.kernel,
+                        f.path.display()
+                    )
+                }
+                _ => format!(
+                    "a {name} from outside this package (not the in-tree {})",
+                    f.path.display()
+                ),
+            },
+            None => format!("a {name} from outside this package"),
+        }
     }
 
     /// Stages with one fresh rebuild when an image built on this node fails verification.
@@ -445,7 +546,10 @@ impl Engine<'_> {
 
         // Verify our files before touching the kernel.
         let reference = verify::reference_vermagic(&self.layout.host_tree(&self.kernel));
+        let arch = crate::kernel::arch();
         for f in order.iter().filter(|f| !f.in_tree) {
+            let elf = ElfInfo::read(&f.path).map_err(Fail::at(Step::Verify))?;
+            verify::check_machine(f, &elf, &arch).map_err(Fail::at(Step::Verify))?;
             let info = ModInfo::read(&f.path).map_err(Fail::at(Step::Verify))?;
             let expected = c
                 .modules
@@ -455,7 +559,11 @@ impl Engine<'_> {
             verify::check(f, &info, &self.kernel, reference.as_deref(), expected)
                 .map_err(Fail::at(Step::Verify))?;
         }
-        self.log(out, Step::Verify, "vermagic and versions match");
+        self.log(
+            out,
+            Step::Verify,
+            "architecture, vermagic and versions match",
+        );
         Ok(Staged {
             tree,
             order,

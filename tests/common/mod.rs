@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 use kvcd::kmod::{
-    InitState, KernelModules, KmodError, LiveModule, ModInfo, ModName, ModuleFile, Op,
+    InitState, KernelModules, KmodError, LiveModule, ModInfo, ModName, ModuleFile, ModuleIdentity,
+    Op,
 };
 use nix::errno::Errno;
 
@@ -222,6 +223,13 @@ impl KernelModules for FakeKernel {
         Ok(())
     }
 
+    fn identity(&self, name: &ModName) -> ModuleIdentity {
+        // What the kernel would show: the identity of the file it was loaded from.
+        let path = self.path_of(name.as_str());
+        path.and_then(|p| ModuleIdentity::of_file(&p).ok())
+            .unwrap_or_default()
+    }
+
     fn parameter(&self, name: &ModName, key: &str) -> Option<String> {
         let mods = self.mods.lock().unwrap();
         let f = mods.get(name)?;
@@ -267,6 +275,9 @@ impl KernelModules for SharedFake {
     }
     fn remove(&self, name: &ModName, force: bool) -> Result<(), KmodError> {
         self.0.remove(name, force)
+    }
+    fn identity(&self, name: &ModName) -> ModuleIdentity {
+        self.0.identity(name)
     }
     fn parameter(&self, name: &ModName, key: &str) -> Option<String> {
         self.0.parameter(name, key)

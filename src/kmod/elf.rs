@@ -1,0 +1,351 @@
+//! The little of a module's ELF file that kvcd needs: the machine it was built
+//! for and its GNU build ID, read from the file (compressed or not) or from a
+//! live module's notes in sysfs.
+//!
+//! Only the ELF header, the section headers and the note sections are read;
+//! an uncompressed file is never read whole.
+
+use std::fs::File;
+use std::io::{BufReader, Cursor, Read, Seek, SeekFrom};
+use std::path::Path;
+
+use anyhow::{Context as _, Result, bail};
+
+/// Largest decompressed module kvcd reads (1 GiB).
+const MAX_DECOMPRESSED: u64 = 1 << 30;
+/// Largest note section kvcd reads (64 KiB; build IDs are 20 bytes).
+const MAX_NOTES: u64 = 64 << 10;
+/// `SHT_NOTE`.
+const SHT_NOTE: u32 = 7;
+/// `NT_GNU_BUILD_ID`.
+const NT_GNU_BUILD_ID: u32 = 3;
+
+/// What kvcd reads from a module's ELF file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ElfInfo {
+    /// `e_machine` (62 for x86_64, 183 for aarch64).
+    pub machine: u16,
+    /// True for a 64-bit ELF file.
+    pub is_64: bool,
+    /// The GNU build ID, when the file carries one.
+    pub build_id: Option<Vec<u8>>,
+}
+
+/// A `Read + Seek` over a module file's ELF content.
+trait ReadSeek: Read + Seek {}
+impl<T: Read + Seek> ReadSeek for T {}
+
+/// Opens `path` for ELF reading, decompressing `.ko.xz`/`.ko.zst`/`.ko.gz` (at most 1 GiB).
+fn open(path: &Path) -> Result<Box<dyn ReadSeek>> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let mut buf = Vec::new();
+    let mut limited = |r: &mut dyn Read| -> Result<()> {
+        r.take(MAX_DECOMPRESSED + 1)
+            .read_to_end(&mut buf)
+            .with_context(|| format!("decompressing {}", path.display()))?;
+        if buf.len() as u64 > MAX_DECOMPRESSED {
+            bail!(
+                "{}: decompresses to more than {MAX_DECOMPRESSED} bytes",
+                path.display()
+            );
+        }
+        Ok(())
+    };
+    if name.ends_with(".ko.gz") {
+        limited(&mut flate2::read::GzDecoder::new(BufReader::new(file)))?;
+    } else if name.ends_with(".ko.zst") {
+        let mut d = ruzstd::decoding::StreamingDecoder::new(BufReader::new(file))
+            .map_err(|e| anyhow::anyhow!("{}: not zstd data: {e}", path.display()))?;
+        limited(&mut d)?;
+    } else if name.ends_with(".ko.xz") {
+        let mut out = Vec::new();
+        lzma_rs::xz_decompress(&mut BufReader::new(file), &mut out)
+            .map_err(|e| anyhow::anyhow!("{}: not xz data: {e}", path.display()))?;
+        if out.len() as u64 > MAX_DECOMPRESSED {
+            bail!(
+                "{}: decompresses to more than {MAX_DECOMPRESSED} bytes",
+                path.display()
+            );
+        }
+        buf = out;
+    } else {
+        return Ok(Box::new(file));
+    }
+    Ok(Box::new(Cursor::new(buf)))
+}
+
+/// Byte order and word size of an ELF file.
+#[derive(Clone, Copy)]
+struct Layout {
+    le: bool,
+    is_64: bool,
+}
+
+impl Layout {
+    fn u16(self, b: &[u8], at: usize) -> u16 {
+        let a = [b[at], b[at + 1]];
+        if self.le {
+            u16::from_le_bytes(a)
+        } else {
+            u16::from_be_bytes(a)
+        }
+    }
+
+    fn u32(self, b: &[u8], at: usize) -> u32 {
+        let a = [b[at], b[at + 1], b[at + 2], b[at + 3]];
+        if self.le {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        }
+    }
+
+    fn u64(self, b: &[u8], at: usize) -> u64 {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[at..at + 8]);
+        if self.le {
+            u64::from_le_bytes(a)
+        } else {
+            u64::from_be_bytes(a)
+        }
+    }
+
+    /// A word: 8 bytes in ELF64, 4 in ELF32.
+    fn word(self, b: &[u8], at: usize) -> u64 {
+        if self.is_64 {
+            self.u64(b, at)
+        } else {
+            u64::from(self.u32(b, at))
+        }
+    }
+}
+
+impl ElfInfo {
+    /// Reads the ELF header and build ID of the module file at `path`.
+    pub fn read(path: &Path) -> Result<Self> {
+        let mut r = open(path)?;
+        Self::from_reader(&mut r).with_context(|| format!("{}: not a module file", path.display()))
+    }
+
+    fn from_reader(r: &mut dyn ReadSeek) -> Result<Self> {
+        let mut h = [0u8; 64];
+        let n = read_up_to(r, &mut h)?;
+        if n < 52 || h[..4] != *b"\x7fELF" {
+            bail!("no ELF header");
+        }
+        let is_64 = match h[4] {
+            1 => false,
+            2 => true,
+            c => bail!("unknown ELF class {c}"),
+        };
+        let le = match h[5] {
+            1 => true,
+            2 => false,
+            d => bail!("unknown ELF byte order {d}"),
+        };
+        if is_64 && n < 64 {
+            bail!("truncated ELF header");
+        }
+        let l = Layout { le, is_64 };
+        let machine = l.u16(&h, 18);
+        let (shoff, shentsize, shnum) = if is_64 {
+            (l.u64(&h, 0x28), l.u16(&h, 0x3a), l.u16(&h, 0x3c))
+        } else {
+            (u64::from(l.u32(&h, 0x20)), l.u16(&h, 0x2e), l.u16(&h, 0x30))
+        };
+        let min_entry = if is_64 { 64 } else { 40 };
+        let mut build_id = None;
+        if shoff != 0 && usize::from(shentsize) >= min_entry {
+            let mut table = vec![0u8; usize::from(shentsize) * usize::from(shnum)];
+            r.seek(SeekFrom::Start(shoff))?;
+            r.read_exact(&mut table)
+                .context("truncated section headers")?;
+            for s in table.chunks_exact(usize::from(shentsize)) {
+                if l.u32(s, 4) != SHT_NOTE {
+                    continue;
+                }
+                let (off, size) = if is_64 {
+                    (l.word(s, 24), l.word(s, 32))
+                } else {
+                    (l.word(s, 16), l.word(s, 20))
+                };
+                if size > MAX_NOTES {
+                    continue;
+                }
+                let mut notes = vec![0u8; usize::try_from(size).unwrap_or(0)];
+                r.seek(SeekFrom::Start(off))?;
+                r.read_exact(&mut notes).context("truncated note section")?;
+                if let Some(id) = gnu_build_id_in(&notes, le) {
+                    build_id = Some(id);
+                    break;
+                }
+            }
+        }
+        Ok(Self {
+            machine,
+            is_64,
+            build_id,
+        })
+    }
+}
+
+fn read_up_to(r: &mut dyn ReadSeek, buf: &mut [u8]) -> Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// The GNU build ID among the notes in `data` (a note section, or a live
+/// module's `notes/.note.gnu.build-id` file), in the given byte order.
+pub fn gnu_build_id_in(data: &[u8], le: bool) -> Option<Vec<u8>> {
+    let l = Layout { le, is_64: false };
+    let pad = |n: usize| n.div_ceil(4) * 4;
+    let mut at = 0;
+    while at + 12 <= data.len() {
+        let namesz = usize::try_from(l.u32(data, at)).ok()?;
+        let descsz = usize::try_from(l.u32(data, at + 4)).ok()?;
+        let kind = l.u32(data, at + 8);
+        let name_at = at + 12;
+        let desc_at = name_at.checked_add(pad(namesz))?;
+        let end = desc_at.checked_add(pad(descsz))?;
+        if desc_at + descsz > data.len() {
+            return None;
+        }
+        if kind == NT_GNU_BUILD_ID && data.get(name_at..name_at + namesz) == Some(b"GNU\0") {
+            return Some(data[desc_at..desc_at + descsz].to_vec());
+        }
+        at = end;
+    }
+    None
+}
+
+/// The ELF machine number of an architecture as `uname -m` names it, if kvcd knows it.
+pub fn machine_of(arch: &str) -> Option<u16> {
+    Some(match arch {
+        "x86_64" => 62,
+        "aarch64" | "arm64" => 183,
+        "ppc64le" | "ppc64" => 21,
+        "s390x" => 22,
+        "riscv64" => 243,
+        "i386" | "i486" | "i586" | "i686" => 3,
+        "armv7l" | "armv6l" | "arm" => 40,
+        _ => return None,
+    })
+}
+
+/// The architecture name for an ELF machine number, for messages.
+pub fn machine_name(machine: u16) -> String {
+    match machine {
+        62 => "x86_64".into(),
+        183 => "aarch64".into(),
+        21 => "ppc64".into(),
+        22 => "s390x".into(),
+        243 => "riscv64".into(),
+        3 => "i386".into(),
+        40 => "arm".into(),
+        m => format!("ELF machine {m}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal ELF64 little-endian file with one note section holding a build ID.
+    fn elf(machine: u16, build_id: &[u8]) -> Vec<u8> {
+        let mut note = Vec::new();
+        note.extend_from_slice(&4u32.to_le_bytes());
+        note.extend_from_slice(&u32::try_from(build_id.len()).unwrap().to_le_bytes());
+        note.extend_from_slice(&NT_GNU_BUILD_ID.to_le_bytes());
+        note.extend_from_slice(b"GNU\0");
+        note.extend_from_slice(build_id);
+        while note.len() % 4 != 0 {
+            note.push(0);
+        }
+        let note_off = 64u64;
+        let shoff = note_off + note.len() as u64;
+        let mut f = vec![0u8; 64];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2;
+        f[5] = 1;
+        f[18..20].copy_from_slice(&machine.to_le_bytes());
+        f[0x28..0x30].copy_from_slice(&shoff.to_le_bytes());
+        f[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+        f[0x3c..0x3e].copy_from_slice(&2u16.to_le_bytes());
+        f.extend_from_slice(&note);
+        // Section 0: null; section 1: the note.
+        f.extend_from_slice(&[0u8; 64]);
+        let mut sh = [0u8; 64];
+        sh[4..8].copy_from_slice(&SHT_NOTE.to_le_bytes());
+        sh[24..32].copy_from_slice(&note_off.to_le_bytes());
+        sh[32..40].copy_from_slice(&(note.len() as u64).to_le_bytes());
+        f.extend_from_slice(&sh);
+        f
+    }
+
+    #[test]
+    fn reads_machine_and_build_id() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.ko");
+        std::fs::write(&p, elf(183, &[1, 2, 3, 4, 5])).unwrap();
+        let info = ElfInfo::read(&p).unwrap();
+        assert_eq!(info.machine, 183);
+        assert!(info.is_64);
+        assert_eq!(info.build_id.as_deref(), Some(&[1u8, 2, 3, 4, 5][..]));
+        assert_eq!(machine_name(info.machine), "aarch64");
+    }
+
+    #[test]
+    fn reads_compressed_modules() {
+        use std::io::Write as _;
+        let d = tempfile::tempdir().unwrap();
+        let raw = elf(62, &[9; 20]);
+        let gz = d.path().join("m.ko.gz");
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&raw).unwrap();
+        std::fs::write(&gz, e.finish().unwrap()).unwrap();
+        let xz = d.path().join("m.ko.xz");
+        let mut out = Vec::new();
+        lzma_rs::xz_compress(&mut Cursor::new(&raw), &mut out).unwrap();
+        std::fs::write(&xz, out).unwrap();
+        for p in [gz, xz] {
+            let info = ElfInfo::read(&p).unwrap();
+            assert_eq!(info.machine, 62, "{}", p.display());
+            assert_eq!(info.build_id.as_deref(), Some(&[9u8; 20][..]));
+        }
+    }
+
+    #[test]
+    fn not_elf_is_an_error_naming_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.ko");
+        std::fs::write(&p, b"#!/bin/sh\n").unwrap();
+        let e = format!("{:#}", ElfInfo::read(&p).unwrap_err());
+        assert!(e.contains("x.ko: not a module file: no ELF header"), "{e}");
+    }
+
+    #[test]
+    fn live_note_file_parses() {
+        let mut note = Vec::new();
+        note.extend_from_slice(&4u32.to_le_bytes());
+        note.extend_from_slice(&3u32.to_le_bytes());
+        note.extend_from_slice(&NT_GNU_BUILD_ID.to_le_bytes());
+        note.extend_from_slice(b"GNU\0");
+        note.extend_from_slice(&[7, 8, 9, 0]);
+        assert_eq!(gnu_build_id_in(&note, true), Some(vec![7, 8, 9]));
+        assert_eq!(gnu_build_id_in(&note[..10], true), None);
+    }
+
+    #[test]
+    fn arch_names_map_to_machines() {
+        assert_eq!(machine_of("x86_64"), Some(62));
+        assert_eq!(machine_of("aarch64"), Some(183));
+        assert_eq!(machine_of("mips"), None);
+    }
+}
