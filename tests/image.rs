@@ -489,6 +489,12 @@ fn firmware_from_the_image_is_placed_found_and_removed() {
         "{o:#?}"
     );
     assert!(!fw.exists() && !host.join("kvcd").exists());
+    // The search path kvcd set goes with the last of its firmware.
+    assert_eq!(*env.fake.firmware_path.lock().unwrap(), "");
+    assert!(
+        detail(&o, "cleared the kernel's firmware search path"),
+        "{o:#?}"
+    );
 
     // A search path someone else set is kept, and said so.
     *env.fake.firmware_path.lock().unwrap() = "/opt/vendor/firmware".to_owned();
@@ -504,8 +510,14 @@ fn firmware_from_the_image_is_placed_found_and_removed() {
     );
     let o = env.engine("podman").unload("fw", None);
     assert_eq!(o.state, State::Inactive, "{o:#?}");
+    assert_eq!(
+        *env.fake.firmware_path.lock().unwrap(),
+        "/opt/vendor/firmware"
+    );
 
-    // A load that fails after placing firmware takes it away again.
+    // A load that fails after placing firmware takes it away again, and the
+    // search path it set.
+    *env.fake.firmware_path.lock().unwrap() = String::new();
     *env.fake.fail_insert.lock().unwrap() =
         Some((common::m("kvcd_param"), nix::errno::Errno::ENOEXEC));
     let o = env.engine("podman").load(&c);
@@ -515,6 +527,11 @@ fn firmware_from_the_image_is_placed_found_and_removed() {
         "{o:#?}"
     );
     assert!(!fw.exists());
+    assert_eq!(*env.fake.firmware_path.lock().unwrap(), "");
+    assert!(
+        detail(&o, "cleared the kernel's firmware search path"),
+        "{o:#?}"
+    );
 }
 
 #[test]

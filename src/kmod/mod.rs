@@ -279,7 +279,7 @@ pub trait KernelModules {
     fn parameter(&self, name: &ModName, key: &str) -> Option<String>;
     /// The kernel's extra firmware search path (`firmware_class.path`), when readable.
     fn firmware_search_path(&self) -> Option<String>;
-    /// Sets the kernel's extra firmware search path.
+    /// Sets the kernel's extra firmware search path; an empty path clears it.
     fn set_firmware_search_path(&self, path: &Path) -> Result<()>;
 }
 
@@ -379,7 +379,12 @@ impl KernelModules for Libkmod {
     }
 
     fn set_firmware_search_path(&self, path: &Path) -> Result<()> {
-        std::fs::write(FIRMWARE_PATH_PARAM, path.as_os_str().as_encoded_bytes())
+        // An empty write never reaches the kernel; a lone NUL stores the empty string.
+        let value = match path.as_os_str().as_encoded_bytes() {
+            [] => &b"\0"[..],
+            v => v,
+        };
+        std::fs::write(FIRMWARE_PATH_PARAM, value)
             .with_context(|| format!("writing {FIRMWARE_PATH_PARAM}"))
     }
 }

@@ -832,7 +832,41 @@ impl Engine<'_> {
         }
         let restored = self.restore(&changes.removed, out);
         record.removed_in_tree.retain(|m| !restored.contains(m));
-        let _ = self.save_or_delete(&record);
+        if let Err(e) = self.save_or_delete(&record) {
+            self.log(out, Step::Record, format!("rollback could not update the record: {e:#}"));
+        }
+        if !changes.firmware.is_empty() {
+            self.release_firmware_search_path(out);
+        }
+    }
+
+    /// Clears the kernel's firmware search path when it points at kvcd's
+    /// firmware directory and no loaded config has firmware there any more.
+    fn release_firmware_search_path(&self, out: &mut Outcome) {
+        let ours = self.firmware_dir.to_string_lossy();
+        if self.kmods.firmware_search_path().as_deref() != Some(&*ours) {
+            return;
+        }
+        match self.records.all() {
+            Ok(all) if all.iter().all(|r| r.firmware.is_empty()) => {}
+            Ok(_) => return,
+            Err(e) => {
+                self.log(out, Step::Firmware, format!("kept the firmware search path: {e:#}"));
+                return;
+            }
+        }
+        match self.kmods.set_firmware_search_path(Path::new("")) {
+            Ok(()) => self.log(
+                out,
+                Step::Firmware,
+                format!("cleared the kernel's firmware search path ({ours}): no firmware of kvcd's is in use"),
+            ),
+            Err(e) => self.log(
+                out,
+                Step::Firmware,
+                format!("could not clear the kernel's firmware search path: {e:#}"),
+            ),
+        }
     }
 
     fn save_or_delete(&self, record: &Record) -> Result<()> {
@@ -989,7 +1023,8 @@ impl Engine<'_> {
         }
         record.inserted.clear();
 
-        if !record.firmware.is_empty() {
+        let had_firmware = !record.firmware.is_empty();
+        if had_firmware {
             let n = firmware::remove(&record.firmware, &self.firmware_dir);
             record.firmware.clear();
             self.log(
@@ -1004,6 +1039,9 @@ impl Engine<'_> {
         record.removed_in_tree.retain(|m| !restored.contains(m));
         self.save_or_delete(&record)
             .map_err(Fail::at(Step::Record))?;
+        if had_firmware {
+            self.release_firmware_search_path(out);
+        }
         if !record.removed_in_tree.is_empty() {
             return Err(Fail::at(Step::Restore)(anyhow!(
                 "could not restore in-tree module(s): {}",

@@ -522,6 +522,10 @@ normal_checks() {
     if [ -e "$alias" ] || [ -L "$alias" ]; then bad "$alias is still there"; fi
     expect_unloaded kvcd_fw
     expect_no_record firmware
+    # kvcd set the search path, so it clears it with its last firmware.
+    expect_out "cleared the kernel's firmware search path"
+    fwpath=$(cat /sys/module/firmware_class/parameters/path)
+    [ -z "$fwpath" ] || bad "firmware_class.path is '$fwpath' after the unload"
     end
     scrub kvcd_fw
 
