@@ -426,6 +426,16 @@ fn config_changes_are_followed_live() {
     );
     assert_eq!(node.fake.0.params_of("kvcd_param"), ["level=5"]);
 
+    // A kernel_match that leaves the kernel out unloads it; the edit back loads it again.
+    let excluded = format!("kernel_match = '^0\\.0\\.'\n{}", PARAM.replace("level=4", "level=5"));
+    node.module("params", &excluded);
+    node.wait_until("params", |m| m.is_some_and(|m| m["state"] == "unsupported"));
+    assert!(!node.fake.0.is_live("kvcd_param"));
+    assert_eq!(node.status("params")["wanted"], true);
+    node.module("params", &PARAM.replace("level=4", "level=5"));
+    node.wait_until("params", |m| m.is_some_and(|m| m["state"] == "loaded"));
+    assert!(node.fake.0.is_live("kvcd_param"));
+
     // A broken file keeps the working driver and says so.
     node.module("params", "modules = [\n");
     node.wait_until("params", |m| {

@@ -304,7 +304,7 @@ impl Agent {
                 );
                 continue;
             }
-            let mut reload = false;
+            let mut follow = None;
             if let Some(e) = self.entries.get_mut(name) {
                 e.removed = false;
                 e.status.config_file = file;
@@ -318,13 +318,9 @@ impl Agent {
                                 Self::set_phase(&mut e.status, Phase::Inactive);
                             }
                         }
-                        if changed {
+                        if changed && e.status.wanted {
                             info!(KVCD_MODULE = %name, "configuration changed");
-                            reload = e.status.wanted
-                                && matches!(
-                                    e.status.state,
-                                    Phase::Loaded | Phase::Failed | Phase::Busy
-                                );
+                            follow = follow_change(e.status.state, e.running || !e.queue.is_empty());
                         }
                     }
                     Err(errs) => {
@@ -341,8 +337,8 @@ impl Agent {
                     }
                 }
             }
-            if reload {
-                self.enqueue(name, Op::Reload);
+            if let Some(op) = follow {
+                self.enqueue(name, op);
             }
         }
         let gone: Vec<String> = self
@@ -832,6 +828,18 @@ impl Agent {
     }
 }
 
+/// What a changed config of a wanted module calls for in `state`: what is
+/// in the kernel is swapped; one that had nothing loaded (unsupported, say,
+/// by a `kernel_match` that now includes the kernel) is loaded, unless work
+/// is already under way or queued for it.
+fn follow_change(state: Phase, busy: bool) -> Option<Op> {
+    match state {
+        Phase::Loaded | Phase::Failed | Phase::Busy => Some(Op::Reload),
+        Phase::Unsupported | Phase::Inactive | Phase::Invalid if !busy => Some(Op::Load),
+        _ => None,
+    }
+}
+
 /// The module names to show as loaded: what kvcd inserted, or the configured ones (KVC libraries).
 fn loaded_names(record: Option<&super::Record>, c: &ModuleConfig) -> Vec<String> {
     match record {
@@ -907,8 +915,19 @@ fn run_op(
 
 #[cfg(test)]
 mod tests {
-    use super::backoff;
+    use super::{Op, Phase, backoff, follow_change};
     use std::time::Duration;
+
+    #[test]
+    fn a_changed_config_is_followed_from_every_resting_state() {
+        assert_eq!(follow_change(Phase::Loaded, false), Some(Op::Reload));
+        assert_eq!(follow_change(Phase::Failed, false), Some(Op::Reload));
+        assert_eq!(follow_change(Phase::Busy, false), Some(Op::Reload));
+        assert_eq!(follow_change(Phase::Unsupported, false), Some(Op::Load));
+        assert_eq!(follow_change(Phase::Inactive, false), Some(Op::Load));
+        assert_eq!(follow_change(Phase::Unsupported, true), None);
+        assert_eq!(follow_change(Phase::Unloading, false), None);
+    }
 
     #[test]
     fn backoff_doubles_caps_and_jitters_within_a_fifth() {
