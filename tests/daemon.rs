@@ -427,7 +427,10 @@ fn config_changes_are_followed_live() {
     assert_eq!(node.fake.0.params_of("kvcd_param"), ["level=5"]);
 
     // A kernel_match that leaves the kernel out unloads it; the edit back loads it again.
-    let excluded = format!("kernel_match = '^0\\.0\\.'\n{}", PARAM.replace("level=4", "level=5"));
+    let excluded = format!(
+        "kernel_match = '^0\\.0\\.'\n{}",
+        PARAM.replace("level=4", "level=5")
+    );
     node.module("params", &excluded);
     node.wait_until("params", |m| m.is_some_and(|m| m["state"] == "unsupported"));
     assert!(!node.fake.0.is_live("kvcd_param"));
@@ -575,6 +578,72 @@ fn the_daemon_process_talks_to_systemd_and_obeys_signals() {
     recv_until("STOPPING=1");
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+/// SIGTERM ends the real daemon within `stop_timeout_seconds` even while a
+/// step hangs, and the hung step's processes go with it.
+#[test]
+fn sigterm_ends_the_daemon_within_its_stop_timeout() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let node = Node::new();
+    let toml = node.root.join("etc/kvcd.toml");
+    let mut text = fs::read_to_string(&toml).unwrap();
+    text.push_str("stop_timeout_seconds = 2\n");
+    fs::write(&toml, text).unwrap();
+    let pidfile = node.root.join("build.pid");
+    // A build hook that never finishes: the load hangs in its fetch step.
+    node.module(
+        "stuck",
+        &format!(
+            "modules = [\"kvcd_param\"]\n[image]\nref = \"localhost/kvcd-never-built:1\"\npull = \"never\"\n[hooks]\nbuild = [\"/bin/sh\", \"-c\", \"echo $$ > {}; exec sleep 300\"]\n",
+            pidfile.display()
+        ),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvcd"))
+        .arg("--config-dir")
+        .arg(node.root.join("etc"))
+        .args(["daemon", "--bus-address", &node.address])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node.kvcctl(&["list"]).0 != 0 {
+        assert!(Instant::now() < deadline, "daemon did not come up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(node.kvcctl(&["load", "stuck"]).0, 0);
+    while !pidfile.exists() || fs::read_to_string(&pidfile).unwrap().trim().is_empty() {
+        assert!(Instant::now() < deadline, "the build hook did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let hook: i32 = fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
+    kill(pid, Signal::SIGTERM).unwrap();
+    let stop = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > stop {
+            let _ = child.kill();
+            panic!("kvcd did not stop after SIGTERM with stop_timeout_seconds = 2");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(0));
+    // The abandoned hook was killed (a zombie no longer has a cmdline).
+    std::thread::sleep(Duration::from_millis(200));
+    let cmdline = fs::read(format!("/proc/{hook}/cmdline")).unwrap_or_default();
+    assert!(
+        cmdline.is_empty(),
+        "the hung build hook {hook} survived: {}",
+        String::from_utf8_lossy(&cmdline)
+    );
 }
 
 #[test]

@@ -202,6 +202,40 @@ pub async fn run(
     result
 }
 
+/// Kills what is left of the processes the daemon started (a pull, a build or
+/// a hook abandoned at the stop timeout), each with its process group.
+fn end_children() {
+    use nix::sys::signal::{Signal, kill, killpg};
+    use nix::unistd::Pid;
+    let me = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // After the command name, which may hold spaces: state, ppid, pgrp.
+        let mut rest = stat
+            .rsplit_once(')')
+            .map_or("", |(_, r)| r)
+            .split_whitespace();
+        let (ppid, pgrp) = (rest.nth(1), rest.next());
+        if ppid != Some(me.as_str()) {
+            continue;
+        }
+        warn!("killing process {pid} (and its process group), abandoned at stop");
+        if pgrp == Some(pid.to_string().as_str()) {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        } else {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
 /// `kvcd daemon`.
 pub(super) fn main(paths: &PathArgs, args: &DaemonArgs) -> Result<u8> {
     let config = paths.load_strict()?;
@@ -222,6 +256,11 @@ pub(super) fn main(paths: &PathArgs, args: &DaemonArgs) -> Result<u8> {
         bus_address: args.bus_address.clone(),
         kernel: KernelRelease::running()?,
     };
-    rt.block_on(run(opts, factory, std::future::pending()))?;
+    let result = rt.block_on(run(opts, factory, std::future::pending()));
+    // Steps abandoned at the stop timeout must not hold the process, nor
+    // outlive it.
+    end_children();
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result?;
     Ok(0)
 }

@@ -285,6 +285,8 @@ pub struct DaemonSettings {
     pub retry_max_seconds: u64,
     /// Unload what kvcd loaded when the daemon stops; default false (drivers stay).
     pub unload_on_stop: bool,
+    /// How long SIGTERM waits for running steps before the daemon exits without them, in seconds; default 240.
+    pub stop_timeout_seconds: u64,
 }
 
 impl Default for DaemonSettings {
@@ -303,6 +305,7 @@ impl Default for DaemonSettings {
             retry_base_seconds: 5,
             retry_max_seconds: 300,
             unload_on_stop: false,
+            stop_timeout_seconds: 240,
         }
     }
 }

@@ -28,6 +28,7 @@ pub(crate) struct RawDaemon {
     pub(crate) retry_base_seconds: Option<S<i64>>,
     pub(crate) retry_max_seconds: Option<S<i64>>,
     pub(crate) unload_on_stop: Option<bool>,
+    pub(crate) stop_timeout_seconds: Option<S<i64>>,
 }
 
 /// `modules.d/NAME.toml`.

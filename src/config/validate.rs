@@ -233,6 +233,13 @@ pub(super) fn daemon(file: &Path, text: &str) -> Result<DaemonSettings, Vec<Conf
     {
         s.retry_max_seconds = n;
     }
+    if let Some(n) = raw
+        .stop_timeout_seconds
+        .as_ref()
+        .and_then(|v| seconds(&mut d, "stop_timeout_seconds", v))
+    {
+        s.stop_timeout_seconds = n;
+    }
     if let Some(v) = &raw.keep_kernels {
         match usize::try_from(*v.get_ref()) {
             Ok(n) if n >= 1 => s.keep_kernels = n,

@@ -155,6 +155,8 @@ pub struct Agent {
     seq: u64,
     running: usize,
     shutting_down: bool,
+    /// When a stopping agent stops waiting for running steps.
+    stop_deadline: Option<Instant>,
     ready: bool,
     last_summary: String,
 }
@@ -192,6 +194,7 @@ impl Agent {
             seq: 0,
             running: 0,
             shutting_down: false,
+            stop_deadline: None,
             ready: false,
             last_summary: String::new(),
         };
@@ -320,7 +323,8 @@ impl Agent {
                         }
                         if changed && e.status.wanted {
                             info!(KVCD_MODULE = %name, "configuration changed");
-                            follow = follow_change(e.status.state, e.running || !e.queue.is_empty());
+                            follow =
+                                follow_change(e.status.state, e.running || !e.queue.is_empty());
                         }
                     }
                     Err(errs) => {
@@ -525,9 +529,13 @@ impl Agent {
 
     fn begin_shutdown(&mut self) {
         if self.shutting_down {
+            // Asked again: stop waiting.
+            self.stop_deadline = Some(Instant::now());
             return;
         }
         self.shutting_down = true;
+        self.stop_deadline =
+            Some(Instant::now() + Duration::from_secs(self.settings.stop_timeout_seconds));
         for e in self.entries.values_mut() {
             e.queue.clear();
             e.retry_at = None;
@@ -806,12 +814,33 @@ impl Agent {
             {
                 break;
             }
+            if self.shutting_down && self.stop_deadline.is_some_and(|t| t <= Instant::now()) {
+                let left: Vec<&str> = self
+                    .entries
+                    .iter()
+                    .filter(|(_, e)| e.running)
+                    .map(|(n, _)| n.as_str())
+                    .collect();
+                warn!(
+                    "stop timeout: exiting with {} step(s) still running ({}); they are abandoned",
+                    left.len(),
+                    left.join(", ")
+                );
+                break;
+            }
             let next_retry = self.entries.values().filter_map(|e| e.retry_at).min();
-            let ev = match next_retry {
+            let next_wake = if self.shutting_down {
+                self.stop_deadline
+            } else {
+                next_retry
+            };
+            let ev = match next_wake {
                 Some(t) => tokio::select! {
                     ev = self.rx.recv() => ev,
                     () = tokio::time::sleep_until(t.into()) => {
-                        self.fire_retries();
+                        if !self.shutting_down {
+                            self.fire_retries();
+                        }
                         continue;
                     }
                 },

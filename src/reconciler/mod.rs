@@ -833,7 +833,11 @@ impl Engine<'_> {
         let restored = self.restore(&changes.removed, out);
         record.removed_in_tree.retain(|m| !restored.contains(m));
         if let Err(e) = self.save_or_delete(&record) {
-            self.log(out, Step::Record, format!("rollback could not update the record: {e:#}"));
+            self.log(
+                out,
+                Step::Record,
+                format!("rollback could not update the record: {e:#}"),
+            );
         }
         if !changes.firmware.is_empty() {
             self.release_firmware_search_path(out);
@@ -851,7 +855,11 @@ impl Engine<'_> {
             Ok(all) if all.iter().all(|r| r.firmware.is_empty()) => {}
             Ok(_) => return,
             Err(e) => {
-                self.log(out, Step::Firmware, format!("kept the firmware search path: {e:#}"));
+                self.log(
+                    out,
+                    Step::Firmware,
+                    format!("kept the firmware search path: {e:#}"),
+                );
                 return;
             }
         }
