@@ -396,6 +396,52 @@ normal_checks() {
     end
     scrub kvcd_param
 
+    begin "a live in-tree module of the same name is not the package's"
+    run modprobe dummy
+    expect_rc 0
+    run kvcd apply nic
+    expect_rc 1
+    expect_out "nic: failed at verify"
+    expect_out "dummy is already loaded, but the live module is the in-tree dummy of kernel $KVER"
+    expect_out "live build ID"
+    expect_out 'add replace_in_tree = ["dummy"]'
+    expect_loaded dummy
+    [ -e /sys/module/dummy/parameters/origin ] &&
+        bad "the fixture dummy was loaded"
+    expect_no_record nic
+    run modprobe -r dummy
+    end
+    scrub dummy
+
+    begin "a module has one owner"
+    run kvcd apply params
+    expect_rc 0
+    expect_record params
+    # hooked names the same kvcd_param: it must not claim the module params owns.
+    run kvcd apply hooked
+    expect_rc 1
+    expect_out "kvcd_param is loaded by module config params; a module has one owner"
+    expect_no_record hooked
+    run kvcd apply --unload params
+    expect_rc 0
+    expect_unloaded kvcd_param
+    end
+    scrub kvcd_param
+
+    begin "a missing module tree for the kernel is named"
+    nm=/tmp/no-tree
+    mkdir -p $nm/etc/modules.d $nm/modules
+    cp /etc/kvcd/modules.d/deps.toml $nm/etc/modules.d/
+    printf 'kernel_modules_dir = "%s"\nstate_dir = "%s"\nruntime_dir = "%s"\n' \
+        $nm/modules $nm/state $nm/run >$nm/etc/kvcd.toml
+    run kvcd --config-dir $nm/etc apply deps
+    expect_rc 1
+    expect_out "deps: failed"
+    expect_out "$nm/modules/$KVER"
+    expect_unloaded kvcd_crc crc8 kvcd_user kvcd_base
+    end
+    scrub kvcd_crc crc8 kvcd_user kvcd_base
+
     begin "in-tree replacement and restore"
     run modprobe dummy
     expect_rc 0
