@@ -303,6 +303,29 @@ fn non_root_callers_may_read_but_not_change() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Every property is read-only: setting one is refused, for root too,
+    // with access denied rather than an unknown property.
+    let out = Command::new("busctl")
+        .args([
+            "--address",
+            &node.address,
+            "set-property",
+            "org.kvcd.Kvcd1",
+            "/org/kvcd/Kvcd1/module/params",
+            "org.kvcd.Kvcd1.Module",
+            "State",
+            "s",
+            "loaded",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("Failed to set property State") && err.contains("Access denied"),
+        "{err}"
+    );
+    assert_eq!(node.status("params")["state"], "inactive");
 }
 
 #[test]
