@@ -506,6 +506,20 @@ fn a_restarted_daemon_adopts_what_is_loaded_without_reinserting() {
     node.wait_until("params", |m| m.is_some_and(|m| m["state"] == "loaded"));
     assert!(node.fake.0.take_log().is_empty(), "adopted, not reinserted");
     assert_eq!(node.status("params")["wanted"], true);
+
+    // A module put in the place of kvcd's while no kvcd ran is not adopted.
+    node.stop();
+    node.fake.0.remove(&common::m("kvcd_param"), false).unwrap();
+    node.fake
+        .0
+        .preload("kvcd_param", &node.fx.ko().join("kvcd_base.ko"), &[]);
+    node.start();
+    node.wait_until("params", |m| m.is_some_and(|m| m["state"] == "failed"));
+    let err = node.status("params")["error"].as_str().unwrap().to_owned();
+    assert!(
+        err.starts_with("kvcd_param is live, but not as the package's"),
+        "{err}"
+    );
 }
 
 #[test]

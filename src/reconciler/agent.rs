@@ -394,6 +394,7 @@ impl Agent {
                     && c.modules
                         .iter()
                         .all(|m| matches!(kmods.live(m), Ok(Some(_))))
+                    && super::live_as_recorded(kmods.as_ref(), r)
             });
             if live {
                 let r = record.as_ref();

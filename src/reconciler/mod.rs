@@ -371,7 +371,7 @@ impl Engine<'_> {
             };
             if ours.is_some() {
                 return Err(fail(anyhow!(
-                    "{} is live from another build of this package than {} ({detail}); unload and load again (kvcctl reload {}) to change it",
+                    "{} is live, but not as the package's {} ({detail}): an earlier build kvcd loaded, or a module put in its place; unload and load again (kvcctl reload {}) to change it",
                     f.name,
                     f.path.display(),
                     c.name
@@ -1066,6 +1066,24 @@ impl Engine<'_> {
         }
         Ok(())
     }
+}
+
+/// True when every module the record says kvcd inserted that is live is the
+/// build kvcd inserted (a module swapped in its place while no kvcd ran is not).
+pub(crate) fn live_as_recorded(kmods: &dyn KernelModules, record: &Record) -> bool {
+    record.inserted.iter().all(|o| {
+        if !matches!(kmods.live(&o.name), Ok(Some(_))) {
+            return true;
+        }
+        match ModuleIdentity::of_file(&o.path) {
+            Ok(file) => matches!(
+                file.compare(&kmods.identity(&o.name)),
+                IdentityMatch::Same | IdentityMatch::Unknown
+            ),
+            // The file is gone (pruned): nothing to compare with.
+            Err(_) => true,
+        }
+    })
 }
 
 /// True when something outside `set` holds the module: a module not in the
