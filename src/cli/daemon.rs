@@ -260,7 +260,7 @@ pub(super) fn main(paths: &PathArgs, args: &DaemonArgs) -> Result<u8> {
     // Steps abandoned at the stop timeout must not hold the process, nor
     // outlive it.
     end_children();
-    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    rt.shutdown_timeout(Duration::from_secs(1));
     result?;
     Ok(0)
 }
