@@ -110,7 +110,9 @@ pub enum TemplateError {
     #[error("template variable ${{{0}}} has no value: {1}")]
     NoValue(String, String),
     /// A value that could climb out of a path or smuggle in control characters.
-    #[error("template variable ${{{0}}} has the value {1:?}, which is not safe in a path or an argument: expected no '/', no \"..\" and no control characters")]
+    #[error(
+        "template variable ${{{0}}} has the value {1:?}, which is not safe in a path or an argument: expected no '/', no \"..\" and no control characters"
+    )]
     UnsafeValue(String, String),
 }
 
@@ -350,7 +352,17 @@ mod tests {
         for ok in ["1.2.0", "1.0.0-rc1", "1.0~git+abc_1", "dd1a7d4", "V1"] {
             assert!(check_version(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "../../x", "1/2", ".hidden", "-1", "1..2", "1 2", "1\n", &"9".repeat(129)] {
+        for bad in [
+            "",
+            "../../x",
+            "1/2",
+            ".hidden",
+            "-1",
+            "1..2",
+            "1 2",
+            "1\n",
+            &"9".repeat(129),
+        ] {
             let err = check_version(bad).unwrap_err();
             assert!(err.starts_with("expected a version like"), "{bad:?}: {err}");
         }
