@@ -478,11 +478,16 @@ fn image_subdir(d: &mut Diag<'_>, key: &str, v: &S<String>, has_version: bool) -
         .filter(|c| !c.is_empty() && *c != ".")
         .collect();
     if p.starts_with('/') && (parts.is_empty() || parts.contains(&"..")) {
+        let example = if key.ends_with("modules_dir") {
+            DEFAULT_IMAGE_MODULES_DIR
+        } else {
+            "/lib/firmware/acme"
+        };
         d.error(
             Some(v.span()),
             key,
             format!(
-                "expected a directory below the image's root, e.g. \"/lib/firmware/acme\" (not \"/\" and no \"..\"), found {p:?}"
+                "expected a directory below the image's root, e.g. {example:?} (not \"/\" and no \"..\"), found {p:?}"
             ),
         );
         return None;
