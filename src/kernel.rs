@@ -109,6 +109,35 @@ pub enum TemplateError {
     /// A known variable that has no value in this context.
     #[error("template variable ${{{0}}} has no value: {1}")]
     NoValue(String, String),
+    /// A value that could climb out of a path or smuggle in control characters.
+    #[error(
+        "template variable ${{{0}}} has the value {1:?}, which is not safe in a path or an argument: expected no '/', no \"..\" and no control characters"
+    )]
+    UnsafeValue(String, String),
+}
+
+/// Checks a module config's `version`, which reaches paths and image tags
+/// through `${MOD_VERSION}`: 1-128 of letters, digits, `.`, `_`, `+`, `~`
+/// and `-`, not starting with `.` or `-`, without `..`.
+pub fn check_version(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && !s.starts_with(['.', '-'])
+        && !s.contains("..")
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '~' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "expected a version like \"1.2.0\": 1-128 letters, digits, '.', '_', '+', '~' and '-', not starting with '.' or '-' and without \"..\" (it becomes part of paths and image tags through ${{MOD_VERSION}}), found {s:?}"
+        ))
+    }
+}
+
+/// True when a variable's value can go into a path component or an argument.
+fn safe_value(v: &str) -> bool {
+    !v.contains('/') && !v.contains("..") && !v.chars().any(char::is_control)
 }
 
 fn known_list() -> String {
@@ -129,7 +158,17 @@ pub struct TemplateVars {
 }
 
 impl TemplateVars {
+    /// The value of `var`, refused when it holds `/`, `..` or control characters.
     fn value(&self, var: &str) -> Result<String, TemplateError> {
+        let v = self.raw_value(var)?;
+        if safe_value(&v) {
+            Ok(v)
+        } else {
+            Err(TemplateError::UnsafeValue(var.to_owned(), v))
+        }
+    }
+
+    fn raw_value(&self, var: &str) -> Result<String, TemplateError> {
         let xyz = || {
             self.kernel.xyz().ok_or_else(|| {
                 TemplateError::NoValue(
@@ -281,6 +320,52 @@ mod tests {
         let names: Vec<_> = k.iter().map(KernelRelease::as_str).collect();
         assert_eq!(names, ["6.1.0-1-amd64", "6.1.0-2-amd64"]);
         assert!(installed_kernels(&t.path().join("absent")).is_empty());
+    }
+
+    #[test]
+    fn values_with_path_tricks_are_refused() {
+        let mut v = vars("6.1.0-27-amd64");
+        v.mod_version = Some("../../x".into());
+        let err = expand("/srv/${MOD_VERSION}/m", &v).unwrap_err();
+        assert_eq!(
+            err,
+            TemplateError::UnsafeValue("MOD_VERSION".into(), "../../x".into())
+        );
+        assert!(err.to_string().contains("no '/', no \"..\""), "{err}");
+        v.mod_version = Some("1.0".into());
+        v.mod_name = "a/b".into();
+        assert!(matches!(
+            expand("${MOD_NAME}", &v),
+            Err(TemplateError::UnsafeValue(..))
+        ));
+        v.arch = "x86\n64".into();
+        assert!(matches!(
+            expand_all(&["${ARCH}".into()], &v),
+            Err(TemplateError::UnsafeValue(..))
+        ));
+        // Unused variables are not looked at.
+        assert_eq!(expand("${KERNEL_X}", &v).unwrap(), "6");
+    }
+
+    #[test]
+    fn versions_are_tag_and_path_safe() {
+        for ok in ["1.2.0", "1.0.0-rc1", "1.0~git+abc_1", "dd1a7d4", "V1"] {
+            assert!(check_version(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "../../x",
+            "1/2",
+            ".hidden",
+            "-1",
+            "1..2",
+            "1 2",
+            "1\n",
+            &"9".repeat(129),
+        ] {
+            let err = check_version(bad).unwrap_err();
+            assert!(err.starts_with("expected a version like"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

@@ -38,11 +38,19 @@ fn kvcd(args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn shipped_examples_validate() {
-    let (code, out, _) = kvcctl(&["config", "validate", "conf.d"]);
+    let (code, out, _) = kvcctl(&["config", "validate", "--examples", "conf.d"]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(
         out.trim(),
         "7 module config(s) valid, 0 invalid, 0 error(s)"
+    );
+    // They are alternatives: installed together on one node, the simple-kmod
+    // ones would fight over the same modules.
+    let (code, out, _) = kvcctl(&["config", "validate", "conf.d"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("conf.d/simple-kmod.toml: key `modules`: module \"simple_kmod\" is also loaded by module config \"simple-kmod-dtk\" (conf.d/simple-kmod-dtk.toml): expected one owner per module; keep it in one config\n"),
+        "{out}"
     );
 }
 
@@ -76,6 +84,7 @@ fn each_broken_example_names_file_and_key() {
     let (code, out, _) = kvcctl(&[
         "config",
         "validate",
+        "--examples",
         "conf.d",
         "tests/configs/broken",
         "--json",
@@ -352,4 +361,198 @@ fn prune_keeps_newest_kernels_the_running_one_and_drops_gone_configs() {
     let (code, out, _) = kvcd(&args);
     assert_eq!(code, 0);
     assert!(out.contains("kept: nothing to prune"), "{out}");
+}
+
+/// Runs `kvcctl ARGS`, failing the test if it takes more than 30 seconds.
+fn kvcctl_within_30s(args: &[&str]) -> (i32, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvcctl"))
+        .args(args)
+        .current_dir(repo())
+        .env_remove("KVCD_LOG")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(30) {
+            child.kill().unwrap();
+            panic!("kvcctl {args:?} still running after 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn fifos_and_devices_are_refused_without_blocking() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etc = tmp.path().join("etc");
+    fs::create_dir_all(etc.join("modules.d")).unwrap();
+    nix::unistd::mkfifo(
+        &etc.join("modules.d/fifo.toml"),
+        nix::sys::stat::Mode::S_IRWXU,
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("/dev/zero", etc.join("kvcd.toml")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", etc.join("modules.d/zero.toml")).unwrap();
+    write(
+        &etc.join("modules.d/big.toml"),
+        &format!("modules = [\"a\"]\n{}\n", "#".repeat(2 << 20)),
+    );
+    let (code, out) =
+        kvcctl_within_30s(&["--config-dir", etc.to_str().unwrap(), "config", "validate"]);
+    assert_eq!(code, 1, "{out}");
+    let d = etc.display();
+    assert_eq!(
+        out,
+        format!(
+            "{d}/kvcd.toml: not a regular file (a character device); configs must be regular files\n\
+             {d}/modules.d/big.toml: file is larger than 1 MiB, the limit for a config file\n\
+             {d}/modules.d/fifo.toml: not a regular file (a FIFO); configs must be regular files\n\
+             {d}/modules.d/zero.toml: not a regular file (a character device); configs must be regular files\n\
+             0 module config(s) valid, 3 invalid, 4 error(s)\n"
+        )
+    );
+    // Named directly, too.
+    let fifo = etc.join("modules.d/fifo.toml");
+    let (code, out) = kvcctl_within_30s(&["config", "validate", fifo.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.starts_with(&format!("{}: not a regular file (a FIFO)", fifo.display())),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_config_dir_named_on_the_command_line_must_exist() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gone = tmp.path().join("gone");
+    let (code, out, _) = kvcctl(&["--config-dir", gone.to_str().unwrap(), "config", "validate"]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(
+        out,
+        format!(
+            "{}: no such directory: expected a configuration directory (holding kvcd.toml and modules.d/)\n\
+             0 module config(s) valid, 0 invalid, 1 error(s)\n",
+            gone.display()
+        )
+    );
+    let (code, out, _) = kvcctl(&["--config-dir", gone.to_str().unwrap(), "config", "show"]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains(&format!("  error: {}: no such directory", gone.display())),
+        "{out}"
+    );
+    let (code, _, err) = kvcd(&["--config-dir", gone.to_str().unwrap(), "apply", "x"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(&format!("{}: no such directory", gone.display())),
+        "{err}"
+    );
+}
+
+#[test]
+fn daemon_settings_errors_name_the_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("kvcd.toml");
+    write(
+        &file,
+        "podman = \"/bin/sh -c id\"\nmax_parallel = 0\nretry_base_seconds = 60\nretry_max_seconds = 30\n",
+    );
+    let (code, out, _) = kvcctl(&["config", "validate", file.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    let f = file.display();
+    assert_eq!(
+        out,
+        format!(
+            "{f}:1:10: key `podman`: expected a program path, not a command line: a program name looked up in PATH (e.g. \"podman\") or an absolute path, without blanks or a leading '-'; found \"/bin/sh -c id\"\n\
+             {f}:2:16: key `max_parallel`: expected a whole number of module configs worked on at once, at least 1, found 0\n\
+             {f}:4:21: key `retry_max_seconds`: retry_max_seconds (30) is below retry_base_seconds (60): expected retry_max_seconds >= retry_base_seconds\n\
+             0 module config(s) valid, 0 invalid, 3 error(s)\n"
+        )
+    );
+}
+
+#[test]
+fn a_kvc_library_that_is_nowhere_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("k.toml");
+    write(
+        &file,
+        "modules = [\"simple-kmod\"]\n[hooks]\nkvc_library = [\"/nonexistent/kvc/k-lib.sh\", \"/nonexistent/lib/kvc/k-lib.sh\"]\n",
+    );
+    let (code, out, _) = kvcctl(&["config", "validate", file.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(
+        out.lines().next().unwrap(),
+        format!(
+            "{}:3:15: key `hooks.kvc_library`: no such file: /nonexistent/kvc/k-lib.sh, /nonexistent/lib/kvc/k-lib.sh (expected at least one existing KVC library; missing locations are skipped)",
+            file.display()
+        )
+    );
+    let lib = tmp.path().join("k-lib.sh");
+    fs::write(&lib, "").unwrap();
+    write(
+        &file,
+        &format!(
+            "modules = [\"simple-kmod\"]\n[hooks]\nkvc_library = [\"/nonexistent/k-lib.sh\", {lib:?}]\n"
+        ),
+    );
+    let (code, out, _) = kvcctl(&["config", "validate", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// Two module configs that claim the same module fail both, in `config
+/// validate` and in `kvcd apply` (which loads the configuration as the daemon does).
+#[test]
+fn a_module_has_one_owner() {
+    let node = Node::new();
+    node.module(
+        "first",
+        "modules = [\"kvcd-param\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    node.module(
+        "second",
+        "modules = [\"kvcd_param\"]\nreplace_in_tree = [\"crc8\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    node.module(
+        "third",
+        "modules = [\"kvcd_base\"]\nreplace_in_tree = [\"crc8\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    let md = node.tmp.path().join("etc/modules.d");
+    let f = |n: &str| md.join(format!("{n}.toml")).display().to_string();
+    let etc = node.tmp.path().join("etc");
+    let (code, out, _) = kvcctl(&["--config-dir", etc.to_str().unwrap(), "config", "validate"]);
+    assert_eq!(code, 1, "{out}");
+    let tail = "expected one owner per module; keep it in one config";
+    assert_eq!(
+        out,
+        format!(
+            "{first}: key `modules`: module \"kvcd_param\" is also loaded by module config \"second\" ({second}): {tail}\n\
+             {second}: key `replace_in_tree`: module \"crc8\" is also replaced in tree by module config \"third\" ({third}): {tail}\n\
+             {second}: key `modules`: module \"kvcd_param\" is also loaded by module config \"first\" ({first}): {tail}\n\
+             {third}: key `replace_in_tree`: module \"crc8\" is also replaced in tree by module config \"second\" ({second}): {tail}\n\
+             0 module config(s) valid, 3 invalid, 4 error(s)\n",
+            first = f("first"),
+            second = f("second"),
+            third = f("third"),
+        )
+    );
+    let (code, out, _) = node.apply(&["second"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("second: failed at config: invalid configuration:"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "{}: key `modules`: module \"kvcd_param\" is also loaded by module config \"first\"",
+            f("second")
+        )),
+        "{out}"
+    );
 }

@@ -632,7 +632,9 @@ fn vermagic_mismatch_fails_before_any_insert() {
     );
     assert!(env.fake.take_log().is_empty());
 
-    // Good files for another kernel are just as wrong.
+    // Good files for another kernel are just as wrong. (One config owns
+    // kvcd_param at a time.)
+    fs::remove_file(env.tmp.path().join("etc/modules.d/bad.toml")).unwrap();
     let c = env.config("deps", DEPS);
     let other = KernelRelease::parse("6.1.0-999-amd64").unwrap();
     let o = env.engine_for(other).load(&c);
@@ -671,6 +673,8 @@ fn templated_directory_missing_or_incomplete() {
         )
     );
 
+    // One config owns kvcd_param at a time.
+    fs::remove_file(env.tmp.path().join("etc/modules.d/t.toml")).unwrap();
     let c = env.config(
         "n",
         "modules = [\"kvcd_param\", \"nothere\"]\n[directory]\npath = \"@KO@\"\n",

@@ -297,10 +297,13 @@ fn config_reference_for_the_running_kernel_and_each_error() {
         "image localhost/kvcd-wrapper-test:9.9.9-test is not in local storage; run `kvcd apply --prepare --kernel 9.9.9-test run` first",
     );
 
-    // No --kernel and no image: the advice is for this kernel.
+    // No --kernel and no image: the advice is for this kernel. (Each config
+    // here owns its own module: one owner per module.)
     node.config(
         "gone",
-        &RUNNING_CONFIG.replace("kvcd-wrapper-test", "kvcd-wrapper-absent"),
+        &RUNNING_CONFIG
+            .replace("kvcd-wrapper-test", "kvcd-wrapper-absent")
+            .replace("kvcd_param", "kvcd_user"),
     );
     let running = KernelRelease::running().unwrap();
     let o = node.kvcctl(&["wrapper", "gone", "true"]);
@@ -313,7 +316,7 @@ fn config_reference_for_the_running_kernel_and_each_error() {
 
     node.config(
         "dir",
-        "modules = [\"kvcd_param\"]\n[directory]\npath = \"/usr/lib/kvcd/dir\"\n",
+        "modules = [\"kvcd_base\"]\n[directory]\npath = \"/usr/lib/kvcd/dir\"\n",
     );
     let o = node.kvcctl(&["wrapper", "dir", "true"]);
     assert_one_line_error(

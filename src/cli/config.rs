@@ -20,6 +20,9 @@ pub(super) enum ConfigCommand {
         /// Print a JSON document.
         #[arg(long)]
         json: bool,
+        /// The PATHs are alternative examples, not one node's configuration: check each module config beside only the configs its `after` names, and do not require KVC libraries on this host; default off.
+        #[arg(long, requires = "paths")]
+        examples: bool,
     },
     /// Show the merged configuration and which file each module config came from.
     Show {
@@ -34,9 +37,15 @@ pub(super) enum ConfigCommand {
 /// Runs a `kvcctl config` verb; returns the exit code.
 pub(super) fn run(paths: &PathArgs, cmd: &ConfigCommand) -> Result<u8> {
     match cmd {
-        ConfigCommand::Validate { paths: p, json } => {
+        ConfigCommand::Validate {
+            paths: p,
+            json,
+            examples,
+        } => {
             let config = if p.is_empty() {
                 paths.load()
+            } else if *examples {
+                Config::load_examples(p)
             } else {
                 Config::load_paths(p)
             };
@@ -265,6 +274,11 @@ fn show(config: &Config, name: Option<&str>, json: bool) -> Result<u8> {
             print_entry(n, e);
         }
     }
-    let bad = entries.iter().any(|(_, e)| e.result.is_err());
+    if name.is_some() || json {
+        for e in &config.errors {
+            eprintln!("{e}");
+        }
+    }
+    let bad = !config.errors.is_empty() || entries.iter().any(|(_, e)| e.result.is_err());
     Ok(if bad { EXIT_FAILED } else { 0 })
 }

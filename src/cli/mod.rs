@@ -62,15 +62,18 @@ impl PathArgs {
         Ok(config)
     }
 
-    /// Loads the configuration with the command-line overrides applied.
+    /// Loads the configuration with the command-line overrides applied; a
+    /// `--config-dir` that is not a directory is an error in `Config::errors`.
     pub fn load(&self) -> Config {
-        Config::load(
-            &self.dirs(),
-            &Overrides {
-                state_dir: self.state_dir.clone(),
-                runtime_dir: self.runtime_dir.clone(),
-            },
-        )
+        let overrides = Overrides {
+            state_dir: self.state_dir.clone(),
+            runtime_dir: self.runtime_dir.clone(),
+        };
+        if self.config_dirs.is_empty() {
+            Config::load(&self.dirs(), &overrides)
+        } else {
+            Config::load_named(&self.config_dirs, &overrides)
+        }
     }
 }
 

@@ -21,6 +21,7 @@ use serde::Serialize;
 use crate::kmod::ModName;
 
 pub use validate::InstanceName;
+use validate::Scope;
 
 /// Default configuration directories, lowest precedence first.
 pub const DEFAULT_CONFIG_DIRS: &[&str] = &["/usr/lib/kvcd", "/run/kvcd", "/etc/kvcd"];
@@ -352,13 +353,57 @@ impl Config {
         for d in dirs {
             found.add_dir(d);
         }
-        found.assemble(dirs, overrides)
+        found.assemble(dirs, overrides, Scope::Node)
+    }
+
+    /// Like [`Config::load`], for directories named on the command line: each
+    /// must exist and be a directory, or it is an error naming it. (The
+    /// built-in [`DEFAULT_CONFIG_DIRS`] may be absent; use `load` for them.)
+    pub fn load_named(dirs: &[PathBuf], overrides: &Overrides) -> Self {
+        let (present, absent): (Vec<PathBuf>, Vec<PathBuf>) =
+            dirs.iter().cloned().partition(|d| d.is_dir());
+        let mut config = Self::load(&present, overrides);
+        config.dirs = dirs.to_vec();
+        let mut missing: Vec<ConfigError> = absent
+            .iter()
+            .map(|d| {
+                let what = match fs::metadata(d) {
+                    Ok(m) => format!("not a directory ({})", file_kind(m.file_type())),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        "no such directory".to_owned()
+                    }
+                    Err(e) => format!("cannot read directory: {e}"),
+                };
+                ConfigError::file(
+                    d,
+                    format!(
+                        "{what}: expected a configuration directory (holding kvcd.toml and modules.d/)"
+                    ),
+                )
+            })
+            .collect();
+        missing.append(&mut config.errors);
+        config.errors = missing;
+        config
     }
 
     /// Reads what `kvcctl config validate PATH…` names: configuration
     /// directories (holding `kvcd.toml` or `modules.d/`), directories of module
     /// configs (`*.toml`), or single files; later paths win as later directories do.
     pub fn load_paths(paths: &[PathBuf]) -> Self {
+        Self::load_paths_in(paths, Scope::Node)
+    }
+
+    /// Like [`Config::load_paths`], for a collection of alternative examples
+    /// (as `conf.d/` ships) rather than one node's configuration: each module
+    /// config is checked beside only the configs its `after` names, so two
+    /// alternatives may load the same module, and KVC libraries need not exist
+    /// on this host.
+    pub fn load_examples(paths: &[PathBuf]) -> Self {
+        Self::load_paths_in(paths, Scope::Examples)
+    }
+
+    fn load_paths_in(paths: &[PathBuf], scope: Scope) -> Self {
         let mut found = Found::default();
         for p in paths {
             if p.is_dir() && (p.join("modules.d").is_dir() || p.join("kvcd.toml").exists()) {
@@ -381,7 +426,7 @@ impl Config {
                     .push(ConfigError::file(p, "no such file or directory"));
             }
         }
-        found.assemble(paths, &Overrides::default())
+        found.assemble(paths, &Overrides::default(), scope)
     }
 
     /// Every problem found, global ones first.
@@ -466,7 +511,7 @@ impl Found {
         }
     }
 
-    fn assemble(self, dirs: &[PathBuf], overrides: &Overrides) -> Config {
+    fn assemble(self, dirs: &[PathBuf], overrides: &Overrides, scope: Scope) -> Config {
         let mut errors = self.errors;
         let mut masked = Vec::new();
 
@@ -507,7 +552,7 @@ impl Found {
                 }
             };
             let result = read(&m.winner.path)
-                .and_then(|text| validate::module(&name, &m.winner.path, &text));
+                .and_then(|text| validate::module(&name, &m.winner.path, &text, scope));
             modules.insert(
                 name.to_string(),
                 ModuleEntry {
@@ -517,7 +562,7 @@ impl Found {
                 },
             );
         }
-        validate::cross_check(&mut modules);
+        validate::cross_check(&mut modules, scope);
 
         Config {
             dirs: dirs.to_vec(),
@@ -529,7 +574,75 @@ impl Found {
     }
 }
 
+/// Largest config file kvcd reads: 1 MiB.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// What a non-regular file is, for error messages.
+fn file_kind(t: fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    }
+}
+
+/// Reads a config file: a regular file (symlinks followed) of at most [`MAX_CONFIG_BYTES`].
+///
+/// The file is opened without blocking (a FIFO never waits for a writer) and
+/// checked on the opened descriptor, so a device or FIFO is refused before
+/// anything is read from it.
 fn read(path: &Path) -> Result<String, Vec<ConfigError>> {
-    fs::read_to_string(path)
-        .map_err(|e| vec![ConfigError::file(path, format!("cannot read file: {e}"))])
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let fail = |msg: String| vec![ConfigError::file(path, msg)];
+    let not_regular = |t: fs::FileType| {
+        fail(format!(
+            "not a regular file ({}); configs must be regular files",
+            file_kind(t)
+        ))
+    };
+    // A socket cannot be opened at all; say what it is rather than ENXIO.
+    if let Ok(m) = fs::metadata(path) {
+        if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) {
+            return Err(not_regular(m.file_type()));
+        }
+    }
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| fail(format!("cannot read file: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| fail(format!("cannot read file: {e}")))?;
+    if !meta.is_file() {
+        return Err(not_regular(meta.file_type()));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(format!("cannot read file: {e}")))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(fail(format!(
+            "file is larger than {} MiB, the limit for a config file",
+            MAX_CONFIG_BYTES >> 20
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        fail(format!(
+            "expected UTF-8 text, found an invalid byte at offset {}",
+            e.utf8_error().valid_up_to()
+        ))
+    })
 }

@@ -1,6 +1,6 @@
 //! Raw config → validated settings, collecting every error with its location.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -53,28 +53,49 @@ impl fmt::Display for InstanceName {
     }
 }
 
+/// Which checks run besides those of each file on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Scope {
+    /// One node's configuration: every check, including what must exist on this host.
+    Node,
+    /// A collection of alternative examples: each config is checked beside only
+    /// the configs its `after` names, and host files (KVC libraries) need not exist.
+    Examples,
+}
+
 /// Collects errors for one file, turning byte spans into line and column.
 struct Diag<'a> {
     file: &'a Path,
     text: &'a str,
+    /// Byte offset where each line starts.
+    line_starts: Vec<usize>,
     errors: Vec<ConfigError>,
 }
 
 impl<'a> Diag<'a> {
     fn new(file: &'a Path, text: &'a str) -> Self {
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
         Self {
             file,
             text,
+            line_starts,
             errors: Vec::new(),
         }
     }
 
+    /// 1-based line and column (in bytes) of a byte offset.
     fn line_col(&self, offset: usize) -> (usize, usize) {
         let offset = offset.min(self.text.len());
-        let before = &self.text[..offset];
-        let line = before.matches('\n').count() + 1;
-        let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
-        (line, col)
+        // line_starts[0] is 0, so at least one start is <= offset.
+        let line = self.line_starts.partition_point(|&s| s <= offset);
+        let start = self
+            .line_starts
+            .get(line.wrapping_sub(1))
+            .copied()
+            .unwrap_or(0);
+        (line, offset - start + 1)
     }
 
     fn error(
@@ -101,18 +122,61 @@ impl<'a> Diag<'a> {
 
     /// A TOML syntax or type error, with the key guessed from the line it points at.
     fn parse_error(&mut self, err: &toml::de::Error) {
-        let (line, column) = err
-            .span()
-            .map(|s| self.line_col(s.start))
-            .map_or((None, None), |(l, c)| (Some(l), Some(c)));
-        let key = err.span().and_then(|s| self.key_at(s.start));
+        let message = err.message().trim_end();
+        let Some(span) = err.span() else {
+            self.deep_key_error(message);
+            return;
+        };
+        let (line, column) = self.line_col(span.start);
+        let message = if message.contains("max recursion depth") {
+            format!(
+                "{message}: expected arrays and inline tables nested fewer than {TOML_DEPTH_LIMIT} levels deep (kvcd's own values nest at most 2)"
+            )
+        } else {
+            message.to_owned()
+        };
         self.errors.push(ConfigError {
             file: self.file.to_owned(),
-            line,
-            column,
-            key,
-            message: err.message().trim_end().to_owned(),
+            line: Some(line),
+            column: Some(column),
+            key: self.key_at(span.start),
+            message,
         });
+    }
+
+    /// A parse error without a position. The TOML parser reports a dotted key
+    /// or table header with too many parts that way, so point at the line with
+    /// the most dotted parts.
+    fn deep_key_error(&mut self, message: &str) {
+        let deepest = self
+            .text
+            .lines()
+            .enumerate()
+            .filter_map(|(i, l)| key_parts(l).map(|(parts, key)| (parts, i, key)))
+            .max_by_key(|(parts, i, _)| (*parts, std::cmp::Reverse(*i)));
+        match deepest {
+            Some((parts, i, key)) if parts > 3 => {
+                let col = self
+                    .text
+                    .lines()
+                    .nth(i)
+                    .map_or(0, |l| l.len() - l.trim_start().len());
+                let shown: Vec<&str> = key.split('.').take(3).collect();
+                self.errors.push(ConfigError {
+                    file: self.file.to_owned(),
+                    line: Some(i + 1),
+                    column: Some(col + 1),
+                    key: Some(format!("{}…", shown.join("."))),
+                    message: format!(
+                        "key nested {parts} levels deep ({message}): expected fewer than {TOML_DEPTH_LIMIT} levels (kvcd's own keys have at most 3, like `build.args.NAME`)"
+                    ),
+                });
+            }
+            _ => self.errors.push(ConfigError::file(
+                self.file,
+                format!("{message} (the parser gave no position)"),
+            )),
+        }
     }
 
     /// The dotted key assigned on the line holding `offset`, with its table header.
@@ -144,6 +208,44 @@ impl<'a> Diag<'a> {
             Err(self.errors)
         }
     }
+}
+
+/// The TOML parser's nesting limit (tables, arrays and dotted keys).
+const TOML_DEPTH_LIMIT: usize = 80;
+
+/// The number of dotted parts of the key a line assigns or the table header it
+/// opens, and the key, when it has one; quoted parts may hold dots.
+fn key_parts(line: &str) -> Option<(usize, String)> {
+    let t = line.trim_start();
+    let body = t.trim_start_matches('[');
+    let header = body.len() != t.len();
+    if t.starts_with('#') || body.trim().is_empty() {
+        return None;
+    }
+    let mut quote: Option<char> = None;
+    let mut parts = 1;
+    let mut end = body.len();
+    for (i, c) in body.char_indices() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '.') => parts += 1,
+            (None, ']') if header => {
+                end = i;
+                break;
+            }
+            (None, '=') if !header => {
+                end = i;
+                break;
+            }
+            (None, _) => {}
+        }
+    }
+    if !header && end == body.len() {
+        return None;
+    }
+    Some((parts, body[..end].trim().to_owned()))
 }
 
 fn absolute_path(d: &mut Diag<'_>, key: &str, v: &S<String>) -> Option<PathBuf> {
@@ -196,12 +298,8 @@ pub(super) fn daemon(file: &Path, text: &str) -> Result<DaemonSettings, Vec<Conf
         ("podman", &raw.podman, &mut s.podman),
     ] {
         let Some(v) = value else { continue };
-        if v.get_ref().is_empty() {
-            d.error(
-                Some(v.span()),
-                key,
-                "expected a program name or absolute path, found an empty string",
-            );
+        if let Err(msg) = check_program(v.get_ref()) {
+            d.error(Some(v.span()), key, msg);
         } else {
             *slot = PathBuf::from(v.get_ref());
         }
@@ -212,12 +310,18 @@ pub(super) fn daemon(file: &Path, text: &str) -> Result<DaemonSettings, Vec<Conf
     if let Some(v) = raw.unload_on_stop {
         s.unload_on_stop = v;
     }
-    if let Some(n) = raw
-        .max_parallel
-        .as_ref()
-        .and_then(|v| seconds(&mut d, "max_parallel", v))
-    {
-        s.max_parallel = usize::try_from(n).unwrap_or(usize::MAX);
+    if let Some(v) = &raw.max_parallel {
+        match usize::try_from(*v.get_ref()) {
+            Ok(n) if n >= 1 => s.max_parallel = n,
+            _ => d.error(
+                Some(v.span()),
+                "max_parallel",
+                format!(
+                    "expected a whole number of module configs worked on at once, at least 1, found {}",
+                    v.get_ref()
+                ),
+            ),
+        }
     }
     if let Some(n) = raw
         .retry_base_seconds
@@ -240,6 +344,24 @@ pub(super) fn daemon(file: &Path, text: &str) -> Result<DaemonSettings, Vec<Conf
     {
         s.stop_timeout_seconds = n;
     }
+    if s.retry_max_seconds < s.retry_base_seconds {
+        let (key, span) = match (&raw.retry_max_seconds, &raw.retry_base_seconds) {
+            (Some(m), _) => ("retry_max_seconds", m.span()),
+            (None, Some(b)) => ("retry_base_seconds", b.span()),
+            (None, None) => ("retry_max_seconds", 0..0),
+        };
+        d.error(
+            Some(span),
+            key,
+            format!(
+                "retry_max_seconds ({}{}) is below retry_base_seconds ({}{}): expected retry_max_seconds >= retry_base_seconds",
+                s.retry_max_seconds,
+                if raw.retry_max_seconds.is_none() { ", the default" } else { "" },
+                s.retry_base_seconds,
+                if raw.retry_base_seconds.is_none() { ", the default" } else { "" },
+            ),
+        );
+    }
     if let Some(v) = &raw.keep_kernels {
         match usize::try_from(*v.get_ref()) {
             Ok(n) if n >= 1 => s.keep_kernels = n,
@@ -256,12 +378,29 @@ pub(super) fn daemon(file: &Path, text: &str) -> Result<DaemonSettings, Vec<Conf
     d.finish(s)
 }
 
+/// A program setting: a bare name looked up in `PATH`, or an absolute path; never a command line.
+fn check_program(p: &str) -> Result<(), String> {
+    let bare = !p.contains('/');
+    let ok = !p.is_empty()
+        && (bare || p.starts_with('/'))
+        && !p.starts_with('-')
+        && !p.chars().any(|c| c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "expected a program path, not a command line: a program name looked up in PATH (e.g. \"podman\") or an absolute path, without blanks or a leading '-'; found {p:?}"
+        ))
+    }
+}
+
 /// Parses a list of module names, reporting bad and duplicate entries.
 fn mod_names(d: &mut Diag<'_>, key: &str, list: &SList) -> Vec<ModName> {
     let mut out: Vec<ModName> = Vec::new();
+    let mut seen: HashSet<ModName> = HashSet::with_capacity(list.get_ref().len());
     for item in list.get_ref() {
         match ModName::parse(item.get_ref()) {
-            Ok(n) if out.contains(&n) => d.error(
+            Ok(n) if seen.contains(&n) => d.error(
                 Some(item.span()),
                 key,
                 format!(
@@ -269,7 +408,10 @@ fn mod_names(d: &mut Diag<'_>, key: &str, list: &SList) -> Vec<ModName> {
                     item.get_ref()
                 ),
             ),
-            Ok(n) => out.push(n),
+            Ok(n) => {
+                seen.insert(n.clone());
+                out.push(n);
+            }
             Err(msg) => d.error(Some(item.span()), key, msg),
         }
     }
@@ -327,6 +469,39 @@ fn abs_template(d: &mut Diag<'_>, key: &str, v: &S<String>, has_version: bool) -
     template(d, key, v, has_version)
 }
 
+/// True when an image reference names its registry host (as podman's
+/// `registry_of` reads it): the first path component holds `.` or `:`, or is `localhost`.
+fn fully_qualified(reference: &str) -> bool {
+    reference
+        .split_once('/')
+        .is_some_and(|(first, _)| first.contains(['.', ':']) || first == "localhost")
+}
+
+/// A directory inside the image: absolute, below `/`, without `..` components.
+fn image_subdir(d: &mut Diag<'_>, key: &str, v: &S<String>, has_version: bool) -> Option<String> {
+    let p = v.get_ref();
+    let parts: Vec<&str> = p
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    if p.starts_with('/') && (parts.is_empty() || parts.contains(&"..")) {
+        let example = if key.ends_with("modules_dir") {
+            DEFAULT_IMAGE_MODULES_DIR
+        } else {
+            "/lib/firmware/acme"
+        };
+        d.error(
+            Some(v.span()),
+            key,
+            format!(
+                "expected a directory below the image's root, e.g. {example:?} (not \"/\" and no \"..\"), found {p:?}"
+            ),
+        );
+        return None;
+    }
+    abs_template(d, key, v, has_version)
+}
+
 /// True for what podman build takes as a remote context.
 fn is_git_url(s: &str) -> bool {
     ["https://", "http://", "git://", "ssh://", "git@"]
@@ -347,13 +522,28 @@ fn image_source(
             None
         }
         Some(r)
-            if r.get_ref().trim().is_empty() || r.get_ref().chars().any(char::is_whitespace) =>
+            if r.get_ref().trim().is_empty()
+                || r.get_ref()
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control())
+                || r.get_ref().starts_with('-') =>
         {
             d.error(
                 Some(r.span()),
                 "image.ref",
                 format!(
-                    "expected an image reference without blanks, found {:?}",
+                    "expected an image reference without blanks and not starting with '-', found {:?}",
+                    r.get_ref()
+                ),
+            );
+            None
+        }
+        Some(r) if !fully_qualified(r.get_ref()) => {
+            d.error(
+                Some(r.span()),
+                "image.ref",
+                format!(
+                    "expected a fully qualified image reference that names its registry, e.g. \"localhost/NAME:TAG\" or \"registry.example.com/NAME:TAG\" (podman would look a short name up in other registries), found {:?}",
                     r.get_ref()
                 ),
             );
@@ -380,12 +570,12 @@ fn image_source(
         .and_then(|a| absolute_path(d, "image.auth_file", a));
     let modules_dir = match &raw.modules_dir {
         None => Some(DEFAULT_IMAGE_MODULES_DIR.to_owned()),
-        Some(m) => abs_template(d, "image.modules_dir", m, has_version),
+        Some(m) => image_subdir(d, "image.modules_dir", m, has_version),
     };
     let firmware_dir = raw
         .firmware_dir
         .as_ref()
-        .map(|f| abs_template(d, "image.firmware_dir", f, has_version));
+        .map(|f| image_subdir(d, "image.firmware_dir", f, has_version));
     let build = build.map(|b| build_spec(d, b, has_version));
     Some(ImageSource {
         reference: reference?,
@@ -416,7 +606,8 @@ fn build_spec(d: &mut Diag<'_>, b: &S<RawBuild>, has_version: bool) -> Option<Bu
         None => Some("Containerfile".to_owned()),
         Some(f)
             if f.get_ref().is_empty()
-                || f.get_ref().starts_with('/')
+                || f.get_ref().starts_with(['/', '-'])
+                || f.get_ref().chars().any(char::is_control)
                 || f.get_ref().split('/').any(|p| p == "..") =>
         {
             d.error(
@@ -451,6 +642,18 @@ fn build_spec(d: &mut Diag<'_>, b: &S<RawBuild>, has_version: bool) -> Option<Bu
             );
             ok = false;
         }
+        if v.get_ref().starts_with('-') {
+            d.error(
+                Some(v.span()),
+                key.clone(),
+                format!(
+                    "expected a value not starting with '-' (it would read as an option), found {:?}",
+                    v.get_ref()
+                ),
+            );
+            ok = false;
+            continue;
+        }
         match template(d, &key, v, has_version) {
             Some(t) => {
                 args.insert(k.get_ref().clone(), t);
@@ -462,6 +665,7 @@ fn build_spec(d: &mut Diag<'_>, b: &S<RawBuild>, has_version: bool) -> Option<Bu
     for (id, src) in raw.secrets.iter().flatten() {
         let key = format!("build.secrets.{}", id.get_ref());
         if id.get_ref().is_empty()
+            || id.get_ref().starts_with('-')
             || !id
                 .get_ref()
                 .chars()
@@ -470,7 +674,7 @@ fn build_spec(d: &mut Diag<'_>, b: &S<RawBuild>, has_version: bool) -> Option<Bu
             d.error(
                 Some(id.span()),
                 key.clone(),
-                "expected a secret id of letters, digits, '_', '-' and '.'",
+                "expected a secret id of letters, digits, '_', '-' and '.', not starting with '-'",
             );
             ok = false;
         }
@@ -536,7 +740,7 @@ fn seconds(d: &mut Diag<'_>, key: &str, v: &S<i64>) -> Option<u64> {
     }
 }
 
-fn kvc_libraries(d: &mut Diag<'_>, v: &S<OneOrMany>) -> Option<Vec<PathBuf>> {
+fn kvc_libraries(d: &mut Diag<'_>, v: &S<OneOrMany>, scope: Scope) -> Option<Vec<PathBuf>> {
     let list: Vec<S<String>> = match v.get_ref() {
         OneOrMany::One(s) => vec![S::new(v.span(), s.clone())],
         OneOrMany::Many(l) => l.iter().map(|s| S::new(v.span(), s.clone())).collect(),
@@ -552,6 +756,22 @@ fn kvc_libraries(d: &mut Diag<'_>, v: &S<OneOrMany>) -> Option<Vec<PathBuf>> {
     let mut out = Vec::new();
     for item in &list {
         out.push(absolute_path(d, "hooks.kvc_library", item)?);
+    }
+    // KVC sources the locations that exist and skips the others; with none
+    // there is nothing to run.
+    if scope == Scope::Node && !out.iter().any(|p| p.is_file()) {
+        d.error(
+            Some(v.span()),
+            "hooks.kvc_library",
+            format!(
+                "no such file: {} (expected at least one existing KVC library; missing locations are skipped)",
+                out.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+        return None;
     }
     Some(out)
 }
@@ -621,6 +841,7 @@ pub(super) fn module(
     name: &InstanceName,
     file: &Path,
     text: &str,
+    scope: Scope,
 ) -> Result<ModuleConfig, Vec<ConfigError>> {
     let mut d = Diag::new(file, text);
     let raw: RawModuleConfig = match toml::from_str(text) {
@@ -633,12 +854,8 @@ pub(super) fn module(
 
     let version = raw.version.as_ref().and_then(|v| {
         let s = v.get_ref();
-        if s.is_empty() || s.chars().any(char::is_whitespace) {
-            d.error(
-                Some(v.span()),
-                "version",
-                format!("expected a version string without blanks, found {s:?}"),
-            );
+        if let Err(msg) = crate::kernel::check_version(s) {
+            d.error(Some(v.span()), "version", msg);
             None
         } else {
             Some(s.clone())
@@ -701,6 +918,7 @@ pub(super) fn module(
             }
         });
 
+    let loaded: HashSet<&ModName> = modules.iter().collect();
     let mut parameters = BTreeMap::new();
     for (module, values) in raw.parameters.iter().flatten() {
         let key = format!("parameters.{}", module.get_ref());
@@ -711,7 +929,7 @@ pub(super) fn module(
                 continue;
             }
         };
-        if !modules.is_empty() && !modules.contains(&m) {
+        if !modules.is_empty() && !loaded.contains(&m) {
             d.error(
                 Some(module.span()),
                 key.clone(),
@@ -733,7 +951,7 @@ pub(super) fn module(
         .hooks
         .as_ref()
         .and_then(|h| h.get_ref().kvc_library.as_ref())
-        .map(|k| kvc_libraries(&mut d, k));
+        .map(|k| kvc_libraries(&mut d, k, scope));
     let source = match (&raw.directory, &raw.image, kvc) {
         (None, None, None) => {
             d.error(
@@ -832,8 +1050,9 @@ pub(super) fn module(
     })
 }
 
-/// Checks what spans files: `after` must name existing configs and form no cycle.
-pub(super) fn cross_check(modules: &mut BTreeMap<String, ModuleEntry>) {
+/// Checks what spans files: `after` must name existing configs and form no
+/// cycle, and every kernel module has one owner (see [`ownership`]).
+pub(super) fn cross_check(modules: &mut BTreeMap<String, ModuleEntry>, scope: Scope) {
     let known: BTreeSet<String> = modules.keys().cloned().collect();
     let graph: BTreeMap<String, Vec<String>> = modules
         .iter()
@@ -842,9 +1061,10 @@ pub(super) fn cross_check(modules: &mut BTreeMap<String, ModuleEntry>) {
             Some((n.clone(), c.after.iter().map(ToString::to_string).collect()))
         })
         .collect();
-    for (name, entry) in modules.iter_mut() {
+    let mut errors: BTreeMap<String, Vec<ConfigError>> = BTreeMap::new();
+    for (name, entry) in modules.iter() {
         let Ok(cfg) = &entry.result else { continue };
-        let mut errors = Vec::new();
+        let errors = errors.entry(name.clone()).or_default();
         for a in &cfg.after {
             if !known.contains(a.as_str()) {
                 errors.push(ConfigError::file(&entry.file, format!(
@@ -862,10 +1082,109 @@ pub(super) fn cross_check(modules: &mut BTreeMap<String, ModuleEntry>) {
                 .with_key("after"),
             );
         }
-        if !errors.is_empty() {
-            entry.result = Err(errors);
+    }
+    ownership(modules, &graph, scope, &mut errors);
+    for (name, errs) in errors {
+        if errs.is_empty() {
+            continue;
+        }
+        if let Some(entry) = modules.get_mut(&name) {
+            entry.result = Err(errs);
         }
     }
+}
+
+/// How a module config claims a kernel module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// It is in `modules`: the config loads and unloads it.
+    Loads,
+    /// It is in `replace_in_tree`: the config unloads the in-tree one and restores it.
+    Replaces,
+}
+
+/// One owner per kernel module (names folded as [`ModName`] does): two
+/// configs loading the same module, one loading what another replaces in
+/// tree, or two replacing the same in-tree module are errors on both
+/// configs, each naming the other. KVC-library configs count with the
+/// modules they list. With [`Scope::Examples`] only configs that `after`
+/// ties together count as installed together.
+fn ownership(
+    modules: &BTreeMap<String, ModuleEntry>,
+    graph: &BTreeMap<String, Vec<String>>,
+    scope: Scope,
+    errors: &mut BTreeMap<String, Vec<ConfigError>>,
+) {
+    let mut claims: BTreeMap<&ModName, Vec<(&str, Claim)>> = BTreeMap::new();
+    for (name, entry) in modules {
+        let Ok(cfg) = &entry.result else { continue };
+        for m in &cfg.modules {
+            claims.entry(m).or_default().push((name, Claim::Loads));
+        }
+        for m in &cfg.replace_in_tree {
+            claims.entry(m).or_default().push((name, Claim::Replaces));
+        }
+    }
+    for (m, owners) in claims {
+        let Some((first, _)) = owners.first() else {
+            continue;
+        };
+        if owners.iter().all(|(n, _)| n == first) {
+            continue;
+        }
+        for &(a, claim_a) in &owners {
+            for &(b, claim_b) in &owners {
+                if a == b
+                    || (scope == Scope::Examples && !reaches(graph, a, b) && !reaches(graph, b, a))
+                {
+                    continue;
+                }
+                let other = modules
+                    .get(b)
+                    .map_or_else(String::new, |e| e.file.display().to_string());
+                let (key, what) = match (claim_a, claim_b) {
+                    (Claim::Loads, Claim::Loads) => ("modules", "is also loaded by"),
+                    (Claim::Loads, Claim::Replaces) => {
+                        ("modules", "is replaced in tree (unloaded) by")
+                    }
+                    (Claim::Replaces, Claim::Loads) => ("replace_in_tree", "is loaded by"),
+                    (Claim::Replaces, Claim::Replaces) => {
+                        ("replace_in_tree", "is also replaced in tree by")
+                    }
+                };
+                let Some(entry) = modules.get(a) else {
+                    continue;
+                };
+                errors.entry(a.to_owned()).or_default().push(
+                    ConfigError::file(
+                        &entry.file,
+                        format!(
+                            "module {:?} {what} module config {b:?} ({other}): expected one owner per module; keep it in one config",
+                            m.as_str()
+                        ),
+                    )
+                    .with_key(key),
+                );
+            }
+        }
+    }
+}
+
+/// True when `to` can be reached from `from` through `after` edges.
+fn reaches(graph: &BTreeMap<String, Vec<String>>, from: &str, to: &str) -> bool {
+    let mut seen = BTreeSet::new();
+    let mut stack = vec![from];
+    while let Some(n) = stack.pop() {
+        for next in graph.get(n).into_iter().flatten() {
+            if next == to {
+                return true;
+            }
+            if seen.insert(next.as_str()) {
+                stack.push(next);
+            }
+        }
+    }
+    false
 }
 
 /// A path from `start` back to itself through `after` edges, if there is one.

@@ -253,13 +253,19 @@ fn missing_required_keys() {
     assert_eq!(e.key.as_deref(), Some("directory.path"));
 }
 
+/// GOOD with its modules renamed after `name`, so that configs do not clash.
+fn own(name: &str) -> String {
+    GOOD.replace("simple-kmod", &format!("{name}-kmod"))
+        .replace("simple_procfs_kmod", &format!("{name}_procfs"))
+        .replace("\"dummy\"", &format!("\"{name}_dummy\""))
+}
+
 #[test]
 fn after_must_exist_and_not_cycle() {
     let t = Tree::new();
-    t.module(2, "a", &format!("after = [\"b\"]\n{GOOD}"));
-    t.module(2, "b", &format!("after = [\"a\"]\n{GOOD}"));
-    t.module(2, "c", &format!("after = [\"nope\"]\n{GOOD}"));
-    t.module(2, "d", &format!("after = [\"c\"]\n{GOOD}"));
+    for (name, after) in [("a", "b"), ("b", "a"), ("c", "nope"), ("d", "c")] {
+        t.module(2, name, &format!("after = [\"{after}\"]\n{}", own(name)));
+    }
     let c = t.load();
     let msg = |n: &str| c.module(n).unwrap_err().to_string();
     assert!(
@@ -481,15 +487,22 @@ path = "/dev/acme0"
 timeout_seconds = 5
 "#,
     );
+    // KVC skips missing locations: one existing library is enough.
+    let lib = t.dirs[0].join("k-lib.sh");
+    fs::write(&lib, "build_kmods() { :; }\n").unwrap();
     t.module(
         2,
         "k",
-        "modules = [\"simple-kmod\"]\n[hooks]\nkvc_library = [\"/usr/local/lib/kvc/k-lib.sh\", \"/usr/lib/kvc/k-lib.sh\"]\n",
+        &format!(
+            "modules = [\"simple-kmod\"]\n[hooks]\nkvc_library = [\"/nonexistent/kvc/k-lib.sh\", {lib:?}]\n"
+        ),
     );
     t.module(
         2,
         "k1",
-        "modules = [\"simple-kmod\"]\n[hooks]\nkvc_library = \"/usr/lib/kvc/k1-lib.sh\"\n[ready]\ncommand = [\"/usr/bin/test\", \"-e\", \"/dev/x\"]\n",
+        &format!(
+            "modules = [\"other-kmod\"]\n[hooks]\nkvc_library = {lib:?}\n[ready]\ncommand = [\"/usr/bin/test\", \"-e\", \"/dev/x\"]\n"
+        ),
     );
     let c = t.load();
     assert!(c.all_errors().is_empty(), "{:#?}", c.all_errors());
@@ -590,4 +603,469 @@ fn hook_errors() {
             "{text}: {errs:#?}"
         );
     }
+}
+
+/// The single error of `kvcd.toml` with `text`.
+fn daemon_error(text: &str) -> ConfigError {
+    let t = Tree::new();
+    let file = t.dirs[2].join("kvcd.toml");
+    fs::write(&file, text).unwrap();
+    let mut c = t.load();
+    assert_eq!(c.errors.len(), 1, "{text}: {:#?}", c.errors);
+    let e = c.errors.remove(0);
+    assert_eq!(e.file, file);
+    e
+}
+
+#[test]
+fn only_regular_files_are_read() {
+    let t = Tree::new();
+    let md = t.dirs[2].join("modules.d");
+    nix::unistd::mkfifo(&md.join("fifo.toml"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", md.join("zero.toml")).unwrap();
+    fs::create_dir(md.join("dir.toml")).unwrap();
+    // A symlink to a regular file is read; one to /dev/null still masks.
+    let real = t.dirs[0].join("real.txt");
+    fs::write(&real, GOOD).unwrap();
+    std::os::unix::fs::symlink(&real, md.join("linked.toml")).unwrap();
+    std::os::unix::fs::symlink("/dev/null", md.join("masked.toml")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", t.dirs[1].join("kvcd.toml")).unwrap();
+    let c = t.load();
+    let msg = |n: &str| c.module(n).unwrap_err().to_string();
+    assert!(
+        msg("fifo")
+            .contains("fifo.toml: not a regular file (a FIFO); configs must be regular files"),
+        "{}",
+        msg("fifo")
+    );
+    assert!(
+        msg("zero").contains(
+            "zero.toml: not a regular file (a character device); configs must be regular files"
+        ),
+        "{}",
+        msg("zero")
+    );
+    assert!(
+        msg("dir").contains("not a regular file (a directory)"),
+        "{}",
+        msg("dir")
+    );
+    assert!(c.module("linked").is_ok());
+    assert_eq!(c.masked, vec![md.join("masked.toml")]);
+    assert_eq!(c.errors.len(), 1, "{:#?}", c.errors);
+    assert_eq!(
+        c.errors[0].to_string(),
+        format!(
+            "{}: not a regular file (a character device); configs must be regular files",
+            t.dirs[1].join("kvcd.toml").display()
+        )
+    );
+}
+
+#[test]
+fn config_files_are_capped_at_one_mib() {
+    let pad = "#".repeat(1 << 20);
+    let (file, errs) = errors_of(&format!("{GOOD}{pad}\n"));
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert_eq!(
+        errs[0].to_string(),
+        format!(
+            "{}: file is larger than 1 MiB, the limit for a config file",
+            file.display()
+        )
+    );
+    // Just under the cap is read.
+    let t = Tree::new();
+    let fill = "#".repeat((1 << 20) - GOOD.len() - 1);
+    t.module(2, "x", &format!("{GOOD}{fill}\n"));
+    assert!(t.load().module("x").is_ok());
+}
+
+#[test]
+fn deep_nesting_names_a_line_and_the_limit() {
+    let deep = vec!["a"; 5000].join(".");
+    let e = one_error(&format!("{GOOD}\n[{deep}]\n"));
+    assert_eq!(e.line, Some(GOOD.lines().count() + 2), "{e}");
+    assert_eq!(e.key.as_deref(), Some("a.a.a…"), "{e}");
+    assert!(
+        e.message.starts_with(
+            "key nested 5000 levels deep (recursion limit): expected fewer than 80 levels"
+        ),
+        "{e}"
+    );
+    let e = one_error(&format!(
+        "modules = [\"a\"]\nx = {}1{}\n",
+        "[".repeat(5000),
+        "]".repeat(5000)
+    ));
+    assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("x")), "{e}");
+    assert!(
+        e.message.ends_with("expected arrays and inline tables nested fewer than 80 levels deep (kvcd's own values nest at most 2)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn named_config_dirs_must_exist() {
+    let t = Tree::new();
+    let gone = t.dirs[0].join("gone");
+    let file = t.dirs[0].join("kvcd-file");
+    fs::write(&file, "").unwrap();
+    let dirs = [t.dirs[2].clone(), gone.clone(), file.clone()];
+    let c = Config::load_named(&dirs, &Overrides::default());
+    let shown: Vec<String> = c.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        shown,
+        [
+            format!(
+                "{}: no such directory: expected a configuration directory (holding kvcd.toml and modules.d/)",
+                gone.display()
+            ),
+            format!(
+                "{}: not a directory (a regular file): expected a configuration directory (holding kvcd.toml and modules.d/)",
+                file.display()
+            ),
+        ]
+    );
+    assert_eq!(c.dirs, dirs);
+    // Config::load (the built-in directories) lets them be absent.
+    let c = Config::load(&[gone, t.dirs[2].clone()], &Overrides::default());
+    assert!(c.errors.is_empty(), "{:?}", c.errors);
+}
+
+#[test]
+fn daemon_counts_retries_and_programs() {
+    let e = daemon_error("max_parallel = 0\n");
+    assert_eq!(e.key.as_deref(), Some("max_parallel"));
+    assert_eq!(
+        e.message,
+        "expected a whole number of module configs worked on at once, at least 1, found 0"
+    );
+
+    let e = daemon_error("retry_base_seconds = 60\nretry_max_seconds = 30\n");
+    assert_eq!(
+        (e.key.as_deref(), e.line),
+        (Some("retry_max_seconds"), Some(2))
+    );
+    assert_eq!(
+        e.message,
+        "retry_max_seconds (30) is below retry_base_seconds (60): expected retry_max_seconds >= retry_base_seconds"
+    );
+    let e = daemon_error("retry_base_seconds = 600\n");
+    assert_eq!(e.key.as_deref(), Some("retry_base_seconds"));
+    assert!(
+        e.message
+            .starts_with("retry_max_seconds (300, the default) is below retry_base_seconds (600)"),
+        "{e}"
+    );
+
+    for bad in [
+        "/bin/sh -c id",
+        "podman --remote",
+        "bin/podman",
+        "-podman",
+        "",
+    ] {
+        let e = daemon_error(&format!("podman = {bad:?}\n"));
+        assert_eq!(e.key.as_deref(), Some("podman"), "{bad}");
+        assert!(
+            e.message
+                .starts_with("expected a program path, not a command line"),
+            "{bad}: {e}"
+        );
+    }
+    let e = daemon_error("depmod = \"depmod -a\"\n");
+    assert_eq!(e.key.as_deref(), Some("depmod"));
+
+    let t = Tree::new();
+    fs::write(
+        t.dirs[2].join("kvcd.toml"),
+        "podman = \"/usr/local/bin/podman\"\ndepmod = \"depmod\"\nmax_parallel = 1\nretry_base_seconds = 5\nretry_max_seconds = 5\n",
+    )
+    .unwrap();
+    let c = t.load();
+    assert!(c.errors.is_empty(), "{:#?}", c.errors);
+    assert_eq!(c.daemon.podman, Path::new("/usr/local/bin/podman"));
+    assert_eq!(c.daemon.max_parallel, 1);
+}
+
+#[test]
+fn version_must_be_safe_in_paths_and_tags() {
+    let e = one_error(&GOOD.replace("\"1.2.0\"", "\"../../x\""));
+    assert_eq!(
+        (e.key.as_deref(), e.line),
+        (Some("version"), Some(3)),
+        "{e}"
+    );
+    assert!(
+        e.message.starts_with("expected a version like \"1.2.0\""),
+        "{e}"
+    );
+    assert!(e.message.ends_with("found \"../../x\""), "{e}");
+    for bad in ["-1", ".1", "1/2", "1 2", "a\u{7}"] {
+        let e = one_error(&GOOD.replace("1.2.0", bad));
+        assert_eq!(e.key.as_deref(), Some("version"), "{bad}: {e}");
+    }
+    let t = Tree::new();
+    t.module(2, "v", &GOOD.replace("1.2.0", "2.0.1~rc1+git.abc_1"));
+    assert!(t.load().module("v").is_ok());
+}
+
+#[test]
+fn nothing_from_a_config_reaches_podman_as_an_option() {
+    let img = |rest: &str| format!("modules = [\"a\"]\n[image]\n{rest}\n");
+    let cases: &[(String, &str, &str)] = &[
+        (
+            img("ref = \"--help\""),
+            "image.ref",
+            "expected an image reference without blanks and not starting with '-', found \"--help\"",
+        ),
+        (
+            img("ref = \"simple-kmod:1.0\""),
+            "image.ref",
+            "expected a fully qualified image reference that names its registry, e.g. \"localhost/NAME:TAG\" or \"registry.example.com/NAME:TAG\"",
+        ),
+        (
+            img("ref = \"acme/driver:${KERNEL_FULL_VERSION}\""),
+            "image.ref",
+            "expected a fully qualified image reference",
+        ),
+        (
+            img("ref = \"q.io/a\"\n[build]\ncontext = \"/c\"\nfile = \"-f\""),
+            "build.file",
+            "expected a file name inside the build context, found \"-f\"",
+        ),
+        (
+            img("ref = \"q.io/a\"\n[build]\ncontext = \"/c\"\nargs = { K = \"--network=host\" }"),
+            "build.args.K",
+            "expected a value not starting with '-'",
+        ),
+        (
+            img("ref = \"q.io/a\"\n[build]\ncontext = \"/c\"\nsecrets = { \"-x\" = \"/s\" }"),
+            "build.secrets.-x",
+            "not starting with '-'",
+        ),
+    ];
+    for (text, key, msg) in cases {
+        let e = one_error(text);
+        assert_eq!(e.key.as_deref(), Some(*key), "{text}: {e}");
+        assert!(e.message.contains(msg), "{text}: {e}");
+    }
+    for ok in [
+        "localhost/kvcd/x:1",
+        "127.0.0.1:5000/kvcd/x:${KERNEL_FULL_VERSION}",
+        "quay.io/acme/driver@sha256:ab",
+        "registry:5000/x",
+    ] {
+        let t = Tree::new();
+        t.module(2, "x", &img(&format!("ref = {ok:?}")));
+        assert!(t.load().module("x").is_ok(), "{ok}");
+    }
+}
+
+#[test]
+fn image_dirs_are_proper_subdirectories() {
+    let img = |rest: &str| format!("modules = [\"a\"]\n[image]\nref = \"q.io/a\"\n{rest}\n");
+    for (text, key) in [
+        (img("firmware_dir = \"/\""), "image.firmware_dir"),
+        (img("firmware_dir = \"//./\""), "image.firmware_dir"),
+        (
+            img("firmware_dir = \"/lib/firmware/../..\""),
+            "image.firmware_dir",
+        ),
+        (img("modules_dir = \"/\""), "image.modules_dir"),
+        (
+            img("modules_dir = \"/lib/modules/../../etc\""),
+            "image.modules_dir",
+        ),
+    ] {
+        let e = one_error(&text);
+        assert_eq!(e.key.as_deref(), Some(key), "{text}: {e}");
+        assert!(
+            e.message
+                .starts_with("expected a directory below the image's root, e.g. \"/lib/")
+                && e.message.contains("(not \"/\" and no \"..\"), found"),
+            "{text}: {e}"
+        );
+    }
+    let e = one_error(&img("firmware_dir = \"lib/firmware\""));
+    assert!(e.message.contains("expected an absolute path"), "{e}");
+}
+
+#[test]
+fn a_kvc_library_must_exist() {
+    let e = one_error(
+        "modules = [\"a\"]\n[hooks]\nkvc_library = [\"/nonexistent/a-lib.sh\", \"/nonexistent/b-lib.sh\"]\n",
+    );
+    assert_eq!(
+        (e.key.as_deref(), e.line),
+        (Some("hooks.kvc_library"), Some(3))
+    );
+    assert_eq!(
+        e.message,
+        "no such file: /nonexistent/a-lib.sh, /nonexistent/b-lib.sh (expected at least one existing KVC library; missing locations are skipped)"
+    );
+}
+
+#[test]
+fn one_owner_per_module() {
+    let t = Tree::new();
+    let dir = "[directory]\npath = \"/x\"\n";
+    let a = t.module(
+        2,
+        "a",
+        &format!("modules = [\"simple-kmod\", \"own-a\"]\n{dir}"),
+    );
+    let b = t.module(
+        1,
+        "b",
+        &format!("modules = [\"own-b\", \"simple_kmod\"]\n{dir}"),
+    );
+    let r = t.module(
+        2,
+        "r",
+        &format!("modules = [\"own-r\"]\nreplace_in_tree = [\"own-a\", \"ice\"]\n{dir}"),
+    );
+    let r2 = t.module(
+        2,
+        "r2",
+        &format!("modules = [\"own-r2\"]\nreplace_in_tree = [\"ice\"]\n{dir}"),
+    );
+    // Loading and replacing the same module in one config is in-tree replacement, not a clash.
+    t.module(
+        2,
+        "self",
+        &format!("modules = [\"self-mod\"]\nreplace_in_tree = [\"self-mod\"]\n{dir}"),
+    );
+    // A masked or overridden file claims nothing.
+    t.module(0, "old", &format!("modules = [\"simple-kmod\"]\n{dir}"));
+    std::os::unix::fs::symlink("/dev/null", t.dirs[2].join("modules.d/old.toml")).unwrap();
+    t.module(0, "c", &format!("modules = [\"own-a\"]\n{dir}"));
+    t.module(2, "c", &format!("modules = [\"own-c\"]\n{dir}"));
+    // A KVC library config owns the modules it lists.
+    let lib = t.dirs[0].join("k-lib.sh");
+    fs::write(&lib, "").unwrap();
+    let k = t.module(
+        2,
+        "k",
+        &format!("modules = [\"own-b\"]\n[hooks]\nkvc_library = {lib:?}\n"),
+    );
+
+    let c = t.load();
+    let shown = |n: &str| -> Vec<String> {
+        match &c.modules[n].result {
+            Ok(_) => Vec::new(),
+            Err(errs) => errs.iter().map(ToString::to_string).collect(),
+        }
+    };
+    let line = |f: &Path, key: &str, m: &str, what: &str, other: &str, of: &Path| {
+        format!(
+            "{}: key `{key}`: module \"{m}\" {what} module config \"{other}\" ({}): expected one owner per module; keep it in one config",
+            f.display(),
+            of.display()
+        )
+    };
+    assert_eq!(
+        shown("a"),
+        [
+            line(
+                &a,
+                "modules",
+                "own_a",
+                "is replaced in tree (unloaded) by",
+                "r",
+                &r
+            ),
+            line(&a, "modules", "simple_kmod", "is also loaded by", "b", &b),
+        ]
+    );
+    assert_eq!(
+        shown("b"),
+        [
+            line(&b, "modules", "own_b", "is also loaded by", "k", &k),
+            line(&b, "modules", "simple_kmod", "is also loaded by", "a", &a),
+        ]
+    );
+    assert_eq!(
+        shown("k"),
+        [line(&k, "modules", "own_b", "is also loaded by", "b", &b)]
+    );
+    assert_eq!(
+        shown("r"),
+        [
+            line(
+                &r,
+                "replace_in_tree",
+                "ice",
+                "is also replaced in tree by",
+                "r2",
+                &r2
+            ),
+            line(&r, "replace_in_tree", "own_a", "is loaded by", "a", &a),
+        ]
+    );
+    assert_eq!(
+        shown("r2"),
+        [line(
+            &r2,
+            "replace_in_tree",
+            "ice",
+            "is also replaced in tree by",
+            "r",
+            &r
+        )]
+    );
+    assert!(c.module("self").is_ok());
+    assert!(c.module("c").is_ok());
+
+    // As alternative examples they do not clash, unless `after` ties them together.
+    let files: Vec<PathBuf> = ["a", "b"]
+        .iter()
+        .map(|n| t.dirs[2].join(format!("modules.d/{n}.toml")))
+        .collect();
+    fs::rename(&b, &files[1]).unwrap();
+    let c = Config::load_examples(&files);
+    assert!(c.all_errors().is_empty(), "{:#?}", c.all_errors());
+    fs::write(
+        &files[1],
+        format!("after = [\"a\"]\nmodules = [\"simple_kmod\"]\n{dir}"),
+    )
+    .unwrap();
+    let c = Config::load_examples(&files);
+    assert_eq!(c.all_errors().len(), 2, "{:#?}", c.all_errors());
+}
+
+/// Many names validate (the duplicate and parameter checks use sets, not list scans).
+#[test]
+fn twenty_thousand_module_names() {
+    let names: Vec<String> = (0..20_000).map(|i| format!("\"m{i}\"")).collect();
+    let params: Vec<String> = (0..20_000)
+        .step_by(2)
+        .map(|i| format!("m{i} = [\"p=1\"]"))
+        .collect();
+    let t = Tree::new();
+    t.module(
+        2,
+        "many",
+        &format!(
+            "modules = [{}]\n[parameters]\n{}\n[directory]\npath = \"/x\"\n",
+            names.join(", "),
+            params.join("\n")
+        ),
+    );
+    let c = t.load();
+    let m = c.module("many").unwrap();
+    assert_eq!(m.modules.len(), 20_000);
+    assert_eq!(m.parameters.len(), 10_000);
+    assert_eq!(m.modules[19_999].as_str(), "m19999");
+
+    // And as many duplicates: one error each, with its line and column.
+    let dup: Vec<&str> = vec!["\"m\""; 20_000];
+    let (_, errs) = errors_of(&format!(
+        "modules = [\n{}\n]\n[directory]\npath = \"/x\"\n",
+        dup.join(",\n")
+    ));
+    assert_eq!(errs.len(), 19_999);
+    assert_eq!((errs[0].line, errs[0].column), (Some(3), Some(1)));
+    assert_eq!(errs[19_998].line, Some(20_001));
 }
