@@ -1106,7 +1106,8 @@ enum Claim {
 /// One owner per kernel module (names folded as [`ModName`] does): two
 /// configs loading the same module, one loading what another replaces in
 /// tree, or two replacing the same in-tree module are errors on both
-/// configs, each naming the other. KVC-library configs count with the
+/// configs, each naming the other — unless both are restricted to kernels by
+/// different `kernel_match` patterns. KVC-library configs count with the
 /// modules they list. With [`Scope::Examples`] only configs that `after`
 /// ties together count as installed together.
 fn ownership(
@@ -1136,6 +1137,7 @@ fn ownership(
             for &(b, claim_b) in &owners {
                 if a == b
                     || (scope == Scope::Examples && !reaches(graph, a, b) && !reaches(graph, b, a))
+                    || for_other_kernels(modules, a, b)
                 {
                     continue;
                 }
@@ -1168,6 +1170,20 @@ fn ownership(
             }
         }
     }
+}
+
+/// True when configs `a` and `b` both have a `kernel_match` and the patterns
+/// differ: alternatives for different kernels may name the same module (at
+/// run time the one that loaded it owns it; the other refuses to load it).
+fn for_other_kernels(modules: &BTreeMap<String, ModuleEntry>, a: &str, b: &str) -> bool {
+    let pattern = |n: &str| {
+        modules
+            .get(n)
+            .and_then(|e| e.result.as_ref().ok())
+            .and_then(|c| c.kernel_match.as_ref())
+            .map(regex::Regex::as_str)
+    };
+    matches!((pattern(a), pattern(b)), (Some(x), Some(y)) if x != y)
 }
 
 /// True when `to` can be reached from `from` through `after` edges.
