@@ -88,6 +88,7 @@ fn repo() -> &'static Path {
 
 #[test]
 fn an_unmodified_kvc_library_builds_then_fails_to_load_and_the_error_arrives_intact() {
+    let _g = common::podman_lock();
     let library = repo().join("tests/fixtures/kvc/kvc-simple-lib.sh");
     let node = Node::new(&library);
     let image = format!("kvc-simple-1.2.0:{}", node.fx.kver);
@@ -122,17 +123,136 @@ fn an_unmodified_kvc_library_builds_then_fails_to_load_and_the_error_arrives_int
     let r = &doc["results"][0];
     assert_eq!(r["state"], "failed");
     assert_eq!(r["error"]["step"], "kvc");
-    let steps: Vec<&str> = r["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["detail"].as_str().unwrap())
-        .collect();
+    let steps = details(r);
     assert!(
         steps.contains(&format!("build_kmods: {image} is already built").as_str()),
         "{steps:?}"
     );
+    // kvc_c_images, then one kvc_c_run for the first modprobe, which fails.
+    assert_eq!(r["podman_calls"], 2, "{steps:?}");
+    assert!(
+        steps.contains(&"build_kmods made 1 podman call(s) through the kvc_c_* helpers"),
+        "{steps:?}"
+    );
+    assert!(
+        steps.contains(&"running build_kmods with KVC_CONTAINER_RUNTIME=podman"),
+        "{steps:?}"
+    );
     let _ = Command::new("podman").args(["rmi", &image]).output();
+}
+
+/// The `detail` of every step of one JSON result.
+fn details(r: &serde_json::Value) -> Vec<&str> {
+    r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["detail"].as_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn prepare_runs_the_library_build_for_another_kernel_and_no_load_hooks() {
+    let _g = common::podman_lock();
+    let library = repo().join("tests/fixtures/kvc/kvc-simple-lib.sh");
+    let node = Node::new(&library);
+    let k = node.fx.kver.clone();
+    assert_ne!(
+        k,
+        kvcd::kernel::KernelRelease::running().unwrap().to_string(),
+        "the fixture kernel must not be the running one"
+    );
+    let image = format!("localhost/kvc-simple-1.2.0:{k}");
+    let _ = Command::new("podman").args(["rmi", &image]).output();
+    // A load hook that would leave a mark.
+    let marker = node.tmp.path().join("pre_load-ran");
+    let cfg = node.tmp.path().join("etc/modules.d/kvc-simple.toml");
+    let text = fs::read_to_string(&cfg).unwrap().replace(
+        "[hooks]\n",
+        &format!(
+            "[hooks]\npre_load = [\"/usr/bin/touch\", \"{}\"]\n",
+            marker.display()
+        ),
+    );
+    fs::write(&cfg, text).unwrap();
+
+    let (code, out) = node.kvcd(&["--prepare", "--json", "kvc-simple"]);
+    assert_eq!(code, 0, "{out}");
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let r = &doc["results"][0];
+    assert_eq!(r["state"], "prepared", "{out}");
+    assert_eq!(r["kernel"], k.as_str());
+    // kvc_c_images found nothing, kvc_c_build built it.
+    assert_eq!(r["podman_calls"], 2, "{out}");
+    let steps = details(r);
+    assert!(
+        steps.contains(&format!("build_kmods: building kvc-simple-1.2.0:{k}").as_str()),
+        "{steps:?}"
+    );
+    assert!(steps.iter().all(|s| !s.trim().is_empty()), "{steps:?}");
+    assert!(!marker.exists(), "pre_load ran for a prepare");
+    assert_eq!(
+        fs::read_to_string(node.trace()).unwrap(),
+        format!("build_kmods action=build name=kvc-simple kver={k} runtime=podman\n")
+    );
+    let (code, label) = podman_out(&["image", "inspect", "--format", "{{.Labels.name}}", &image]);
+    assert_eq!((code, label.trim()), (0, "kvc-simple"), "{label}");
+    assert!(!node.tmp.path().join("run/loaded/kvc-simple.json").exists());
+
+    // prepare-next finds the same kernel installed (not running) and the image built.
+    let out = Command::new(env!("CARGO_BIN_EXE_kvcd"))
+        .arg("--config-dir")
+        .arg(node.tmp.path().join("etc"))
+        .args(["prepare-next", "--json", "kvc-simple"])
+        .env("KVC_CONF_DIR", node.tmp.path().join("kvc"))
+        .env("KVC_TRACE", node.trace())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(doc["kernels"][0], k.as_str(), "{text}");
+    let r = &doc["results"][0];
+    assert_eq!(r["state"], "prepared", "{text}");
+    assert_eq!(r["podman_calls"], 1, "{text}");
+    assert!(
+        details(r)
+            .contains(&format!("build_kmods: kvc-simple-1.2.0:{k} is already built").as_str()),
+        "{text}"
+    );
+    assert!(!marker.exists());
+    let _ = Command::new("podman").args(["rmi", &image]).output();
+}
+
+#[test]
+fn a_library_action_that_hangs_is_killed_at_build_timeout_seconds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let library = tmp.path().join("hang-lib.sh");
+    fs::write(&library, "build_kmods() { echo started; sleep 60; }\n").unwrap();
+    let node = Node::new(&library);
+    let cfg = node.tmp.path().join("etc/modules.d/kvc-simple.toml");
+    let text = fs::read_to_string(&cfg).unwrap() + "build_timeout_seconds = 2\n";
+    fs::write(&cfg, text).unwrap();
+    let start = std::time::Instant::now();
+    let (code, out) = node.kvcd(&["--prepare", "kvc-simple"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(start.elapsed().as_secs() < 30, "{out}");
+    assert!(
+        out.contains("kvc-simple: failed at kvc: hook build_kmods ("),
+        "{out}"
+    );
+    assert!(
+        out.contains("timed out after 2s; its process group was killed"),
+        "{out}"
+    );
+}
+
+fn podman_out(args: &[&str]) -> (i32, String) {
+    let out = Command::new("podman").args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 #[test]

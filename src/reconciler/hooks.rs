@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use tracing::info;
 
-use super::{Engine, Fail, Outcome, Record, State, Step, StepLog, now};
+use super::{Changes, Engine, Fail, Outcome, Record, State, Step, StepLog, now};
 use crate::config::{ModuleConfig, ReadyKind, Source};
 use crate::hooks::{self, kvc};
 use crate::kernel::{TemplateVars, arch, expand, expand_all};
@@ -71,6 +71,10 @@ impl Engine<'_> {
         let lines = RefCell::new(Vec::new());
         let name = c.name.as_str();
         let sink = |is_stderr: bool, line: &str| {
+            // A blank line says nothing; it is not a step.
+            if line.trim().is_empty() {
+                return;
+            }
             let detail = format!("{hook}: {line}");
             info!(KVCD_MODULE = %name, KVCD_KERNEL = %self.kernel, KVCD_STEP = step.as_str(), stderr = is_stderr, "{detail}");
             let entry = StepLog { step, detail };
@@ -171,7 +175,9 @@ impl Engine<'_> {
         Ok(())
     }
 
-    /// Runs a KVC library action with the KVC contract.
+    /// Runs a KVC library action with the KVC contract, under `hooks.build_timeout_seconds`
+    /// for the whole action (the library's podman calls included); counts the podman
+    /// calls its `kvc_c_*` helpers make into `out.podman_calls`.
     fn kvc_action(
         &self,
         c: &ModuleConfig,
@@ -187,7 +193,8 @@ impl Engine<'_> {
             kvc::Action::Unload => "unload_kmods",
             kvc::Action::Wrapper => "wrapper",
         };
-        let cmd = kvc::command(
+        let calls = kvc::CallLog::new().map_err(Fail::at(Step::Kvc))?;
+        let mut cmd = kvc::command(
             libraries,
             action,
             c.name.as_str(),
@@ -195,17 +202,48 @@ impl Engine<'_> {
             self.podman.program(),
             &[],
         );
-        self.log(out, Step::Kvc, format!("running {func}"));
-        self.run_logged(c, func, cmd, c.hooks.build_timeout_seconds, Step::Kvc, out)
-            .map_err(|mut e| {
-                // Name the library rather than the bash that ran it.
-                e.program = libraries
-                    .iter()
-                    .map(|l| l.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                Fail::at(Step::Kvc)(e.into())
-            })?;
+        calls.attach(&mut cmd);
+        self.log(
+            out,
+            Step::Kvc,
+            format!(
+                "running {func} with KVC_CONTAINER_RUNTIME={}",
+                self.podman.program().display()
+            ),
+        );
+        let result = self.run_logged(c, func, cmd, c.hooks.build_timeout_seconds, Step::Kvc, out);
+        let n = calls.count();
+        out.podman_calls += n;
+        if n > 0 {
+            self.log(
+                out,
+                Step::Kvc,
+                format!("{func} made {n} podman call(s) through the kvc_c_* helpers"),
+            );
+        }
+        result.map_err(|mut e| {
+            // Name the library rather than the bash that ran it.
+            e.program = libraries
+                .iter()
+                .map(|l| l.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            Fail::at(Step::Kvc)(e.into())
+        })
+    }
+
+    /// KVC library mode, prepare: the library's build_kmods for the target kernel
+    /// (as `kmods-via-containers build NAME KERNEL`); no load hooks run.
+    pub(super) fn prepare_kvc(&self, c: &ModuleConfig, out: &mut Outcome) -> Result<(), Fail> {
+        self.kvc_action(c, kvc::Action::Build, out)?;
+        self.log(
+            out,
+            Step::Kvc,
+            format!(
+                "build_kmods succeeded for kernel {}; the library keeps its modules in its own image, so kvcd has no module files to check",
+                self.kernel
+            ),
+        );
         Ok(())
     }
 
@@ -221,10 +259,56 @@ impl Engine<'_> {
         Ok(out)
     }
 
-    /// KVC library mode: build_kmods, load_kmods, then the kernel's own word on what is loaded.
+    /// KVC library mode: build_kmods, in-tree modules in `replace_in_tree` out,
+    /// load_kmods, then the kernel's own word on what is loaded. A failure after
+    /// in-tree modules went out puts them back.
     pub(super) fn load_kvc(&self, c: &ModuleConfig, out: &mut Outcome) -> Result<(), Fail> {
         self.hook(c, "pre_load", c.hooks.pre_load.as_ref(), out)?;
         self.kvc_action(c, kvc::Action::Build, out)?;
+        let previous = self
+            .records
+            .get(c.name.as_str())
+            .map_err(Fail::at(Step::Record))?;
+        let since = previous.as_ref().map_or_else(now, |r| r.since);
+        let mut record = match previous {
+            Some(r) if r.kernel == self.kernel.as_str() => r,
+            _ => Record {
+                config: c.name.to_string(),
+                kernel: self.kernel.to_string(),
+                config_digest: c.digest.clone(),
+                after: Vec::new(),
+                inserted: Vec::new(),
+                removed_in_tree: Vec::new(),
+                firmware: Vec::new(),
+                since,
+            },
+        };
+        record.config_digest.clone_from(&c.digest);
+        record.after = c.after.iter().map(ToString::to_string).collect();
+        let mut changes = Changes::default();
+        let result = self.replace_and_load_kvc(c, out, &mut record, &mut changes);
+        if result.is_err() {
+            self.roll_back(c, out, &changes);
+            return result;
+        }
+        self.records.put(&record).map_err(Fail::at(Step::Record))?;
+        Ok(())
+    }
+
+    fn replace_and_load_kvc(
+        &self,
+        c: &ModuleConfig,
+        out: &mut Outcome,
+        record: &mut Record,
+        changes: &mut Changes,
+    ) -> Result<(), Fail> {
+        for r in &c.replace_in_tree {
+            // Taken out by an earlier load: what is live now is the library's.
+            if record.removed_in_tree.contains(r) {
+                continue;
+            }
+            self.take_out_in_tree(r, out, record, changes)?;
+        }
         self.kvc_action(c, kvc::Action::Load, out)?;
         let missing = self.missing_modules(c, true)?;
         if !missing.is_empty() {
@@ -245,22 +329,6 @@ impl Engine<'_> {
                     .join(", ")
             ),
         );
-        let record = Record {
-            config: c.name.to_string(),
-            kernel: self.kernel.to_string(),
-            config_digest: c.digest.clone(),
-            after: c.after.iter().map(ToString::to_string).collect(),
-            inserted: Vec::new(),
-            removed_in_tree: Vec::new(),
-            firmware: Vec::new(),
-            since: self
-                .records
-                .get(c.name.as_str())
-                .ok()
-                .flatten()
-                .map_or_else(now, |r| r.since),
-        };
-        self.records.put(&record).map_err(Fail::at(Step::Record))?;
         Ok(())
     }
 
@@ -277,6 +345,27 @@ impl Engine<'_> {
                 ),
                 State::Busy,
             ));
+        }
+        // In-tree modules the load took out go back in.
+        if let Some(mut record) = self
+            .records
+            .get(c.name.as_str())
+            .map_err(Fail::at(Step::Record))?
+        {
+            let restored = self.restore(&record.removed_in_tree, out);
+            record.removed_in_tree.retain(|m| !restored.contains(m));
+            if !record.removed_in_tree.is_empty() {
+                self.records.put(&record).map_err(Fail::at(Step::Record))?;
+                return Err(Fail::at(Step::Restore)(anyhow!(
+                    "could not restore in-tree module(s): {}",
+                    record
+                        .removed_in_tree
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
         }
         self.records
             .delete(c.name.as_str())
