@@ -414,7 +414,7 @@ fn an_image_kvc_built_is_used_by_the_imported_config_without_a_build() {
     let _g = common::podman_lock();
     let h = Host::new();
     let fx = common::Fixtures::get();
-    let kver = fx.kver.clone();
+    let kver = fx.kver;
     let context = common::images_env()["KVCD_BUILD_CONTEXT"].clone();
     // The fixture library's settings, with this checkout's build context.
     let conf = fs::read_to_string(

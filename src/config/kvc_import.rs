@@ -756,7 +756,7 @@ impl InTree {
         use anyhow::Context as _;
         let top = kernel_dir.join("kernel");
         let mut out = Self::default();
-        let mut dirs = vec![top.clone()];
+        let mut dirs = vec![top];
         while let Some(dir) = dirs.pop() {
             let entries =
                 std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
