@@ -285,3 +285,92 @@ fn kvcd_checks_the_kernel_rather_than_trusting_load_kmods() {
         "{out}"
     );
 }
+
+/// An engine for the fixture kernel over a fake kernel (this host cannot load modules).
+fn fake_engine<'a>(
+    tmp: &Path,
+    fx: &Fixtures,
+    fake: &'a common::FakeKernel,
+) -> kvcd::reconciler::Engine<'a> {
+    kvcd::reconciler::Engine {
+        layout: kvcd::artifacts::RootLayout {
+            state_dir: tmp.join("state"),
+            kernel_modules_dir: fx.modules_dir(),
+            depmod: "depmod".into(),
+        },
+        kernel: kvcd::kernel::KernelRelease::parse(&fx.kver).unwrap(),
+        kmods: fake,
+        firmware_dir: tmp.join("firmware"),
+        keep_kernels: 3,
+        podman: kvcd::artifacts::podman::Podman::new(Path::new("podman")),
+        records: kvcd::reconciler::RecordStore::new(&tmp.join("run")),
+        on_step: None,
+    }
+}
+
+#[test]
+fn library_mode_takes_out_replace_in_tree_and_puts_it_back() {
+    use kvcd::kmod::KernelModules as _;
+    let fx = Fixtures::get();
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = common::FakeKernel::default();
+    let in_tree = fx
+        .modules_dir()
+        .join(&fx.kver)
+        .join("kernel/drivers/net/dummy.ko");
+    fake.preload("dummy", &in_tree, &[]);
+    // What the library's load_kmods would have loaded (the fake kernel is this process's).
+    fake.preload("kvcd_param", &fx.ko().join("kvcd_param.ko"), &[]);
+    let library = tmp.path().join("x-lib.sh");
+    let fail = tmp.path().join("fail");
+    fs::write(
+        &library,
+        format!(
+            "build_kmods() {{ :; }}\nload_kmods() {{ [ ! -e '{}' ]; }}\nunload_kmods() {{ :; }}\n",
+            fail.display()
+        ),
+    )
+    .unwrap();
+    let etc = tmp.path().join("etc");
+    fs::create_dir_all(etc.join("modules.d")).unwrap();
+    fs::write(
+        etc.join("modules.d/x.toml"),
+        format!(
+            "modules = [\"kvcd_param\"]\nreplace_in_tree = [\"dummy\"]\n[hooks]\nkvc_library = \"{}\"\n",
+            library.display()
+        ),
+    )
+    .unwrap();
+    let config = kvcd::config::Config::load(&[etc], &kvcd::config::Overrides::default());
+    let c = config.module("x").unwrap();
+    let engine = fake_engine(tmp.path(), &fx, &fake);
+    let records = kvcd::reconciler::RecordStore::new(&tmp.path().join("run"));
+
+    // load_kmods fails: the in-tree module goes back.
+    fs::write(&fail, "").unwrap();
+    let o = engine.load(c);
+    assert_eq!(o.state, kvcd::reconciler::State::Failed, "{o:#?}");
+    assert_eq!(fake.take_log(), ["remove dummy", "insert dummy"]);
+    assert_eq!(fake.path_of("dummy").unwrap(), in_tree);
+    assert!(records.get("x").unwrap().is_none());
+
+    // load_kmods succeeds: dummy stays out and is recorded; a second load leaves it alone.
+    fs::remove_file(&fail).unwrap();
+    let o = engine.load(c);
+    assert_eq!(o.state, kvcd::reconciler::State::Loaded, "{o:#?}");
+    assert_eq!(fake.take_log(), ["remove dummy"]);
+    let r = records.get("x").unwrap().unwrap();
+    assert_eq!(r.removed_in_tree, [common::m("dummy")]);
+    let o = engine.load(c);
+    assert_eq!(o.state, kvcd::reconciler::State::Loaded, "{o:#?}");
+    assert!(fake.take_log().is_empty());
+
+    // unload_kmods (here: as if it ran rmmod), then the in-tree module is restored.
+    fake.remove(&common::m("kvcd_param"), false).unwrap();
+    fake.take_log();
+    let o = engine.unload("x", Some(c));
+    assert_eq!(o.state, kvcd::reconciler::State::Inactive, "{o:#?}");
+    assert_eq!(fake.take_log(), ["insert dummy"]);
+    assert_eq!(fake.path_of("dummy").unwrap(), in_tree);
+    assert!(records.get("x").unwrap().is_none());
+}
