@@ -422,18 +422,19 @@ fn an_image_kvc_built_is_used_by_the_imported_config_without_a_build() {
     )
     .unwrap()
     .replace("/usr/src/kvc-simple", &context);
-    let kvc = kvc_tree(&h, &[("kvc-simple.conf", &conf)]);
-    let image = format!("localhost/kvc-simple-1.2.0:{kver}");
+    // Its own instance name, so no other test shares the image.
+    let kvc = kvc_tree(&h, &[("kvc-migrated.conf", &conf)]);
+    let image = format!("localhost/kvc-migrated-1.2.0:{kver}");
     let _ = Command::new("podman")
         .args(["rmi", "--force", &image])
         .output();
 
-    // KVC's own build, by the unmodified fixture library: it names the image `kvc-simple-1.2.0:KVER`.
+    // KVC's own build, by the unmodified fixture library: it names the image `NAME-VERSION:KVER`, here `kvc-migrated-1.2.0:KVER`.
     let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kvc/kvc-simple-lib.sh");
     let built = kvcd::hooks::kvc::command(
         &[lib],
         kvcd::hooks::kvc::Action::Build,
-        "kvc-simple",
+        "kvc-migrated",
         &kver,
         Path::new("podman"),
         &[],
@@ -453,12 +454,12 @@ fn an_image_kvc_built_is_used_by_the_imported_config_without_a_build() {
     assert!(exists.success(), "KVC's build stores {image}");
 
     // Imported without the library: kvcd's own pipeline, under KVC's image name.
-    let (code, out, err) = h.import_from(&kvc, &["kvc-simple", "--write"]);
+    let (code, out, err) = h.import_from(&kvc, &["kvc-migrated", "--write"]);
     assert_eq!(code, 0, "{out}\n{err}");
-    let t = h.read("kvc-simple");
+    let t = h.read("kvc-migrated");
     assert_eq!(
         s(&t, "image.ref"),
-        "localhost/kvc-simple-${MOD_VERSION}:${KERNEL_FULL_VERSION}"
+        "localhost/kvc-migrated-${MOD_VERSION}:${KERNEL_FULL_VERSION}"
     );
 
     let apply = Command::new(env!("CARGO_BIN_EXE_kvcd"))
@@ -469,7 +470,7 @@ fn an_image_kvc_built_is_used_by_the_imported_config_without_a_build() {
             "--json",
             "--kernel",
             &kver,
-            "kvc-simple",
+            "kvc-migrated",
         ])
         .output()
         .unwrap();

@@ -28,6 +28,11 @@ struct Node {
 
 impl Node {
     fn new(library: &Path) -> Self {
+        Self::named(library, "kvc-simple")
+    }
+
+    /// A node whose module config (and KVC instance) is called `name`.
+    fn named(library: &Path, name: &str) -> Self {
         let fx = Fixtures::get();
         let tmp = tempfile::tempdir().unwrap();
         let etc = tmp.path().join("etc");
@@ -43,7 +48,7 @@ impl Node {
         )
         .unwrap();
         fs::write(
-            etc.join("modules.d/kvc-simple.toml"),
+            etc.join(format!("modules.d/{name}.toml")),
             format!(
                 "modules = [\"kvcd_param\", \"kvcd_base\"]\n[hooks]\nkvc_library = \"{}\"\n",
                 library.display()
@@ -55,7 +60,7 @@ impl Node {
             .unwrap()
             .replace("/usr/src/kvc-simple", &images_env("KVCD_BUILD_CONTEXT"));
         fs::create_dir_all(tmp.path().join("kvc")).unwrap();
-        fs::write(tmp.path().join("kvc/kvc-simple.conf"), conf).unwrap();
+        fs::write(tmp.path().join(format!("kvc/{name}.conf")), conf).unwrap();
         Self { tmp, fx }
     }
 
@@ -155,18 +160,18 @@ fn details(r: &serde_json::Value) -> Vec<&str> {
 fn prepare_runs_the_library_build_for_another_kernel_and_no_load_hooks() {
     let _g = common::podman_lock();
     let library = repo().join("tests/fixtures/kvc/kvc-simple-lib.sh");
-    let node = Node::new(&library);
+    let node = Node::named(&library, "kvc-prepare");
     let k = node.fx.kver.clone();
     assert_ne!(
         k,
         kvcd::kernel::KernelRelease::running().unwrap().to_string(),
         "the fixture kernel must not be the running one"
     );
-    let image = format!("localhost/kvc-simple-1.2.0:{k}");
+    let image = format!("localhost/kvc-prepare-1.2.0:{k}");
     let _ = Command::new("podman").args(["rmi", &image]).output();
     // A load hook that would leave a mark.
     let marker = node.tmp.path().join("pre_load-ran");
-    let cfg = node.tmp.path().join("etc/modules.d/kvc-simple.toml");
+    let cfg = node.tmp.path().join("etc/modules.d/kvc-prepare.toml");
     let text = fs::read_to_string(&cfg).unwrap().replace(
         "[hooks]\n",
         &format!(
@@ -176,7 +181,7 @@ fn prepare_runs_the_library_build_for_another_kernel_and_no_load_hooks() {
     );
     fs::write(&cfg, text).unwrap();
 
-    let (code, out) = node.kvcd(&["--prepare", "--json", "kvc-simple"]);
+    let (code, out) = node.kvcd(&["--prepare", "--json", "kvc-prepare"]);
     assert_eq!(code, 0, "{out}");
     let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
     let r = &doc["results"][0];
@@ -186,24 +191,24 @@ fn prepare_runs_the_library_build_for_another_kernel_and_no_load_hooks() {
     assert_eq!(r["podman_calls"], 2, "{out}");
     let steps = details(r);
     assert!(
-        steps.contains(&format!("build_kmods: building kvc-simple-1.2.0:{k}").as_str()),
+        steps.contains(&format!("build_kmods: building kvc-prepare-1.2.0:{k}").as_str()),
         "{steps:?}"
     );
     assert!(steps.iter().all(|s| !s.trim().is_empty()), "{steps:?}");
     assert!(!marker.exists(), "pre_load ran for a prepare");
     assert_eq!(
         fs::read_to_string(node.trace()).unwrap(),
-        format!("build_kmods action=build name=kvc-simple kver={k} runtime=podman\n")
+        format!("build_kmods action=build name=kvc-prepare kver={k} runtime=podman\n")
     );
     let (code, label) = podman_out(&["image", "inspect", "--format", "{{.Labels.name}}", &image]);
-    assert_eq!((code, label.trim()), (0, "kvc-simple"), "{label}");
-    assert!(!node.tmp.path().join("run/loaded/kvc-simple.json").exists());
+    assert_eq!((code, label.trim()), (0, "kvc-prepare"), "{label}");
+    assert!(!node.tmp.path().join("run/loaded/kvc-prepare.json").exists());
 
     // prepare-next finds the same kernel installed (not running) and the image built.
     let out = Command::new(env!("CARGO_BIN_EXE_kvcd"))
         .arg("--config-dir")
         .arg(node.tmp.path().join("etc"))
-        .args(["prepare-next", "--json", "kvc-simple"])
+        .args(["prepare-next", "--json", "kvc-prepare"])
         .env("KVC_CONF_DIR", node.tmp.path().join("kvc"))
         .env("KVC_TRACE", node.trace())
         .output()
@@ -217,7 +222,7 @@ fn prepare_runs_the_library_build_for_another_kernel_and_no_load_hooks() {
     assert_eq!(r["podman_calls"], 1, "{text}");
     assert!(
         details(r)
-            .contains(&format!("build_kmods: kvc-simple-1.2.0:{k} is already built").as_str()),
+            .contains(&format!("build_kmods: kvc-prepare-1.2.0:{k} is already built").as_str()),
         "{text}"
     );
     assert!(!marker.exists());
