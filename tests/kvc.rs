@@ -230,26 +230,47 @@ fn prepare_runs_the_library_build_for_another_kernel_and_no_load_hooks() {
 }
 
 #[test]
-fn a_library_action_that_hangs_is_killed_at_build_timeout_seconds() {
+fn a_library_action_that_hangs_is_killed_at_build_timeout_seconds_with_its_container() {
+    let _g = common::podman_lock();
     let tmp = tempfile::tempdir().unwrap();
     let library = tmp.path().join("hang-lib.sh");
-    fs::write(&library, "build_kmods() { echo started; sleep 60; }\n").unwrap();
+    // PID 1 in the container ignores SIGTERM: only removing the container stops it.
+    fs::write(
+        &library,
+        format!(
+            "build_kmods() {{ echo started; kvc_c_run {} sh -c 'echo in-container; exec sleep 67'; }}\n",
+            images_env("KVCD_IMAGE_BASE")
+        ),
+    )
+    .unwrap();
     let node = Node::new(&library);
     let cfg = node.tmp.path().join("etc/modules.d/kvc-simple.toml");
-    let text = fs::read_to_string(&cfg).unwrap() + "build_timeout_seconds = 2\n";
+    let text = fs::read_to_string(&cfg).unwrap() + "build_timeout_seconds = 5\n";
     fs::write(&cfg, text).unwrap();
     let start = std::time::Instant::now();
     let (code, out) = node.kvcd(&["--prepare", "kvc-simple"]);
     assert_eq!(code, 1, "{out}");
-    assert!(start.elapsed().as_secs() < 30, "{out}");
+    assert!(start.elapsed().as_secs() < 60, "{out}");
+    assert!(
+        out.contains("kvc-simple: kvc: build_kmods: in-container"),
+        "the container ran: {out}"
+    );
     assert!(
         out.contains("kvc-simple: failed at kvc: hook build_kmods ("),
         "{out}"
     );
     assert!(
-        out.contains("timed out after 2s; its process group was killed"),
+        out.contains("timed out after 5s; its process group was killed"),
         "{out}"
     );
+    assert!(
+        out.contains(
+            "kvc-simple: kvc: removed 1 container(s) the library's kvc_c_run left running: "
+        ),
+        "{out}"
+    );
+    let (code, left) = podman_out(&["ps", "-aq", "--filter", "label=org.kvcd.kvc-action"]);
+    assert_eq!((code, left.trim()), (0, ""), "{out}");
 }
 
 fn podman_out(args: &[&str]) -> (i32, String) {

@@ -20,6 +20,10 @@ use anyhow::{Context as _, Result};
 
 /// Environment variable naming the file each `kvc_c_*` helper appends a line to (unset: no counting).
 pub const CALLS_ENV: &str = "KVCD_KVC_CALLS";
+/// Environment variable with a `KEY=VALUE` label `kvc_c_run` puts on its containers (unset: none).
+pub const RUN_LABEL_ENV: &str = "KVCD_KVC_RUN_LABEL";
+/// The label key of [`RUN_LABEL_ENV`]; its value names one library action.
+pub const RUN_LABEL_KEY: &str = "org.kvcd.kvc-action";
 
 /// A KVC action, as the dispatcher names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +67,8 @@ wrapper() { echo "wrapper is unimplemented for ${KVC_SOFTWARE_NAME}!" >&2; retur
 
 # One line per runtime call, for kvcd's count; never on stdout (callers capture it).
 kvcd_count() { if [ -n "${KVCD_KVC_CALLS:-}" ]; then echo "$1" >>"$KVCD_KVC_CALLS" || :; fi; }
-kvc_c_run() { kvcd_count run; "$KVC_CONTAINER_RUNTIME" run -i --rm "$@"; }
+# The label lets kvcd find a container whose client it had to kill at the timeout.
+kvc_c_run() { kvcd_count run; "$KVC_CONTAINER_RUNTIME" run -i --rm ${KVCD_KVC_RUN_LABEL:+--label "$KVCD_KVC_RUN_LABEL"} "$@"; }
 kvc_c_build() { kvcd_count build; "$KVC_CONTAINER_RUNTIME" build "$@"; }
 kvc_c_images() { kvcd_count images; "$KVC_CONTAINER_RUNTIME" images "$@"; }
 kvc_c_rmi() { kvcd_count rmi; "$KVC_CONTAINER_RUNTIME" rmi "$@"; }
@@ -339,6 +344,23 @@ mod tests {
         let path = log.path.clone();
         drop(log);
         assert!(!path.exists());
+
+        // With a label, kvc_c_run puts it on the container.
+        let mut c = command(
+            std::slice::from_ref(&lib),
+            Action::Build,
+            "x",
+            "k",
+            Path::new("/bin/echo"),
+            &[],
+        );
+        c.env(RUN_LABEL_ENV, "org.kvcd.kvc-action=a b");
+        let (code, o, _) = out(&mut c);
+        assert_eq!(code, 0);
+        assert!(
+            o.contains("\nrun -i --rm --label org.kvcd.kvc-action=a b x true\n"),
+            "{o}"
+        );
 
         // Without a log nothing is counted and nothing fails.
         let (code, _, _) = out(&mut command(

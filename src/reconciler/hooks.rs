@@ -16,6 +16,15 @@ use crate::kernel::{TemplateVars, arch, expand, expand_all};
 const READY_POLL: Duration = Duration::from_millis(200);
 /// Pause between attempts of a ready command.
 const READY_RETRY: Duration = Duration::from_secs(1);
+/// How long each podman call removing a timed-out library's containers may take.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Nanoseconds since the epoch, to make names unique.
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
 
 impl Engine<'_> {
     /// Template values for `c` on the target kernel.
@@ -193,7 +202,18 @@ impl Engine<'_> {
             kvc::Action::Unload => "unload_kmods",
             kvc::Action::Wrapper => "wrapper",
         };
-        let calls = kvc::CallLog::new().map_err(Fail::at(Step::Kvc))?;
+        // Counting is a report, not a reason to fail the action.
+        let calls = match kvc::CallLog::new() {
+            Ok(l) => Some(l),
+            Err(e) => {
+                self.log(
+                    out,
+                    Step::Kvc,
+                    format!("podman calls of {func} are not counted: {e:#}"),
+                );
+                None
+            }
+        };
         let mut cmd = kvc::command(
             libraries,
             action,
@@ -202,7 +222,12 @@ impl Engine<'_> {
             self.podman.program(),
             &[],
         );
-        calls.attach(&mut cmd);
+        if let Some(l) = &calls {
+            l.attach(&mut cmd);
+        }
+        let action_id = format!("{}-{}-{}", std::process::id(), c.name, now_nanos());
+        let label = format!("{}={action_id}", kvc::RUN_LABEL_KEY);
+        cmd.env(kvc::RUN_LABEL_ENV, &label);
         self.log(
             out,
             Step::Kvc,
@@ -212,7 +237,10 @@ impl Engine<'_> {
             ),
         );
         let result = self.run_logged(c, func, cmd, c.hooks.build_timeout_seconds, Step::Kvc, out);
-        let n = calls.count();
+        if matches!(&result, Err(e) if matches!(e.kind, hooks::HookErrorKind::TimedOut(_))) {
+            self.remove_left_containers(&label, out);
+        }
+        let n = calls.as_ref().map_or(0, kvc::CallLog::count);
         out.podman_calls += n;
         if n > 0 {
             self.log(
@@ -230,6 +258,48 @@ impl Engine<'_> {
                 .join(", ");
             Fail::at(Step::Kvc)(e.into())
         })
+    }
+
+    /// Removes the containers of a timed-out library action (its `kvc_c_run`
+    /// label): killing a podman client does not stop its container.
+    fn remove_left_containers(&self, label: &str, out: &mut Outcome) {
+        let podman = self.podman.program();
+        let ids = RefCell::new(Vec::new());
+        let mut ps = std::process::Command::new(podman);
+        ps.args(["ps", "-aq", "--filter", &format!("label={label}")]);
+        out.podman_calls += 1;
+        let found = hooks::run("podman ps", ps, CLEANUP_TIMEOUT, &|is_stderr, line| {
+            if !is_stderr && !line.trim().is_empty() {
+                ids.borrow_mut().push(line.trim().to_owned());
+            }
+        });
+        if let Err(e) = found {
+            self.log(
+                out,
+                Step::Kvc,
+                format!("could not look for containers labelled {label}: {e}"),
+            );
+            return;
+        }
+        let ids = ids.into_inner();
+        if ids.is_empty() {
+            return;
+        }
+        let mut rm = std::process::Command::new(podman);
+        rm.args(["rm", "--force", "--time", "0"]).args(&ids);
+        out.podman_calls += 1;
+        let detail = match hooks::run("podman rm", rm, CLEANUP_TIMEOUT, &|_, _| {}) {
+            Ok(()) => format!(
+                "removed {} container(s) the library's kvc_c_run left running: {}",
+                ids.len(),
+                ids.join(" ")
+            ),
+            Err(e) => format!(
+                "could not remove container(s) {} the library's kvc_c_run left running: {e}",
+                ids.join(" ")
+            ),
+        };
+        self.log(out, Step::Kvc, detail);
     }
 
     /// KVC library mode, prepare: the library's build_kmods for the target kernel
