@@ -2,6 +2,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -33,10 +35,21 @@ struct Host {
 }
 
 impl Host {
+    /// kvcd.toml points at the fixture kernel's module tree (Debian's, with its in-tree modules).
     fn new() -> Self {
         let tmp = tempfile::tempdir().unwrap();
         fs::create_dir_all(tmp.path().join("no-lib")).unwrap();
         fs::create_dir_all(tmp.path().join("etc-kvcd")).unwrap();
+        fs::write(
+            tmp.path().join("etc-kvcd/kvcd.toml"),
+            format!(
+                "kernel_modules_dir = \"{}\"\nstate_dir = \"{}\"\nruntime_dir = \"{}\"\n",
+                common::Fixtures::get().modules_dir().display(),
+                tmp.path().join("state").display(),
+                tmp.path().join("run").display()
+            ),
+        )
+        .unwrap();
         Self { tmp }
     }
 
@@ -50,19 +63,28 @@ impl Host {
             .join(format!("etc-kvcd/modules.d/{name}.toml"))
     }
 
-    /// `kvcctl import-kvc` with the fixture KVC tree, no libraries, and this host's config dir.
+    /// `kvcctl import-kvc` with the fixture KVC tree, no libraries, this host's
+    /// config dir and the fixture kernel.
     fn import(&self, extra: &[&str]) -> (i32, String, String) {
-        let (cfg, kvc) = (self.config_dir(), kvc_dir());
+        self.import_from(&kvc_dir(), extra)
+    }
+
+    fn import_from(&self, kvc: &str, extra: &[&str]) -> (i32, String, String) {
+        let cfg = self.config_dir();
         let lib = self.tmp.path().join("no-lib").display().to_string();
+        let kver = common::Fixtures::get().kver;
         let mut args = vec![
             "--config-dir",
             &cfg,
             "import-kvc",
             "--kvc-dir",
-            &kvc,
+            kvc,
             "--lib-dir",
             &lib,
         ];
+        if !extra.contains(&"--kernel") {
+            args.extend(["--kernel", kver.as_str()]);
+        }
         args.extend_from_slice(extra);
         kvcctl(&args)
     }
@@ -116,7 +138,7 @@ fn simple_kmod_and_ice_convert_and_validate() {
     );
     assert_eq!(
         s(&simple, "image.ref"),
-        "localhost/kvcd/simple-kmod-${MOD_VERSION}:${KERNEL_FULL_VERSION}"
+        "localhost/simple-kmod-${MOD_VERSION}:${KERNEL_FULL_VERSION}"
     );
     assert_eq!(s(&simple, "image.pull"), "never");
     assert_eq!(
@@ -140,7 +162,14 @@ fn simple_kmod_and_ice_convert_and_validate() {
     assert_eq!(s(&ice, "version"), "1.14.9");
     assert_eq!(s(&ice, "build.context"), "/usr/src/kvc-ice-kmod");
     assert_eq!(s(&ice, "build.file"), "Containerfile.rhel");
-    assert!(!ice.contains_key("replace_in_tree"));
+    // ice is also a module of the kernel's own tree: the out-of-tree one replaces it.
+    assert_eq!(strings(&ice["replace_in_tree"]), ["ice"]);
+    let kver = common::Fixtures::get().kver;
+    assert!(
+        err.contains(&format!("ice: ice is also an in-tree module of {kver}; added replace_in_tree = [\"ice\"] so the out-of-tree one replaces it")),
+        "{err}"
+    );
+    assert!(!simple.contains_key("replace_in_tree"));
 
     let (code, out, _) = kvcctl(&["config", "validate", &h.config_dir()]);
     assert_eq!(code, 0, "{out}");
@@ -159,6 +188,7 @@ fn an_existing_library_is_kept_in_sourcing_order() {
         f.join("usr/lib/kvc").display().to_string(),
     );
     let (cfg, kvc) = (h.config_dir(), kvc_dir());
+    let kver = common::Fixtures::get().kver;
     let (code, out, err) = kvcctl(&[
         "--config-dir",
         &cfg,
@@ -170,6 +200,8 @@ fn an_existing_library_is_kept_in_sourcing_order() {
         &local,
         "--lib-dir",
         &usr,
+        "--kernel",
+        &kver,
         "--write",
     ]);
     assert_eq!(code, 0, "{out}\n{err}");
@@ -187,6 +219,14 @@ fn an_existing_library_is_kept_in_sourcing_order() {
         ["simple-kmod", "simple-procfs-kmod"]
     );
     assert!(err.contains("keep that file"), "{err}");
+    // The library owns its versions: no `version` in the config.
+    assert!(!t.contains_key("version"), "{t}");
+    assert!(
+        err.contains(
+            "simple-kmod: KMOD_SOFTWARE_VERSION (dd1a7d4, line 3) is not written as `version`"
+        ),
+        "{err}"
+    );
     let (code, out, _) = kvcctl(&["config", "validate", &cfg]);
     assert_eq!(code, 0, "{out}");
 }
@@ -257,7 +297,7 @@ fn a_command_substitution_line_is_reported_with_its_number() {
     assert!(!t.contains_key("version"), "{out}");
     assert_eq!(
         s(&t, "image.ref"),
-        "localhost/kvcd/dynamic:${KERNEL_FULL_VERSION}"
+        "localhost/dynamic:${KERNEL_FULL_VERSION}"
     );
     assert!(out.contains("#   could not convert line 3:"), "{out}");
 }
@@ -292,4 +332,172 @@ fn without_names_every_conf_but_the_framework_file_is_imported_as_json() {
         );
     }
     assert_eq!(results[0]["notes"].as_array().unwrap().len(), 2);
+}
+
+/// A KVC directory in a temp dir with `files` (name, text).
+fn kvc_tree(h: &Host, files: &[(&str, &str)]) -> String {
+    let dir = h.tmp.path().join("kvc");
+    fs::create_dir_all(&dir).unwrap();
+    for (name, text) in files {
+        fs::write(dir.join(name), text).unwrap();
+    }
+    dir.display().to_string()
+}
+
+#[test]
+fn modules_of_the_kernels_own_tree_get_replace_in_tree_and_a_runtime_is_reported() {
+    let h = Host::new();
+    let kvc = kvc_tree(
+        &h,
+        &[
+            (
+                "kmods-via-containers.conf",
+                "KVC_CONTAINER_RUNTIME=docker\n",
+            ),
+            (
+                "kvc-dummy.conf",
+                "KMOD_CONTAINER_BUILD_CONTEXT=/usr/src/kvc-dummy\nKMOD_CONTAINER_BUILD_FILE=Containerfile\nKMOD_SOFTWARE_VERSION=1.0.0\nKMOD_NAMES=\"dummy kvcd_param\"\n",
+            ),
+        ],
+    );
+    let kver = common::Fixtures::get().kver;
+    // The fixture module `dummy` has the name of Debian's kernel/drivers/net/dummy.ko.
+    assert!(
+        common::Fixtures::get()
+            .modules_dir()
+            .join(&kver)
+            .join("kernel/drivers/net/dummy.ko")
+            .is_file()
+    );
+    let (code, out, err) = h.import_from(&kvc, &["--json"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let r = &doc["results"][0];
+    assert_eq!(r["name"], "kvc-dummy");
+    let notes: Vec<&str> = r["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert!(
+        notes.contains(
+            &format!("dummy is also an in-tree module of {kver}; added replace_in_tree = [\"dummy\"] so the out-of-tree one replaces it").as_str()
+        ),
+        "{notes:?}"
+    );
+    let runtime = notes
+        .iter()
+        .find(|n| {
+            n.starts_with(&format!(
+                "KVC_CONTAINER_RUNTIME=docker ({kvc}/kmods-via-containers.conf line 1): "
+            ))
+        })
+        .unwrap_or_else(|| panic!("{notes:?}"));
+    assert!(runtime.contains("with podman"), "{runtime}");
+    let t: toml::Table = toml::from_str(r["toml"].as_str().unwrap()).unwrap();
+    assert_eq!(strings(&t["replace_in_tree"]), ["dummy"]);
+    assert_eq!(strings(&t["modules"]), ["dummy", "kvcd_param"]);
+
+    // A kernel with no module tree: said, not fatal.
+    let (code, out, err) = h.import_from(&kvc, &["--kernel", "9.9.9-none"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("kvc-dummy: could not look for in-tree modules of kernel 9.9.9-none ("),
+        "{err}"
+    );
+    assert!(!out.contains("\nreplace_in_tree ="), "{out}");
+}
+
+#[test]
+fn an_image_kvc_built_is_used_by_the_imported_config_without_a_build() {
+    let _g = common::podman_lock();
+    let h = Host::new();
+    let fx = common::Fixtures::get();
+    let kver = fx.kver;
+    let context = common::images_env()["KVCD_BUILD_CONTEXT"].clone();
+    // The fixture library's settings, with this checkout's build context.
+    let conf = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kvc/kvc-simple.conf"),
+    )
+    .unwrap()
+    .replace("/usr/src/kvc-simple", &context);
+    // Its own instance name, so no other test shares the image.
+    let kvc = kvc_tree(&h, &[("kvc-migrated.conf", &conf)]);
+    let image = format!("localhost/kvc-migrated-1.2.0:{kver}");
+    let _ = Command::new("podman")
+        .args(["rmi", "--force", &image])
+        .output();
+
+    // KVC's own build, by the unmodified fixture library: it names the image `NAME-VERSION:KVER`, here `kvc-migrated-1.2.0:KVER`.
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kvc/kvc-simple-lib.sh");
+    let built = kvcd::hooks::kvc::command(
+        &[lib],
+        kvcd::hooks::kvc::Action::Build,
+        "kvc-migrated",
+        &kver,
+        Path::new("podman"),
+        &[],
+    )
+    .env("KVC_CONF_DIR", &kvc)
+    .output()
+    .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let exists = Command::new("podman")
+        .args(["image", "exists", &image])
+        .status()
+        .unwrap();
+    assert!(exists.success(), "KVC's build stores {image}");
+
+    // Imported without the library: kvcd's own pipeline, under KVC's image name.
+    let (code, out, err) = h.import_from(&kvc, &["kvc-migrated", "--write"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let t = h.read("kvc-migrated");
+    assert_eq!(
+        s(&t, "image.ref"),
+        "localhost/kvc-migrated-${MOD_VERSION}:${KERNEL_FULL_VERSION}"
+    );
+
+    let apply = Command::new(env!("CARGO_BIN_EXE_kvcd"))
+        .args(["--config-dir", &h.config_dir()])
+        .args([
+            "apply",
+            "--prepare",
+            "--json",
+            "--kernel",
+            &kver,
+            "kvc-migrated",
+        ])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&apply.stdout).into_owned();
+    let _ = Command::new("podman")
+        .args(["rmi", "--force", &image])
+        .output();
+    assert_eq!(apply.status.code(), Some(0), "{out}");
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let r = &doc["results"][0];
+    assert_eq!(r["state"], "prepared", "{out}");
+    assert_eq!(r["image"]["reference"], image.as_str(), "{out}");
+    let steps: Vec<&str> = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["detail"].as_str().unwrap())
+        .collect();
+    assert!(
+        steps.contains(&format!("image {image} is present").as_str()),
+        "{steps:?}"
+    );
+    assert!(
+        !steps
+            .iter()
+            .any(|s| s.starts_with(&format!("built {image}"))),
+        "nothing rebuilt: {steps:?}"
+    );
+    assert!(r["podman_calls"].as_u64().unwrap() >= 1, "{out}");
 }

@@ -392,7 +392,7 @@ fn install_wrapper_writes_a_working_shim_and_keeps_foreign_files() {
     assert_one_line_error(
         &o,
         &format!(
-            "{} exists and was not written by kvcctl install-wrapper; use --force to replace it",
+            "{} exists and is neither a shim kvcctl install-wrapper wrote nor a KVC wrapper shim; use --force to replace it",
             foreign.display()
         ),
     );
@@ -417,6 +417,138 @@ fn install_wrapper_writes_a_working_shim_and_keeps_foreign_files() {
         .collect();
     names.sort();
     assert_eq!(names, ["cat", "printf", "sh"]);
+}
+
+/// Removes the immutable attribute from a directory when dropped (also when a test fails).
+struct Mutable(PathBuf);
+
+impl Drop for Mutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn install_wrapper_replaces_kvc_shims_wherever_it_finds_them() {
+    let _g = podman_lock();
+    let node = Node::new();
+    let (_name, _untag) = running_kernel_image();
+    node.config("run", RUNNING_CONFIG);
+    let t = node.tmp.path();
+    let dir = |n: &str| {
+        let d = t.join(n);
+        fs::create_dir_all(&d).unwrap();
+        d
+    };
+    let (bin, usr_bin, other_bin, locked, lib) = (
+        dir("bin"),
+        dir("usr-bin"),
+        dir("other-bin"),
+        dir("locked"),
+        dir("lib-kvc"),
+    );
+    // KVC's shims: a script in DIR, a symlink to the library's wrapper script, and one that cannot be replaced.
+    let kvc_script = "#!/bin/sh\nexec kmods-via-containers wrapper run $(uname -r) printf \"$@\"\n";
+    fs::write(bin.join("printf"), kvc_script).unwrap();
+    let wrapper_sh = lib.join("run-wrapper.sh");
+    let wrapper_text = "#!/bin/sh\nexec /usr/local/bin/kmods-via-containers wrapper run $(uname -r) \"$(basename \"$0\")\" \"$@\"\n";
+    fs::write(&wrapper_sh, wrapper_text).unwrap();
+    std::os::unix::fs::symlink(&wrapper_sh, usr_bin.join("printf")).unwrap();
+    fs::write(locked.join("printf"), kvc_script).unwrap();
+    // Someone else's printf elsewhere is no shim: left alone, not mentioned.
+    fs::write(other_bin.join("printf"), "#!/bin/sh\necho real\n").unwrap();
+    let chattr = Command::new("chattr")
+        .arg("+i")
+        .arg(&locked)
+        .status()
+        .unwrap();
+    assert!(chattr.success(), "chattr +i {}", locked.display());
+    let _unlock = Mutable(locked.clone());
+
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let o = node.kvcctl(&[
+        "install-wrapper",
+        "run",
+        "printf",
+        "--dir",
+        &s(&bin),
+        "--search-dir",
+        &s(&usr_bin),
+        "--search-dir",
+        &s(&other_bin),
+        "--search-dir",
+        &s(&locked),
+    ]);
+    assert_eq!(o.code, 1, "{o:#?}");
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{o:#?}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "replaced KVC shim {} (it runs `kmods-via-containers wrapper`): runs `",
+            bin.join("printf").display()
+        )),
+        "{o:#?}"
+    );
+    assert!(
+        lines[1].starts_with(&format!(
+            "replaced KVC shim {} (a symlink to the KVC wrapper {}): runs `",
+            usr_bin.join("printf").display(),
+            wrapper_sh.display()
+        )),
+        "{o:#?}"
+    );
+    assert!(
+        o.stderr.starts_with(&format!(
+            "kvcctl: could not replace KVC shim {} (it runs `kmods-via-containers wrapper`): writing {}: ",
+            locked.join("printf").display(),
+            locked.join("printf").display()
+        )),
+        "{o:#?}"
+    );
+    assert!(o.stderr.contains("Operation not permitted"), "{o:#?}");
+    assert!(
+        !o.stderr.contains(&other_bin.display().to_string()),
+        "{o:#?}"
+    );
+
+    // Both replaced shims run the tool from the driver image; the library's script is untouched.
+    for shim in [bin.join("printf"), usr_bin.join("printf")] {
+        assert!(
+            !fs::symlink_metadata(&shim)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        let o = node.run(&shim, &["<%s>", "a b"], "");
+        assert_eq!((o.code, o.stdout.as_str()), (0, "<a b>"), "{o:#?}");
+    }
+    assert_eq!(fs::read_to_string(&wrapper_sh).unwrap(), wrapper_text);
+    assert_eq!(
+        fs::read_to_string(locked.join("printf")).unwrap(),
+        kvc_script
+    );
+    assert_eq!(
+        fs::read_to_string(other_bin.join("printf")).unwrap(),
+        "#!/bin/sh\necho real\n"
+    );
+
+    // Once nothing is left that it cannot replace, it succeeds.
+    drop(_unlock);
+    fs::remove_file(locked.join("printf")).unwrap();
+    let o = node.kvcctl(&[
+        "install-wrapper",
+        "run",
+        "printf",
+        "--dir",
+        &s(&bin),
+        "--search-dir",
+        &s(&usr_bin),
+        "--search-dir",
+        &s(&locked),
+    ]);
+    assert_eq!(o.code, 0, "{o:#?}");
+    assert!(o.stdout.starts_with("replaced "), "{o:#?}");
+    assert_eq!(o.stdout.lines().count(), 1, "{o:#?}");
 }
 
 /// The KVC fixture library's trace lines (`FUNCTION action=… name=… kver=… runtime=…`).

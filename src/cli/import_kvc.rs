@@ -13,8 +13,11 @@ use serde::Serialize;
 
 use super::{EXIT_FAILED, PathArgs};
 use crate::config::Config;
-use crate::config::kvc_import::{self, DEFAULT_KVC_DIR, DEFAULT_LIB_DIRS, FRAMEWORK_CONF};
+use crate::config::kvc_import::{
+    self, DEFAULT_KVC_DIR, DEFAULT_LIB_DIRS, FRAMEWORK_CONF, InTree, framework_runtime_note,
+};
 use crate::hooks::kvc::existing_libraries;
+use crate::kernel::KernelRelease;
 use crate::util::write_atomic;
 
 /// `kvcctl import-kvc` arguments.
@@ -35,6 +38,9 @@ pub(super) struct ImportKvcArgs {
     /// Replace an existing modules.d/NAME.toml.
     #[arg(long, requires = "write")]
     force: bool,
+    /// Kernel release whose own modules (kernel_modules_dir/RELEASE) decide `replace_in_tree`; default the running kernel.
+    #[arg(long, value_name = "RELEASE")]
+    kernel: Option<String>,
     /// Print one JSON document.
     #[arg(long)]
     json: bool,
@@ -105,11 +111,24 @@ pub(super) fn run(paths: &PathArgs, args: &ImportKvcArgs) -> Result<u8> {
         eprintln!("no KVC configs (*.conf) in {}", kvc_dir.display());
     }
 
+    let kernel = match &args.kernel {
+        Some(k) => KernelRelease::parse(k)?,
+        None => KernelRelease::running()?,
+    };
+    let kernel_dir = paths.load().daemon.kernel_modules_dir.join(kernel.as_str());
+    let framework = kvc_dir.join(FRAMEWORK_CONF);
+    let host = Host {
+        kernel,
+        in_tree: InTree::read(&kernel_dir).map_err(|e| format!("{e:#}")),
+        framework_text: fs::read_to_string(&framework).ok(),
+        framework,
+    };
+
     let scratch = Scratch::new()?;
     let roots: Vec<&Path> = lib_dirs.iter().map(PathBuf::as_path).collect();
     let results: Vec<Imported> = names
         .iter()
-        .map(|name| import_one(name, &kvc_dir, &roots, &target, &scratch, args))
+        .map(|name| import_one(name, &kvc_dir, &roots, &target, &scratch, &host, args))
         .collect();
 
     if args.json {
@@ -142,12 +161,23 @@ fn all_names(kvc_dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// What the host tells every conversion: the target kernel's own modules and the framework's settings.
+#[derive(Debug)]
+struct Host {
+    kernel: KernelRelease,
+    /// The kernel's in-tree modules, or why they could not be read.
+    in_tree: std::result::Result<InTree, String>,
+    framework: PathBuf,
+    framework_text: Option<String>,
+}
+
 fn import_one(
     name: &str,
     kvc_dir: &Path,
     roots: &[&Path],
     target: &Path,
     scratch: &Scratch,
+    host: &Host,
     args: &ImportKvcArgs,
 ) -> Imported {
     let source = kvc_dir.join(format!("{name}.conf"));
@@ -173,13 +203,29 @@ fn import_one(
     let libraries = existing_libraries(name, roots);
     let conversion = kvc_import::convert(name, &source, &text, &libraries);
     out.notes = conversion.notes;
-    let imported = match conversion.result {
+    if let Some(text) = &host.framework_text {
+        out.notes.extend(framework_runtime_note(
+            &host.framework,
+            text,
+            !libraries.is_empty(),
+        ));
+    }
+    let mut imported = match conversion.result {
         Ok(i) => i,
         Err(e) => {
             out.error = Some(e);
             return out;
         }
     };
+    match &host.in_tree {
+        Ok(tree) => out
+            .notes
+            .extend(imported.replace_in_tree_of(tree, host.kernel.as_str())),
+        Err(e) => out.notes.push(format!(
+            "could not look for in-tree modules of kernel {} ({e}); add `replace_in_tree` for any module that is also in-tree",
+            host.kernel
+        )),
+    }
     let toml = imported.to_toml(&out.notes);
     if let Err(e) = check(scratch, name, &toml) {
         out.error = Some(format!(

@@ -1,6 +1,7 @@
 //! `kvcctl wrapper` (run a tool from a module config's driver image on the
 //! host, as KVC's `kmods-via-containers wrapper` did) and
-//! `kvcctl install-wrapper` (a shim in `/usr/local/bin` that does so).
+//! `kvcctl install-wrapper` (a shim in `/usr/local/bin` that does so, and
+//! in place of the KVC shims for the same tool it finds).
 
 use std::ffi::OsStr;
 use std::fs;
@@ -49,9 +50,12 @@ pub(super) struct InstallArgs {
     /// Directory to write the shim into.
     #[arg(long, value_name = "DIR", default_value = "/usr/local/bin")]
     dir: PathBuf,
-    /// Overwrite DIR/TOOL even when install-wrapper did not write it.
+    /// Overwrite DIR/TOOL even when it is neither install-wrapper's shim nor a KVC shim.
     #[arg(long)]
     force: bool,
+    /// Where else to look for KVC shims of TOOL to replace (repeatable); default /usr/local/bin, /usr/bin and the PATH directories.
+    #[arg(long = "search-dir", value_name = "DIR")]
+    search_dirs: Vec<PathBuf>,
     /// Module config name (modules.d/NAME.toml).
     #[arg(value_name = "NAME")]
     name: String,
@@ -88,15 +92,17 @@ pub(super) fn run(paths: &PathArgs, args: &WrapperArgs) -> Result<u8> {
             let present = Podman::new(podman)
                 .inspect(&reference)
                 .with_context(|| format!("looking for image {reference}"))?;
-            if present.is_none() {
+            let Some(info) = present else {
                 bail!(
                     "{}",
                     not_present(&reference, &module.name, args.kernel.as_deref())
                 );
-            }
+            };
+            // The very image found, by ID: no second name lookup (short names
+            // could match another image).
             let mut c = Command::new(podman);
             c.args(["run", "-i", "--rm", "--privileged", "--pull=never"])
-                .arg(&reference)
+                .arg(info.id.trim_start_matches("sha256:"))
                 .args(&args.command);
             c
         }
@@ -217,6 +223,75 @@ fn is_our_shim(path: &Path) -> bool {
     })
 }
 
+/// Why `path` is a KVC wrapper shim (it runs `kmods-via-containers wrapper`
+/// or a library's `*-wrapper.sh`, itself or as a symlink to it), or `None`.
+fn kvc_shim(path: &Path) -> Option<String> {
+    let meta = fs::symlink_metadata(path).ok()?;
+    if meta.file_type().is_symlink() {
+        let target = fs::read_link(path).ok()?;
+        let name = target.file_name()?.to_string_lossy();
+        if name.ends_with("-wrapper.sh") {
+            return Some(format!("a symlink to the KVC wrapper {}", target.display()));
+        }
+        if name == "kmods-via-containers" {
+            return Some(format!("a symlink to {}", target.display()));
+        }
+    }
+    // What it is or points to: a small script.
+    let meta = fs::metadata(path).ok()?;
+    if !meta.is_file() || meta.len() > 64 * 1024 {
+        return None;
+    }
+    let data = fs::read(path).ok()?;
+    let text = String::from_utf8_lossy(&data);
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') {
+            continue;
+        }
+        let words: Vec<&str> = line
+            .split(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | ';' | '(' | ')'))
+            .filter(|w| !w.is_empty())
+            .collect();
+        let dispatcher = words.iter().position(|w| {
+            Path::new(w)
+                .file_name()
+                .is_some_and(|n| n == "kmods-via-containers")
+        });
+        if dispatcher.is_some_and(|i| words[i + 1..].contains(&"wrapper")) {
+            return Some("it runs `kmods-via-containers wrapper`".to_owned());
+        }
+        if let Some(w) = words.iter().find(|w| w.ends_with("-wrapper.sh")) {
+            return Some(format!("it runs the KVC wrapper {w}"));
+        }
+    }
+    None
+}
+
+/// The directories to look for KVC shims in: DIR first, then `extra` (or
+/// /usr/local/bin, /usr/bin and PATH), each once.
+fn shim_dirs(dir: &Path, extra: &[PathBuf]) -> Vec<PathBuf> {
+    let defaults: Vec<PathBuf> = if extra.is_empty() {
+        let mut d = vec![PathBuf::from("/usr/local/bin"), PathBuf::from("/usr/bin")];
+        if let Some(path) = std::env::var_os("PATH") {
+            d.extend(std::env::split_paths(&path).filter(|p| p.is_absolute()));
+        }
+        d
+    } else {
+        extra.to_vec()
+    };
+    let mut seen = Vec::new();
+    let mut out = Vec::new();
+    for d in std::iter::once(dir.to_owned()).chain(defaults) {
+        let key = fs::canonicalize(&d).unwrap_or_else(|_| d.clone());
+        if !seen.contains(&key) {
+            seen.push(key);
+            out.push(d);
+        }
+    }
+    out
+}
+
 /// Writes `data` to `path` with mode 0755: a temp file in the same directory, then rename.
 fn write_executable(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -241,7 +316,8 @@ fn write_executable(path: &Path, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Runs `kvcctl install-wrapper`; returns the exit code.
+/// Runs `kvcctl install-wrapper`; returns the exit code: 1 when a KVC shim
+/// of TOOL could not be replaced (each one is named, with the reason).
 pub(super) fn install(paths: &PathArgs, args: &InstallArgs) -> Result<u8> {
     let name =
         InstanceName::parse(&args.name).map_err(|e| anyhow!("invalid module config name {e}"))?;
@@ -251,22 +327,44 @@ pub(super) fn install(paths: &PathArgs, args: &InstallArgs) -> Result<u8> {
     }
     let path = args.dir.join(&args.tool);
     let exists = fs::symlink_metadata(&path).is_ok();
-    if exists && !args.force && !is_our_shim(&path) {
+    let target_shim = kvc_shim(&path);
+    if exists && !args.force && !is_our_shim(&path) && target_shim.is_none() {
         bail!(
-            "{} exists and was not written by kvcctl install-wrapper; use --force to replace it",
+            "{} exists and is neither a shim kvcctl install-wrapper wrote nor a KVC wrapper shim; use --force to replace it",
             path.display()
         );
     }
     let kvcctl = std::env::current_exe().context("finding the kvcctl program")?;
-    write_executable(&path, &shim(&kvcctl, paths, &name, &args.tool))?;
-    println!(
-        "{} {}: runs `{} wrapper {name} {}`",
-        if exists { "replaced" } else { "wrote" },
-        path.display(),
-        kvcctl.display(),
-        args.tool
-    );
-    Ok(0)
+    let text = shim(&kvcctl, paths, &name, &args.tool);
+    let runs = format!("runs `{} wrapper {name} {}`", kvcctl.display(), args.tool);
+    write_executable(&path, &text)?;
+    match &target_shim {
+        Some(why) => println!("replaced KVC shim {} ({why}): {runs}", path.display()),
+        None if exists => println!("replaced {}: {runs}", path.display()),
+        None => println!("wrote {}: {runs}", path.display()),
+    }
+
+    // KVC shims of the same tool elsewhere would still run kmods-via-containers.
+    let mut failed = 0;
+    for dir in shim_dirs(&args.dir, &args.search_dirs).iter().skip(1) {
+        let other = dir.join(&args.tool);
+        let Some(why) = kvc_shim(&other) else {
+            continue;
+        };
+        match write_executable(&other, &text) {
+            Ok(()) => println!("replaced KVC shim {} ({why}): {runs}", other.display()),
+            Err(e) => {
+                failed += 1;
+                eprintln!(
+                    "kvcctl: could not replace KVC shim {} ({why}): {:#}; remove it or make it run {}",
+                    other.display(),
+                    e,
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(if failed == 0 { 0 } else { super::EXIT_FAILED })
 }
 
 #[cfg(test)]
@@ -281,6 +379,68 @@ mod tests {
         for bad in ["", "-x", "a/b", "..", ".", "a b", "a$b", "ä"] {
             assert!(check_tool(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn kvc_shims_are_recognised_and_other_files_are_not() {
+        use std::os::unix::fs::symlink;
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path();
+        let write = |n: &str, text: &str| fs::write(d.join(n), text).unwrap();
+        write(
+            "a",
+            "#!/bin/bash\nexec /usr/local/bin/kmods-via-containers wrapper ice $(uname -r) ice-tool \"$@\"\n",
+        );
+        write(
+            "b",
+            "#!/bin/sh\n/usr/lib/kvc/ice-wrapper.sh \"$(basename \"$0\")\" \"$@\"\n",
+        );
+        write(
+            "c",
+            "#!/bin/sh\n# kmods-via-containers wrapper was here\nexec /usr/bin/real-tool\n",
+        );
+        write(
+            "d",
+            "#!/bin/sh\nkmods-via-containers build ice $(uname -r)\n",
+        );
+        write(
+            "ice-wrapper.sh",
+            "#!/bin/sh\nkmods-via-containers wrapper ice $(uname -r) \"$@\"\n",
+        );
+        symlink(d.join("ice-wrapper.sh"), d.join("e")).unwrap();
+        symlink(d.join("c"), d.join("f")).unwrap();
+        symlink(d.join("a"), d.join("g")).unwrap();
+        assert_eq!(
+            kvc_shim(&d.join("a")).as_deref(),
+            Some("it runs `kmods-via-containers wrapper`")
+        );
+        assert_eq!(
+            kvc_shim(&d.join("b")).as_deref(),
+            Some("it runs the KVC wrapper /usr/lib/kvc/ice-wrapper.sh")
+        );
+        assert_eq!(kvc_shim(&d.join("c")), None);
+        assert_eq!(kvc_shim(&d.join("d")), None);
+        assert_eq!(
+            kvc_shim(&d.join("e")),
+            Some(format!(
+                "a symlink to the KVC wrapper {}",
+                d.join("ice-wrapper.sh").display()
+            ))
+        );
+        assert_eq!(kvc_shim(&d.join("f")), None);
+        assert!(kvc_shim(&d.join("g")).is_some());
+        assert_eq!(kvc_shim(&d.join("absent")), None);
+        assert_eq!(kvc_shim(d), None);
+    }
+
+    #[test]
+    fn shim_dirs_start_with_dir_and_hold_each_once() {
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        fs::create_dir_all(&a).unwrap();
+        std::os::unix::fs::symlink(&a, &b).unwrap();
+        let dirs = shim_dirs(&a, &[b, t.path().to_owned(), a.clone()]);
+        assert_eq!(dirs, [a, t.path().to_owned()]);
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub const SOFTWARE_VERSION: &str = "KMOD_SOFTWARE_VERSION";
 pub const NAMES: &str = "KMOD_NAMES";
 /// In-tree modules some forks load first.
 pub const EXTRA_NAMES: &str = "KMOD_EXTRA_NAMES";
+/// The container runtime the KVC dispatcher runs (`podman` unless set).
+pub const CONTAINER_RUNTIME: &str = "KVC_CONTAINER_RUNTIME";
 /// The variables the importer understands.
 pub const KNOWN_VARIABLES: [&str; 5] = [
     BUILD_CONTEXT,
@@ -529,6 +531,8 @@ pub struct Imported {
     pub version: Option<String>,
     /// `KMOD_NAMES`, in order.
     pub modules: Vec<String>,
+    /// Modules that are also in-tree modules of the target kernel (see [`Imported::replace_in_tree_of`]); default none.
+    pub replace_in_tree: Vec<String>,
     /// Library or image build.
     pub origin: Origin,
 }
@@ -596,7 +600,7 @@ pub fn convert(name: &str, source: &Path, text: &str, libraries: &[PathBuf]) -> 
     }
 
     let version = match conf.get(SOFTWARE_VERSION) {
-        Some(v) if v.value.chars().any(char::is_whitespace) => {
+        Some(v) if !library && v.value.chars().any(char::is_whitespace) => {
             problems.push(format!(
                 "{SOFTWARE_VERSION} {:?} (line {}) holds blanks; expected one version string",
                 v.value, v.line
@@ -638,19 +642,29 @@ pub fn convert(name: &str, source: &Path, text: &str, libraries: &[PathBuf]) -> 
             )
         });
     }
-    if version.is_none() && problems.is_empty() {
+    if library {
+        if let Some(v) = conf.get(SOFTWARE_VERSION) {
+            notes.push(format!(
+                "{SOFTWARE_VERSION} ({}, line {}) is not written as `version`: the KVC library owns its versions and reads them from {}",
+                v.value,
+                v.line,
+                source.display()
+            ));
+        }
+    } else if version.is_none() && problems.is_empty() {
         notes.push(format!(
-            "{}: the config gets no `version`, so module versions are not checked{}",
+            "{}: the config gets no `version`, so module versions are not checked, the image tag has no version and KMODVER is not passed to the build",
             conf.why_missing(SOFTWARE_VERSION),
-            if library {
-                ""
-            } else {
-                ", the image tag has no version and KMODVER is not passed to the build"
-            }
         ));
     }
+    if let Some(n) = runtime_note(&conf, source, library, false) {
+        notes.push(n);
+    }
     for (var, v) in &conf.vars {
-        if KNOWN_VARIABLES.contains(&var.as_str()) || conf.used.contains(var) {
+        if KNOWN_VARIABLES.contains(&var.as_str())
+            || var == CONTAINER_RUNTIME
+            || conf.used.contains(var)
+        {
             continue;
         }
         notes.push(if library {
@@ -669,11 +683,110 @@ pub fn convert(name: &str, source: &Path, text: &str, libraries: &[PathBuf]) -> 
             source: source.to_owned(),
             version,
             modules,
+            replace_in_tree: Vec::new(),
             origin,
         }),
         _ => Err(format!("cannot convert: {}", problems.join("; "))),
     };
     Conversion { notes, result }
+}
+
+/// True when `runtime` (a name or a path) is podman.
+fn is_podman(runtime: &str) -> bool {
+    Path::new(runtime.trim())
+        .file_name()
+        .is_some_and(|n| n == "podman")
+}
+
+/// What kvcd does instead when `conf` (read from `file`) sets `KVC_CONTAINER_RUNTIME`
+/// to something other than podman; `framework` when `file` is `kmods-via-containers.conf`.
+fn runtime_note(conf: &ParsedConf, file: &Path, library: bool, framework: bool) -> Option<String> {
+    let v = conf
+        .get(CONTAINER_RUNTIME)
+        .filter(|v| !is_podman(&v.value))?;
+    let set = format!(
+        "{CONTAINER_RUNTIME}={} ({} line {})",
+        v.value,
+        file.display(),
+        v.line
+    );
+    Some(match (library, framework) {
+        (true, true) => format!(
+            "{set}: kvcd does not read this file and gives the KVC library podman (kvcd.toml `podman`), not {}; check that the library works with podman and that the images it expects are in podman's storage (images built by {} are not; the library builds them again)",
+            v.value, v.value
+        ),
+        (true, false) => format!(
+            "{set}: the KVC library reads this file, so its kvc_c_* helpers run {} rather than the podman kvcd gives it; remove the line to use podman, or check that {} works for the library under kvcd",
+            v.value, v.value
+        ),
+        (false, _) => format!(
+            "{set}: kvcd builds and runs driver images with podman (kvcd.toml `podman`), not {}; images {} built are not in podman's storage, so kvcd builds them again",
+            v.value, v.value
+        ),
+    })
+}
+
+/// The note for a non-podman `KVC_CONTAINER_RUNTIME` in the framework's own
+/// `kmods-via-containers.conf` (`text`, read from `file`), for a config that keeps its library or not.
+pub fn framework_runtime_note(file: &Path, text: &str, library: bool) -> Option<String> {
+    runtime_note(&ParsedConf::parse(text), file, library, true)
+}
+
+/// A kernel's own modules by name (`-`/`_` folded): `.ko` files (also compressed)
+/// under `KERNEL_DIR/kernel`, and the built-in ones `modules.builtin` lists.
+#[derive(Debug, Clone, Default)]
+pub struct InTree {
+    /// Loadable in-tree modules.
+    pub loadable: BTreeSet<ModName>,
+    /// Modules built into the kernel image.
+    pub builtin: BTreeSet<ModName>,
+}
+
+/// A module name from a file name such as `ice.ko` or `ice.ko.xz`.
+fn module_of(file: &str) -> Option<ModName> {
+    let stem = [".ko", ".ko.xz", ".ko.zst", ".ko.gz"]
+        .iter()
+        .find_map(|ext| file.strip_suffix(ext))?;
+    ModName::parse(stem).ok()
+}
+
+impl InTree {
+    /// Reads the in-tree modules of the kernel whose module directory is `kernel_dir` (`/lib/modules/KVER`).
+    pub fn read(kernel_dir: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let top = kernel_dir.join("kernel");
+        let mut out = Self::default();
+        let mut dirs = vec![top];
+        while let Some(dir) = dirs.pop() {
+            let entries =
+                std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
+            for e in entries {
+                let e = e.with_context(|| format!("reading {}", dir.display()))?;
+                let ty = e
+                    .file_type()
+                    .with_context(|| format!("reading {}", e.path().display()))?;
+                if ty.is_dir() {
+                    dirs.push(e.path());
+                } else if let Some(m) = e.file_name().to_str().and_then(module_of) {
+                    out.loadable.insert(m);
+                }
+            }
+        }
+        let builtin = kernel_dir.join("modules.builtin");
+        match std::fs::read_to_string(&builtin) {
+            Ok(text) => {
+                for line in text.lines() {
+                    let file = line.rsplit('/').next().unwrap_or(line);
+                    if let Some(m) = module_of(file.trim()) {
+                        out.builtin.insert(m);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", builtin.display())),
+        }
+        Ok(out)
+    }
 }
 
 fn build_origin(
@@ -777,14 +890,37 @@ impl Imported {
         format!("imported from {}", self.source.display())
     }
 
-    /// The image reference of an imported build: KVC's `NAME-VERSION:KERNEL`, kept local.
+    /// The image reference of an imported build: the fully qualified name KVC's
+    /// build gave its image (`NAME-VERSION:KERNEL`, which podman stores under
+    /// `localhost/`), so an image KVC already built is used as it is.
     pub fn image_ref(&self) -> String {
         let name = self.name.as_str().to_ascii_lowercase();
         if self.version.is_some() {
-            format!("localhost/kvcd/{name}-${{MOD_VERSION}}:${{KERNEL_FULL_VERSION}}")
+            format!("localhost/{name}-${{MOD_VERSION}}:${{KERNEL_FULL_VERSION}}")
         } else {
-            format!("localhost/kvcd/{name}:${{KERNEL_FULL_VERSION}}")
+            format!("localhost/{name}:${{KERNEL_FULL_VERSION}}")
         }
+    }
+
+    /// Adds to `replace_in_tree` each module that is also an in-tree module of
+    /// `kernel` (per `tree`); returns one note per module added or built in.
+    pub fn replace_in_tree_of(&mut self, tree: &InTree, kernel: &str) -> Vec<String> {
+        let mut notes = Vec::new();
+        for m in &self.modules {
+            let Ok(n) = ModName::parse(m) else { continue };
+            if tree.loadable.contains(&n) {
+                self.replace_in_tree.push(m.clone());
+                notes.push(format!(
+                    "{m} is also an in-tree module of {kernel}; added replace_in_tree = [{}] so the out-of-tree one replaces it",
+                    quoted(m)
+                ));
+            } else if tree.builtin.contains(&n) {
+                notes.push(format!(
+                    "{m} is built into kernel {kernel} (modules.builtin): it cannot be unloaded, so an out-of-tree {m} cannot replace it there"
+                ));
+            }
+        }
+        notes
     }
 
     /// The module config as TOML, with a header naming the sources and `notes`.
@@ -808,11 +944,16 @@ impl Imported {
             }
         }
         let _ = writeln!(s, "description = {}", quoted(&self.description()));
-        if let Some(v) = &self.version {
+        // A KVC library owns its versions; kvcd would only check against a copy.
+        if let (Some(v), Origin::Build { .. }) = (&self.version, &self.origin) {
             let _ = writeln!(s, "version = {}", quoted(v));
         }
         let modules: Vec<String> = self.modules.iter().map(|m| quoted(m)).collect();
         let _ = writeln!(s, "modules = [{}]", modules.join(", "));
+        if !self.replace_in_tree.is_empty() {
+            let r: Vec<String> = self.replace_in_tree.iter().map(|m| quoted(m)).collect();
+            let _ = writeln!(s, "replace_in_tree = [{}]", r.join(", "));
+        }
         match &self.origin {
             Origin::KvcLibrary(libs) => {
                 let libs: Vec<String> = libs.iter().map(|l| quoted(&l.to_string_lossy())).collect();
@@ -892,7 +1033,7 @@ KMOD_NAMES="simple-kmod simple-procfs-kmod"
         };
         assert_eq!(
             img.reference,
-            "localhost/kvcd/simple-kmod-${MOD_VERSION}:${KERNEL_FULL_VERSION}"
+            "localhost/simple-kmod-${MOD_VERSION}:${KERNEL_FULL_VERSION}"
         );
         assert_eq!(img.pull, PullPolicy::Never);
         let b = img.build.as_ref().unwrap();
@@ -925,6 +1066,103 @@ KMOD_NAMES="simple-kmod simple-procfs-kmod"
             "{text}"
         );
         assert!(c.notes.iter().any(|n| n.contains("keep that file")));
+        // The library owns its versions.
+        assert!(cfg.version.is_none(), "{text}");
+        assert!(!text.contains("\nversion ="), "{text}");
+        assert!(
+            c.notes.iter().any(|n| n
+                == "KMOD_SOFTWARE_VERSION (dd1a7d4, line 3) is not written as `version`: the KVC library owns its versions and reads them from /etc/kvc/simple-kmod.conf"),
+            "{:?}",
+            c.notes
+        );
+    }
+
+    #[test]
+    fn a_runtime_other_than_podman_is_reported() {
+        let lib = vec![PathBuf::from("/usr/lib/kvc/x-lib.sh")];
+        let text = "KMOD_NAMES=a\nKVC_CONTAINER_RUNTIME=docker\n";
+        let c = conv("x", text, &lib);
+        let note = c
+            .notes
+            .iter()
+            .find(|n| n.starts_with("KVC_CONTAINER_RUNTIME=docker (/etc/kvc/x.conf line 2): the KVC library reads this file"))
+            .unwrap_or_else(|| panic!("{:?}", c.notes));
+        assert!(note.contains("kvc_c_* helpers run docker"), "{note}");
+        assert!(
+            !c.notes.iter().any(|n| n.contains("not converted")),
+            "{:?}",
+            c.notes
+        );
+
+        // podman by name or path says nothing.
+        for p in ["podman", "/usr/bin/podman"] {
+            let c = conv(
+                "x",
+                &format!("KMOD_NAMES=a\nKVC_CONTAINER_RUNTIME={p}\n"),
+                &lib,
+            );
+            assert!(
+                !c.notes.iter().any(|n| n.contains("RUNTIME")),
+                "{:?}",
+                c.notes
+            );
+        }
+
+        let fw = Path::new("/etc/kvc/kmods-via-containers.conf");
+        let n = framework_runtime_note(fw, "KVC_CONTAINER_RUNTIME=\"docker\"\n", true).unwrap();
+        assert!(
+            n.starts_with("KVC_CONTAINER_RUNTIME=docker (/etc/kvc/kmods-via-containers.conf line 1): kvcd does not read this file and gives the KVC library podman"),
+            "{n}"
+        );
+        let n = framework_runtime_note(fw, "KVC_CONTAINER_RUNTIME=docker\n", false).unwrap();
+        assert!(
+            n.contains("kvcd builds and runs driver images with podman"),
+            "{n}"
+        );
+        assert!(framework_runtime_note(fw, "KVC_CONTAINER_RUNTIME=podman\n", true).is_none());
+        assert!(framework_runtime_note(fw, "", true).is_none());
+    }
+
+    #[test]
+    fn in_tree_modules_become_replace_in_tree() {
+        let t = tempfile::tempdir().unwrap();
+        let k = t.path().join("6.1.0-1-amd64");
+        std::fs::create_dir_all(k.join("kernel/drivers/net/ethernet/intel/ice")).unwrap();
+        std::fs::create_dir_all(k.join("kernel/fs")).unwrap();
+        std::fs::write(
+            k.join("kernel/drivers/net/ethernet/intel/ice/ice.ko.xz"),
+            "",
+        )
+        .unwrap();
+        std::fs::write(k.join("kernel/fs/simple_procfs-kmod.ko"), "").unwrap();
+        std::fs::write(k.join("kernel/fs/not-a-module.txt"), "").unwrap();
+        std::fs::write(
+            k.join("modules.builtin"),
+            "kernel/drivers/base/simple-builtin.ko\n",
+        )
+        .unwrap();
+        let tree = InTree::read(&k).unwrap();
+        let names: Vec<&str> = tree.loadable.iter().map(ModName::as_str).collect();
+        assert_eq!(names, ["ice", "simple_procfs_kmod"]);
+
+        let text = "KMOD_NAMES='ice simple-procfs-kmod simple-builtin other'\nKMOD_SOFTWARE_VERSION=1\nKMOD_CONTAINER_BUILD_CONTEXT=/s\nKMOD_CONTAINER_BUILD_FILE=f\n";
+        let mut c = conv("ice", text, &[]);
+        let mut imported = c.result.clone().unwrap();
+        let notes = imported.replace_in_tree_of(&tree, "6.1.0-1-amd64");
+        assert_eq!(
+            notes,
+            [
+                "ice is also an in-tree module of 6.1.0-1-amd64; added replace_in_tree = [\"ice\"] so the out-of-tree one replaces it",
+                "simple-procfs-kmod is also an in-tree module of 6.1.0-1-amd64; added replace_in_tree = [\"simple-procfs-kmod\"] so the out-of-tree one replaces it",
+                "simple-builtin is built into kernel 6.1.0-1-amd64 (modules.builtin): it cannot be unloaded, so an out-of-tree simple-builtin cannot replace it there",
+            ]
+        );
+        c.result = Ok(imported);
+        let (_, cfg) = render(&c);
+        let r: Vec<&str> = cfg.replace_in_tree.iter().map(ModName::as_str).collect();
+        assert_eq!(r, ["ice", "simple_procfs_kmod"]);
+
+        assert!(InTree::read(&t.path().join("absent")).is_err());
     }
 
     #[test]
@@ -1062,7 +1300,11 @@ KMOD_NAMES="simple-kmod simple-procfs-kmod"
         );
         let (text, cfg) = render(&c);
         assert!(cfg.version.is_none(), "{text}");
-        assert!(c.notes.iter().any(|n| n.contains("no `version`")));
+        assert!(
+            !c.notes.iter().any(|n| n.contains("version")),
+            "{:?}",
+            c.notes
+        );
     }
 
     #[test]
@@ -1134,7 +1376,7 @@ KMOD_NAMES="simple-kmod simple-procfs-kmod"
             panic!()
         };
         assert_eq!(img.build.as_ref().unwrap().file, "sub/Containerfile");
-        assert_eq!(img.reference, "localhost/kvcd/a:${KERNEL_FULL_VERSION}");
+        assert_eq!(img.reference, "localhost/a:${KERNEL_FULL_VERSION}");
         assert!(!img.build.as_ref().unwrap().args.contains_key("KMODVER"));
     }
 

@@ -4,9 +4,26 @@
 //! `set -eu`, and the libraries sourced in order (later definitions win).
 //! kvcd supplies the dispatcher; everything user-provided reaches bash as
 //! arguments, never as script text.
+//!
+//! Each `kvc_c_*` helper appends one line to the file named by
+//! [`CALLS_ENV`] (when set) before it runs the container runtime, so kvcd
+//! can count the podman calls a library made through them ([`CallLog`]).
+//! Calls a library makes to podman directly are not counted.
 
+use std::fs;
+use std::io::ErrorKind;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use anyhow::{Context as _, Result};
+
+/// Environment variable naming the file each `kvc_c_*` helper appends a line to (unset: no counting).
+pub const CALLS_ENV: &str = "KVCD_KVC_CALLS";
+/// Environment variable with a `KEY=VALUE` label `kvc_c_run` puts on its containers (unset: none).
+pub const RUN_LABEL_ENV: &str = "KVCD_KVC_RUN_LABEL";
+/// The label key of [`RUN_LABEL_ENV`]; its value names one library action.
+pub const RUN_LABEL_KEY: &str = "org.kvcd.kvc-action";
 
 /// A KVC action, as the dispatcher names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,16 +58,20 @@ kvcd_libs=()
 while [ "$kvcd_nlibs" -gt 0 ]; do kvcd_libs+=("$1"); shift; kvcd_nlibs=$((kvcd_nlibs - 1)); done
 : "${KVC_CONTAINER_RUNTIME:=podman}"
 export KVC_ACTION KVC_SOFTWARE_NAME KVC_KVER KVC_CONTAINER_RUNTIME
+kvcd_runtime=$KVC_CONTAINER_RUNTIME
 
 build_kmods() { echo "build_kmods is unimplemented for ${KVC_SOFTWARE_NAME}!" >&2; return 1; }
 load_kmods() { echo "load_kmods is unimplemented for ${KVC_SOFTWARE_NAME}!" >&2; return 1; }
 unload_kmods() { echo "unload_kmods is unimplemented for ${KVC_SOFTWARE_NAME}!" >&2; return 1; }
 wrapper() { echo "wrapper is unimplemented for ${KVC_SOFTWARE_NAME}!" >&2; return 1; }
 
-kvc_c_run() { "$KVC_CONTAINER_RUNTIME" run -i --rm "$@"; }
-kvc_c_build() { "$KVC_CONTAINER_RUNTIME" build "$@"; }
-kvc_c_images() { "$KVC_CONTAINER_RUNTIME" images "$@"; }
-kvc_c_rmi() { "$KVC_CONTAINER_RUNTIME" rmi "$@"; }
+# One line per runtime call, for kvcd's count; never on stdout (callers capture it).
+kvcd_count() { if [ -n "${KVCD_KVC_CALLS:-}" ]; then echo "$1" >>"$KVCD_KVC_CALLS" || :; fi; }
+# The label lets kvcd find a container whose client it had to kill at the timeout.
+kvc_c_run() { kvcd_count run; "$KVC_CONTAINER_RUNTIME" run -i --rm ${KVCD_KVC_RUN_LABEL:+--label "$KVCD_KVC_RUN_LABEL"} "$@"; }
+kvc_c_build() { kvcd_count build; "$KVC_CONTAINER_RUNTIME" build "$@"; }
+kvc_c_images() { kvcd_count images; "$KVC_CONTAINER_RUNTIME" images "$@"; }
+kvc_c_rmi() { kvcd_count rmi; "$KVC_CONTAINER_RUNTIME" rmi "$@"; }
 
 # Like KVC: each location is sourced when the library is there; one must be.
 kvcd_sourced=0
@@ -64,6 +85,9 @@ done
 if [ "$kvcd_sourced" -eq 0 ]; then
     echo "no KVC library for ${KVC_SOFTWARE_NAME}: none of ${kvcd_libs[*]} exists" >&2
     exit 1
+fi
+if [ "$KVC_CONTAINER_RUNTIME" != "$kvcd_runtime" ]; then
+    echo "the library set KVC_CONTAINER_RUNTIME=${KVC_CONTAINER_RUNTIME}; its kvc_c_* helpers run that instead of ${kvcd_runtime}" >&2
 fi
 
 case "$KVC_ACTION" in
@@ -105,6 +129,51 @@ pub fn command(
         .args(args)
         .env("KVC_CONTAINER_RUNTIME", runtime);
     c
+}
+
+/// A private file the dispatcher's `kvc_c_*` helpers count their runtime calls in; removed when dropped.
+#[derive(Debug)]
+pub struct CallLog {
+    path: PathBuf,
+}
+
+impl CallLog {
+    /// A new, empty call log in the temporary directory (`$TMPDIR`, default `/tmp`).
+    pub fn new() -> Result<Self> {
+        let base = std::env::temp_dir();
+        for n in 0..1000 {
+            let path = base.join(format!("kvcd-kvc-calls.{}.{n}", std::process::id()));
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(_) => return Ok(Self { path }),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("creating {}", path.display()));
+                }
+            }
+        }
+        anyhow::bail!("no free call log name in {}", base.display())
+    }
+
+    /// Makes the helpers of `cmd` (a [`command`]) count into this log.
+    pub fn attach(&self, cmd: &mut Command) {
+        cmd.env(CALLS_ENV, &self.path);
+    }
+
+    /// How many runtime calls the helpers made so far (0 when the file is unreadable).
+    pub fn count(&self) -> usize {
+        fs::read_to_string(&self.path).map_or(0, |t| t.lines().filter(|l| !l.is_empty()).count())
+    }
+}
+
+impl Drop for CallLog {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
 }
 
 #[cfg(test)]
@@ -243,6 +312,90 @@ mod tests {
         ));
         assert_eq!(code, 1);
         assert!(e.contains("UNSET_VAR: unbound variable"), "{e}");
+    }
+
+    #[test]
+    fn helpers_count_their_calls_even_from_command_substitutions() {
+        let t = tempfile::tempdir().unwrap();
+        let lib = t.path().join("x-lib.sh");
+        fs::write(
+            &lib,
+            "build_kmods() { local f; f=$(kvc_c_images --quiet x); echo \"[$f]\"; kvc_c_build -t x .; kvc_c_run x true; kvc_c_rmi x; }\n",
+        )
+        .unwrap();
+        let log = CallLog::new().unwrap();
+        let mut c = command(
+            std::slice::from_ref(&lib),
+            Action::Build,
+            "x",
+            "k",
+            Path::new("/bin/echo"),
+            &[],
+        );
+        log.attach(&mut c);
+        let (code, o, _) = out(&mut c);
+        assert_eq!(code, 0);
+        // The count does not leak into what the library captures.
+        assert_eq!(
+            o,
+            "[images --quiet x]\nbuild -t x .\nrun -i --rm x true\nrmi x\n"
+        );
+        assert_eq!(log.count(), 4);
+        let path = log.path.clone();
+        drop(log);
+        assert!(!path.exists());
+
+        // With a label, kvc_c_run puts it on the container.
+        let mut c = command(
+            std::slice::from_ref(&lib),
+            Action::Build,
+            "x",
+            "k",
+            Path::new("/bin/echo"),
+            &[],
+        );
+        c.env(RUN_LABEL_ENV, "org.kvcd.kvc-action=a b");
+        let (code, o, _) = out(&mut c);
+        assert_eq!(code, 0);
+        assert!(
+            o.contains("\nrun -i --rm --label org.kvcd.kvc-action=a b x true\n"),
+            "{o}"
+        );
+
+        // Without a log nothing is counted and nothing fails.
+        let (code, _, _) = out(&mut command(
+            &[lib],
+            Action::Build,
+            "x",
+            "k",
+            Path::new("/bin/echo"),
+            &[],
+        ));
+        assert_eq!(code, 0);
+    }
+
+    #[test]
+    fn a_library_that_changes_the_runtime_is_named() {
+        let t = tempfile::tempdir().unwrap();
+        let lib = t.path().join("x-lib.sh");
+        fs::write(
+            &lib,
+            "KVC_CONTAINER_RUNTIME=/bin/true\nbuild_kmods() { kvc_c_images; }\n",
+        )
+        .unwrap();
+        let (code, o, e) = out(&mut command(
+            &[lib],
+            Action::Build,
+            "x",
+            "k",
+            Path::new("/bin/echo"),
+            &[],
+        ));
+        assert_eq!((code, o.as_str()), (0, ""));
+        assert_eq!(
+            e,
+            "the library set KVC_CONTAINER_RUNTIME=/bin/true; its kvc_c_* helpers run that instead of /bin/echo\n"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use tracing::info;
 
-use super::{Engine, Fail, Outcome, Record, State, Step, StepLog, now};
+use super::{Changes, Engine, Fail, Outcome, Record, State, Step, StepLog, now};
 use crate::config::{ModuleConfig, ReadyKind, Source};
 use crate::hooks::{self, kvc};
 use crate::kernel::{TemplateVars, arch, expand, expand_all};
@@ -16,6 +16,15 @@ use crate::kernel::{TemplateVars, arch, expand, expand_all};
 const READY_POLL: Duration = Duration::from_millis(200);
 /// Pause between attempts of a ready command.
 const READY_RETRY: Duration = Duration::from_secs(1);
+/// How long each podman call removing a timed-out library's containers may take.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Nanoseconds since the epoch, to make names unique.
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
 
 impl Engine<'_> {
     /// Template values for `c` on the target kernel.
@@ -71,6 +80,10 @@ impl Engine<'_> {
         let lines = RefCell::new(Vec::new());
         let name = c.name.as_str();
         let sink = |is_stderr: bool, line: &str| {
+            // A blank line says nothing; it is not a step.
+            if line.trim().is_empty() {
+                return;
+            }
             let detail = format!("{hook}: {line}");
             info!(KVCD_MODULE = %name, KVCD_KERNEL = %self.kernel, KVCD_STEP = step.as_str(), stderr = is_stderr, "{detail}");
             let entry = StepLog { step, detail };
@@ -171,7 +184,9 @@ impl Engine<'_> {
         Ok(())
     }
 
-    /// Runs a KVC library action with the KVC contract.
+    /// Runs a KVC library action with the KVC contract, under `hooks.build_timeout_seconds`
+    /// for the whole action (the library's podman calls included); counts the podman
+    /// calls its `kvc_c_*` helpers make into `out.podman_calls`.
     fn kvc_action(
         &self,
         c: &ModuleConfig,
@@ -187,7 +202,19 @@ impl Engine<'_> {
             kvc::Action::Unload => "unload_kmods",
             kvc::Action::Wrapper => "wrapper",
         };
-        let cmd = kvc::command(
+        // Counting is a report, not a reason to fail the action.
+        let calls = match kvc::CallLog::new() {
+            Ok(l) => Some(l),
+            Err(e) => {
+                self.log(
+                    out,
+                    Step::Kvc,
+                    format!("podman calls of {func} are not counted: {e:#}"),
+                );
+                None
+            }
+        };
+        let mut cmd = kvc::command(
             libraries,
             action,
             c.name.as_str(),
@@ -195,17 +222,98 @@ impl Engine<'_> {
             self.podman.program(),
             &[],
         );
-        self.log(out, Step::Kvc, format!("running {func}"));
-        self.run_logged(c, func, cmd, c.hooks.build_timeout_seconds, Step::Kvc, out)
-            .map_err(|mut e| {
-                // Name the library rather than the bash that ran it.
-                e.program = libraries
-                    .iter()
-                    .map(|l| l.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                Fail::at(Step::Kvc)(e.into())
-            })?;
+        if let Some(l) = &calls {
+            l.attach(&mut cmd);
+        }
+        let action_id = format!("{}-{}-{}", std::process::id(), c.name, now_nanos());
+        let label = format!("{}={action_id}", kvc::RUN_LABEL_KEY);
+        cmd.env(kvc::RUN_LABEL_ENV, &label);
+        self.log(
+            out,
+            Step::Kvc,
+            format!(
+                "running {func} with KVC_CONTAINER_RUNTIME={}",
+                self.podman.program().display()
+            ),
+        );
+        let result = self.run_logged(c, func, cmd, c.hooks.build_timeout_seconds, Step::Kvc, out);
+        if matches!(&result, Err(e) if matches!(e.kind, hooks::HookErrorKind::TimedOut(_))) {
+            self.remove_left_containers(&label, out);
+        }
+        let n = calls.as_ref().map_or(0, kvc::CallLog::count);
+        out.podman_calls += n;
+        if n > 0 {
+            self.log(
+                out,
+                Step::Kvc,
+                format!("{func} made {n} podman call(s) through the kvc_c_* helpers"),
+            );
+        }
+        result.map_err(|mut e| {
+            // Name the library rather than the bash that ran it.
+            e.program = libraries
+                .iter()
+                .map(|l| l.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            Fail::at(Step::Kvc)(e.into())
+        })
+    }
+
+    /// Removes the containers of a timed-out library action (its `kvc_c_run`
+    /// label): killing a podman client does not stop its container.
+    fn remove_left_containers(&self, label: &str, out: &mut Outcome) {
+        let podman = self.podman.program();
+        let ids = RefCell::new(Vec::new());
+        let mut ps = std::process::Command::new(podman);
+        ps.args(["ps", "-aq", "--filter", &format!("label={label}")]);
+        out.podman_calls += 1;
+        let found = hooks::run("podman ps", ps, CLEANUP_TIMEOUT, &|is_stderr, line| {
+            if !is_stderr && !line.trim().is_empty() {
+                ids.borrow_mut().push(line.trim().to_owned());
+            }
+        });
+        if let Err(e) = found {
+            self.log(
+                out,
+                Step::Kvc,
+                format!("could not look for containers labelled {label}: {e}"),
+            );
+            return;
+        }
+        let ids = ids.into_inner();
+        if ids.is_empty() {
+            return;
+        }
+        let mut rm = std::process::Command::new(podman);
+        rm.args(["rm", "--force", "--time", "0"]).args(&ids);
+        out.podman_calls += 1;
+        let detail = match hooks::run("podman rm", rm, CLEANUP_TIMEOUT, &|_, _| {}) {
+            Ok(()) => format!(
+                "removed {} container(s) the library's kvc_c_run left running: {}",
+                ids.len(),
+                ids.join(" ")
+            ),
+            Err(e) => format!(
+                "could not remove container(s) {} the library's kvc_c_run left running: {e}",
+                ids.join(" ")
+            ),
+        };
+        self.log(out, Step::Kvc, detail);
+    }
+
+    /// KVC library mode, prepare: the library's build_kmods for the target kernel
+    /// (as `kmods-via-containers build NAME KERNEL`); no load hooks run.
+    pub(super) fn prepare_kvc(&self, c: &ModuleConfig, out: &mut Outcome) -> Result<(), Fail> {
+        self.kvc_action(c, kvc::Action::Build, out)?;
+        self.log(
+            out,
+            Step::Kvc,
+            format!(
+                "build_kmods succeeded for kernel {}; the library keeps its modules in its own image, so kvcd has no module files to check",
+                self.kernel
+            ),
+        );
         Ok(())
     }
 
@@ -221,10 +329,56 @@ impl Engine<'_> {
         Ok(out)
     }
 
-    /// KVC library mode: build_kmods, load_kmods, then the kernel's own word on what is loaded.
+    /// KVC library mode: build_kmods, in-tree modules in `replace_in_tree` out,
+    /// load_kmods, then the kernel's own word on what is loaded. A failure after
+    /// in-tree modules went out puts them back.
     pub(super) fn load_kvc(&self, c: &ModuleConfig, out: &mut Outcome) -> Result<(), Fail> {
         self.hook(c, "pre_load", c.hooks.pre_load.as_ref(), out)?;
         self.kvc_action(c, kvc::Action::Build, out)?;
+        let previous = self
+            .records
+            .get(c.name.as_str())
+            .map_err(Fail::at(Step::Record))?;
+        let since = previous.as_ref().map_or_else(now, |r| r.since);
+        let mut record = match previous {
+            Some(r) if r.kernel == self.kernel.as_str() => r,
+            _ => Record {
+                config: c.name.to_string(),
+                kernel: self.kernel.to_string(),
+                config_digest: c.digest.clone(),
+                after: Vec::new(),
+                inserted: Vec::new(),
+                removed_in_tree: Vec::new(),
+                firmware: Vec::new(),
+                since,
+            },
+        };
+        record.config_digest.clone_from(&c.digest);
+        record.after = c.after.iter().map(ToString::to_string).collect();
+        let mut changes = Changes::default();
+        let result = self.replace_and_load_kvc(c, out, &mut record, &mut changes);
+        if result.is_err() {
+            self.roll_back(c, out, &changes);
+            return result;
+        }
+        self.records.put(&record).map_err(Fail::at(Step::Record))?;
+        Ok(())
+    }
+
+    fn replace_and_load_kvc(
+        &self,
+        c: &ModuleConfig,
+        out: &mut Outcome,
+        record: &mut Record,
+        changes: &mut Changes,
+    ) -> Result<(), Fail> {
+        for r in &c.replace_in_tree {
+            // Taken out by an earlier load: what is live now is the library's.
+            if record.removed_in_tree.contains(r) {
+                continue;
+            }
+            self.take_out_in_tree(r, out, record, changes)?;
+        }
         self.kvc_action(c, kvc::Action::Load, out)?;
         let missing = self.missing_modules(c, true)?;
         if !missing.is_empty() {
@@ -245,22 +399,6 @@ impl Engine<'_> {
                     .join(", ")
             ),
         );
-        let record = Record {
-            config: c.name.to_string(),
-            kernel: self.kernel.to_string(),
-            config_digest: c.digest.clone(),
-            after: c.after.iter().map(ToString::to_string).collect(),
-            inserted: Vec::new(),
-            removed_in_tree: Vec::new(),
-            firmware: Vec::new(),
-            since: self
-                .records
-                .get(c.name.as_str())
-                .ok()
-                .flatten()
-                .map_or_else(now, |r| r.since),
-        };
-        self.records.put(&record).map_err(Fail::at(Step::Record))?;
         Ok(())
     }
 
@@ -277,6 +415,27 @@ impl Engine<'_> {
                 ),
                 State::Busy,
             ));
+        }
+        // In-tree modules the load took out go back in.
+        if let Some(mut record) = self
+            .records
+            .get(c.name.as_str())
+            .map_err(Fail::at(Step::Record))?
+        {
+            let restored = self.restore(&record.removed_in_tree, out);
+            record.removed_in_tree.retain(|m| !restored.contains(m));
+            if !record.removed_in_tree.is_empty() {
+                self.records.put(&record).map_err(Fail::at(Step::Record))?;
+                return Err(Fail::at(Step::Restore)(anyhow!(
+                    "could not restore in-tree module(s): {}",
+                    record
+                        .removed_in_tree
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
         }
         self.records
             .delete(c.name.as_str())

@@ -436,7 +436,7 @@ impl Engine<'_> {
         let dir = match &c.source {
             Source::KvcLibrary { .. } => {
                 return Err(Fail::at(Step::Resolve)(anyhow!(
-                    "a KVC library config has no module files for kvcd to stage"
+                    "a KVC library config has no module files for kvcd to stage; its library builds and loads them"
                 )));
             }
             Source::Directory { path } => expand(path, &vars)
@@ -575,6 +575,13 @@ impl Engine<'_> {
     pub fn prepare(&self, config: &ModuleConfig) -> Outcome {
         let mut out = Outcome::new(config.name.as_str(), &self.kernel);
         if !self.check_supported(config, &mut out) {
+            return out;
+        }
+        if matches!(config.source, Source::KvcLibrary { .. }) {
+            match self.prepare_kvc(config, &mut out) {
+                Ok(()) => out.state = State::Prepared,
+                Err(Fail(step, err, state)) => self.fail(&mut out, step, &err, state),
+            }
             return out;
         }
         match self.stage_with_rebuild(config, &mut out) {
