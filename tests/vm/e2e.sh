@@ -25,6 +25,10 @@ set -u
 
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 RUN=/run/kvcd
+# Configs that name a module another config names too (alternatives, one
+# scenario each): each sits in a config directory of its own, as a node would
+# have only one of them. tests/vm/alt/NAME -> /etc/kvcd-alt/NAME.
+ALT=/etc/kvcd-alt
 # The firmware in the fixtures image (scripts/images): 0x00..0xff, 16 times.
 FW_SIZE=4096
 FW_SHA256=c8f5d0341d54d951a71b136e6e2afcb14d11ed8489a7ae126a8fee0df6ecf193
@@ -399,7 +403,7 @@ normal_checks() {
     begin "a live in-tree module of the same name is not the package's"
     run modprobe dummy
     expect_rc 0
-    run kvcd apply nic
+    run kvcd --config-dir "$ALT/nic" apply nic
     expect_rc 1
     expect_out "nic: failed at verify"
     expect_out "dummy is already loaded, but the live module is the in-tree dummy of kernel $KVER"
@@ -418,7 +422,7 @@ normal_checks() {
     expect_rc 0
     expect_record params
     # hooked names the same kvcd_param: it must not claim the module params owns.
-    run kvcd apply hooked
+    run kvcd --config-dir "$ALT/hooked" apply hooked
     expect_rc 1
     expect_out "kvcd_param is loaded by module config params; a module has one owner"
     expect_no_record hooked
@@ -468,7 +472,7 @@ normal_checks() {
     scrub dummy
 
     begin "version mismatch"
-    run kvcd apply wrongver
+    run kvcd --config-dir "$ALT/wrongver" apply wrongver
     expect_rc 1
     expect_out "wrongver: failed at verify"
     expect_out "is version 1.2.0, but the config expects version 9.9"
@@ -479,7 +483,7 @@ normal_checks() {
     scrub kvcd_user kvcd_base
 
     begin "wrong vermagic"
-    run kvcd apply badmagic
+    run kvcd --config-dir "$ALT/badmagic" apply badmagic
     expect_rc 1
     expect_out "badmagic: failed at verify"
     expect_out "was built for kernel 9.9.9-"
@@ -493,7 +497,7 @@ normal_checks() {
     scrub kvcd_param
 
     begin "kernel_match excludes this kernel"
-    run kvcd apply otherkernel
+    run kvcd --config-dir "$ALT/otherkernel" apply otherkernel
     expect_rc 0
     expect_out "otherkernel: unsupported"
     expect_unloaded kvcd_base
@@ -508,14 +512,14 @@ normal_checks() {
     end
 
     begin "driver image extracted on the host, loaded without podman"
-    run kvcd apply image
+    run kvcd --config-dir "$ALT/image" apply image
     expect_rc 0
     expect_out "no podman needed"
     expect_out "image: loaded"
     expect_loaded kvcd_base kvcd_user kvcd_param
     expect_param kvcd_param level 3
     expect_param kvcd_param label image
-    run kvcd apply --unload image
+    run kvcd --config-dir "$ALT/image" apply --unload image
     expect_rc 0
     expect_unloaded kvcd_user kvcd_param kvcd_base
     expect_no_record image
@@ -577,12 +581,12 @@ normal_checks() {
 
     begin "hooks and ready check around a real load"
     rm -f /run/hooked.trace
-    run kvcd apply hooked
+    run kvcd --config-dir "$ALT/hooked" apply hooked
     expect_rc 0
     expect_out "hooked: ready: /sys/module/kvcd_param/parameters/level exists"
     expect_out "hooked: loaded"
     expect_loaded kvcd_param
-    run kvcd apply --unload hooked
+    run kvcd --config-dir "$ALT/hooked" apply --unload hooked
     expect_rc 0
     expect_unloaded kvcd_param
     trace=$(cat /run/hooked.trace 2>/dev/null)
