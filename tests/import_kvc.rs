@@ -501,3 +501,22 @@ fn an_image_kvc_built_is_used_by_the_imported_config_without_a_build() {
     );
     assert!(r["podman_calls"].as_u64().unwrap() >= 1, "{out}");
 }
+
+#[test]
+fn a_conf_that_is_a_fifo_is_refused_without_waiting() {
+    let h = Host::new();
+    let kvc = kvc_tree(&h, &[]);
+    let fifo = Path::new(&kvc).join("kvc-fifo.conf");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let (code, out, err) = h.import_from(&kvc, &["kvc-fifo", "--json"]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let e = doc["results"][0]["error"].as_str().unwrap();
+    assert_eq!(
+        e,
+        format!(
+            "{}: not a regular file (a FIFO); configs must be regular files",
+            fifo.display()
+        )
+    );
+}

@@ -120,7 +120,7 @@ pub(super) fn run(paths: &PathArgs, args: &ImportKvcArgs) -> Result<u8> {
     let host = Host {
         kernel,
         in_tree: InTree::read(&kernel_dir).map_err(|e| format!("{e:#}")),
-        framework_text: fs::read_to_string(&framework).ok(),
+        framework_text: crate::config::read(&framework).ok(),
         framework,
     };
 
@@ -193,10 +193,11 @@ fn import_one(
         out.error = Some(format!("{name:?} is not a KVC config name"));
         return out;
     }
-    let text = match fs::read_to_string(&source) {
+    // The same bounded, non-blocking reader as kvcd's own configs.
+    let text = match crate::config::read(&source) {
         Ok(t) => t,
-        Err(e) => {
-            out.error = Some(format!("cannot read {}: {e}", source.display()));
+        Err(errs) => {
+            out.error = Some(crate::config::join_errors(&errs));
             return out;
         }
     };

@@ -602,7 +602,7 @@ fn file_kind(t: fs::FileType) -> &'static str {
 /// The file is opened without blocking (a FIFO never waits for a writer) and
 /// checked on the opened descriptor, so a device or FIFO is refused before
 /// anything is read from it.
-fn read(path: &Path) -> Result<String, Vec<ConfigError>> {
+pub fn read(path: &Path) -> Result<String, Vec<ConfigError>> {
     use std::io::Read as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let fail = |msg: String| vec![ConfigError::file(path, msg)];

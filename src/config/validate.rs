@@ -1181,7 +1181,7 @@ fn for_other_kernels(modules: &BTreeMap<String, ModuleEntry>, a: &str, b: &str) 
             .get(n)
             .and_then(|e| e.result.as_ref().ok())
             .and_then(|c| c.kernel_match.as_ref())
-            .map(regex::Regex::as_str)
+            .map(Regex::as_str)
     };
     matches!((pattern(a), pattern(b)), (Some(x), Some(y)) if x != y)
 }

@@ -944,10 +944,26 @@ fn one_owner_per_module() {
     t.module(2, "c", &format!("modules = [\"own-c\"]\n{dir}"));
     // Alternatives for different kernels may name the same module; the same
     // pattern twice, or a pattern beside none, still clashes.
-    t.module(2, "el9", &format!("kernel_match = '^5\\.14\\.'\nmodules = [\"alt\"]\n{dir}"));
-    t.module(2, "el10", &format!("kernel_match = '^6\\.12\\.'\nmodules = [\"alt\"]\n{dir}"));
-    let same = t.module(2, "el9b", &format!("kernel_match = '^5\\.14\\.'\nmodules = [\"alt2\"]\n{dir}"));
-    t.module(2, "el9c", &format!("kernel_match = '^5\\.14\\.'\nmodules = [\"alt2\"]\n{dir}"));
+    t.module(
+        2,
+        "el9",
+        &format!("kernel_match = '^5\\.14\\.'\nmodules = [\"alt\"]\n{dir}"),
+    );
+    t.module(
+        2,
+        "el10",
+        &format!("kernel_match = '^6\\.12\\.'\nmodules = [\"alt\"]\n{dir}"),
+    );
+    let same = t.module(
+        2,
+        "el9b",
+        &format!("kernel_match = '^5\\.14\\.'\nmodules = [\"alt2\"]\n{dir}"),
+    );
+    t.module(
+        2,
+        "el9c",
+        &format!("kernel_match = '^5\\.14\\.'\nmodules = [\"alt2\"]\n{dir}"),
+    );
     // A KVC library config owns the modules it lists.
     let lib = t.dirs[0].join("k-lib.sh");
     fs::write(&lib, "").unwrap();
@@ -1025,7 +1041,10 @@ fn one_owner_per_module() {
     assert!(c.module("c").is_ok());
     assert!(c.module("el9").is_ok() && c.module("el10").is_ok());
     assert_eq!(shown("el9b").len(), 1, "{:?}", shown("el9b"));
-    assert!(shown("el9b")[0].starts_with(&format!("{}: key `modules`: module \"alt2\" is also loaded by module config \"el9c\"", same.display())));
+    assert!(shown("el9b")[0].starts_with(&format!(
+        "{}: key `modules`: module \"alt2\" is also loaded by module config \"el9c\"",
+        same.display()
+    )));
 
     // As alternative examples they do not clash, unless `after` ties them together.
     let files: Vec<PathBuf> = ["a", "b"]
