@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use tracing::info;
 
-use super::{Changes, Engine, Fail, Outcome, Record, State, Step, StepLog, now};
+use super::{Changes, Engine, Fail, Outcome, Record, State, Step, StepLog};
 use crate::config::{ModuleConfig, ReadyKind, Source};
 use crate::hooks::{self, kvc};
 use crate::kernel::{TemplateVars, arch, expand, expand_all};
@@ -335,26 +335,7 @@ impl Engine<'_> {
     pub(super) fn load_kvc(&self, c: &ModuleConfig, out: &mut Outcome) -> Result<(), Fail> {
         self.hook(c, "pre_load", c.hooks.pre_load.as_ref(), out)?;
         self.kvc_action(c, kvc::Action::Build, out)?;
-        let previous = self
-            .records
-            .get(c.name.as_str())
-            .map_err(Fail::at(Step::Record))?;
-        let since = previous.as_ref().map_or_else(now, |r| r.since);
-        let mut record = match previous {
-            Some(r) if r.kernel == self.kernel.as_str() => r,
-            _ => Record {
-                config: c.name.to_string(),
-                kernel: self.kernel.to_string(),
-                config_digest: c.digest.clone(),
-                after: Vec::new(),
-                inserted: Vec::new(),
-                removed_in_tree: Vec::new(),
-                firmware: Vec::new(),
-                since,
-            },
-        };
-        record.config_digest.clone_from(&c.digest);
-        record.after = c.after.iter().map(ToString::to_string).collect();
+        let mut record = self.current_record(c)?;
         let mut changes = Changes::default();
         let result = self.replace_and_load_kvc(c, out, &mut record, &mut changes);
         if result.is_err() {

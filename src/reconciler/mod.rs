@@ -187,7 +187,6 @@ impl Engine<'_> {
         out: &mut Outcome,
         changes: &mut Changes,
     ) -> Result<(), Fail> {
-        let name = c.name.as_str();
         for a in &c.after {
             let loaded = self
                 .records
@@ -208,21 +207,7 @@ impl Engine<'_> {
             firmware,
         } = staged;
 
-        let mut record = match self.records.get(name).map_err(Fail::at(Step::Record))? {
-            Some(r) if r.kernel == self.kernel.as_str() => r,
-            _ => Record {
-                config: name.to_owned(),
-                kernel: self.kernel.to_string(),
-                config_digest: c.digest.clone(),
-                after: Vec::new(),
-                inserted: Vec::new(),
-                removed_in_tree: Vec::new(),
-                firmware: Vec::new(),
-                since: now(),
-            },
-        };
-        record.config_digest.clone_from(&c.digest);
-        record.after = c.after.iter().map(ToString::to_string).collect();
+        let mut record = self.current_record(c)?;
 
         self.check_live(c, &order, &record)?;
         self.hook(c, "pre_load", c.hooks.pre_load.as_ref(), out)?;
@@ -315,6 +300,28 @@ impl Engine<'_> {
             )));
         }
         Ok(())
+    }
+
+    /// This config's record for the target kernel (a new one when there is
+    /// none), with the config's digest and `after` as they are now.
+    fn current_record(&self, c: &ModuleConfig) -> Result<Record, Fail> {
+        let name = c.name.as_str();
+        let mut record = match self.records.get(name).map_err(Fail::at(Step::Record))? {
+            Some(r) if r.kernel == self.kernel.as_str() => r,
+            _ => Record {
+                config: name.to_owned(),
+                kernel: self.kernel.to_string(),
+                config_digest: String::new(),
+                after: Vec::new(),
+                inserted: Vec::new(),
+                removed_in_tree: Vec::new(),
+                firmware: Vec::new(),
+                since: now(),
+            },
+        };
+        record.config_digest.clone_from(&c.digest);
+        record.after = c.after.iter().map(ToString::to_string).collect();
+        Ok(record)
     }
 
     /// Refuses, before anything changes, a load that would call a live module
