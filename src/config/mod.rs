@@ -285,6 +285,12 @@ pub struct DaemonSettings {
     pub retry_max_seconds: u64,
     /// Unload what kvcd loaded when the daemon stops; default false (drivers stay).
     pub unload_on_stop: bool,
+    /// Longest a `podman pull` may take, in seconds; default 900.
+    pub pull_timeout_seconds: u64,
+    /// Longest a short podman call (inspect, mount, unmount, rmi) may take, in seconds; default 120.
+    pub podman_timeout_seconds: u64,
+    /// Longest a `depmod` run may take, in seconds; default 120.
+    pub depmod_timeout_seconds: u64,
 }
 
 impl Default for DaemonSettings {
@@ -303,6 +309,9 @@ impl Default for DaemonSettings {
             retry_base_seconds: 5,
             retry_max_seconds: 300,
             unload_on_stop: false,
+            pull_timeout_seconds: crate::artifacts::podman::DEFAULT_PULL_TIMEOUT,
+            podman_timeout_seconds: crate::artifacts::podman::DEFAULT_PODMAN_TIMEOUT,
+            depmod_timeout_seconds: crate::artifacts::root::DEFAULT_DEPMOD_TIMEOUT,
         }
     }
 }

@@ -233,6 +233,27 @@ pub(super) fn daemon(file: &Path, text: &str) -> Result<DaemonSettings, Vec<Conf
     {
         s.retry_max_seconds = n;
     }
+    for (key, value, slot) in [
+        (
+            "pull_timeout_seconds",
+            &raw.pull_timeout_seconds,
+            &mut s.pull_timeout_seconds,
+        ),
+        (
+            "podman_timeout_seconds",
+            &raw.podman_timeout_seconds,
+            &mut s.podman_timeout_seconds,
+        ),
+        (
+            "depmod_timeout_seconds",
+            &raw.depmod_timeout_seconds,
+            &mut s.depmod_timeout_seconds,
+        ),
+    ] {
+        if let Some(n) = value.as_ref().and_then(|v| seconds(&mut d, key, v)) {
+            *slot = n;
+        }
+    }
     if let Some(v) = &raw.keep_kernels {
         match usize::try_from(*v.get_ref()) {
             Ok(n) if n >= 1 => s.keep_kernels = n,
