@@ -51,6 +51,7 @@ impl Env {
                 state_dir: self.state(),
                 kernel_modules_dir: self.fx.modules_dir(),
                 depmod: "depmod".into(),
+                depmod_timeout: std::time::Duration::from_secs(120),
             },
             kernel: KernelRelease::parse(&self.fx.kver).unwrap(),
             kmods: &self.fake,
