@@ -85,7 +85,7 @@ pub(super) fn run(paths: &PathArgs, args: &WrapperArgs) -> Result<u8> {
         ),
         Source::Image(_) => {
             let reference = image_reference(module, &config.daemon.state_dir, &kernel)?;
-            let present = Podman::new(podman)
+            let present = Podman::from_settings(&config.daemon)
                 .inspect(&reference)
                 .with_context(|| format!("looking for image {reference}"))?;
             if present.is_none() {
