@@ -789,13 +789,22 @@ fn a_registry_that_never_answers_times_the_pull_out_and_kills_podman() {
         )),
         "{msg}"
     );
-    // No podman process of this pull is left.
-    let left: Vec<_> = fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(&reference))
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
+    // No podman process of this pull is left (a killed one may take a moment
+    // to be gone: look again a few times).
+    let left = || -> Vec<String> {
+        fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| fs::read(e.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&reference))
+            .collect()
+    };
+    for _ in 0..100 {
+        if left().is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(left().is_empty(), "{:?}", left());
 }

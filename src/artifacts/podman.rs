@@ -411,12 +411,20 @@ mod tests {
              its process group was killed; last lines:\n  \
              args: image inspect --format json -- reg.example/x:1"
         );
+        // The background child got SIGKILL with the group; give the kernel a
+        // moment to deliver it before looking.
         let pid = std::fs::read_to_string(&pidfile).unwrap();
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()));
-        assert!(
-            stat.is_err() || stat.unwrap().contains(") Z "),
-            "the group was not killed"
-        );
+        let gone = || {
+            std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+                .map_or(true, |s| s.contains(") Z ") || s.contains(") X "))
+        };
+        for _ in 0..100 {
+            if gone() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(gone(), "the group was not killed");
         let e = p.pull("reg.example/x:1", None, false, &|_| {}).unwrap_err();
         assert!(
             format!("{e:#}").starts_with(
