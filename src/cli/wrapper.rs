@@ -95,7 +95,7 @@ pub(super) fn run(paths: &PathArgs, args: &WrapperArgs) -> Result<u8> {
                 );
             }
             let mut c = Command::new(podman);
-            c.args(["run", "-i", "--rm", "--privileged", "--pull=never"])
+            c.args(["run", "-i", "--rm", "--privileged", "--pull=never", "--"])
                 .arg(&reference)
                 .args(&args.command);
             c
