@@ -159,6 +159,11 @@ fn next_hole(f: &fs::File, pos: u64, len: u64) -> u64 {
 /// sparse file stays sparse. Symlinks, FIFOs and devices are refused, never
 /// opened for reading data.
 pub fn copy_file_hashed(from: &Path, to: &Path) -> Result<FileDigest> {
+    copy_sparse(from, to, true)
+}
+
+/// [`copy_file_hashed`]; the digest is computed only when `hash` (else empty).
+fn copy_sparse(from: &Path, to: &Path, hash: bool) -> Result<FileDigest> {
     let (src, len) = open_regular(from)?;
     let out = fs::OpenOptions::new()
         .write(true)
@@ -171,7 +176,9 @@ pub fn copy_file_hashed(from: &Path, to: &Path) -> Result<FileDigest> {
     let mut pos = 0u64;
     while pos < len {
         let data = next_data(&src, pos, len);
-        hash_zeros(&mut h, data - pos);
+        if hash {
+            hash_zeros(&mut h, data - pos);
+        }
         pos = data;
         if pos >= len {
             break;
@@ -189,7 +196,9 @@ pub fn copy_file_hashed(from: &Path, to: &Path) -> Result<FileDigest> {
                 Err(e) => return Err(e).with_context(|| format!("reading {}", from.display())),
             };
             let chunk = &buf[..n];
-            h.update(chunk);
+            if hash {
+                h.update(chunk);
+            }
             if chunk.iter().any(|&b| b != 0) {
                 out.write_all_at(chunk, pos)
                     .with_context(|| format!("writing {}", to.display()))?;
@@ -202,7 +211,11 @@ pub fn copy_file_hashed(from: &Path, to: &Path) -> Result<FileDigest> {
         .with_context(|| format!("writing {}", to.display()))?;
     Ok(FileDigest {
         size: len,
-        sha256: hex(&h.finalize()),
+        sha256: if hash {
+            hex(&h.finalize())
+        } else {
+            String::new()
+        },
     })
 }
 
@@ -366,7 +379,8 @@ impl RootLayout {
             let name = path
                 .file_name()
                 .with_context(|| format!("{} has no file name", path.display()))?;
-            copy_file_hashed(path, &ours.join(name))
+            // Hashed already, for the key.
+            copy_sparse(path, &ours.join(name), false)
                 .with_context(|| format!("copying {} into {}", path.display(), ours.display()))?;
         }
         let host_kernel = host.join("kernel");
@@ -496,6 +510,91 @@ mod tests {
         assert_eq!(
             left,
             [format!(".tmp-k-{}", std::process::id()), "k".to_owned()]
+        );
+    }
+
+    /// A layout whose depmod is the shell script `script`, and a host tree for kernel `K`.
+    fn fake_layout(d: &Path, script: &str, timeout: u64) -> (RootLayout, KernelRelease) {
+        let depmod = d.join("depmod");
+        fs::write(&depmod, format!("#!/bin/sh\n{script}\n")).unwrap();
+        fs::set_permissions(&depmod, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let k = KernelRelease::parse("6.1.0-1-amd64").unwrap();
+        fs::create_dir_all(d.join("host").join(k.as_str()).join("kernel")).unwrap();
+        let layout = RootLayout {
+            state_dir: d.join("state"),
+            kernel_modules_dir: d.join("host"),
+            depmod,
+            depmod_timeout: Duration::from_secs(timeout),
+        };
+        (layout, k)
+    }
+
+    fn files(d: &Path) -> BTreeMap<ModName, PathBuf> {
+        let ko = d.join("a.ko");
+        fs::write(&ko, b"module").unwrap();
+        BTreeMap::from([(ModName::parse("a").unwrap(), ko)])
+    }
+
+    fn left_in(layout: &RootLayout, k: &KernelRelease) -> Vec<String> {
+        fs::read_dir(layout.roots_dir("c", k))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_hanging_depmod_is_killed_and_its_tree_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let (layout, k) = fake_layout(d.path(), "echo working >&2; exec sleep 300", 1);
+        let e = layout
+            .prepare("c", "digest", &k, &files(d.path()))
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.ends_with(" 6.1.0-1-amd64 timed out after 1s; its process group was killed"),
+            "{msg}"
+        );
+        assert!(
+            left_in(&layout, &k).is_empty(),
+            "{:?}",
+            left_in(&layout, &k)
+        );
+    }
+
+    #[test]
+    fn depmod_noise_is_left_out_and_real_warnings_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let (layout, k) = fake_layout(
+            d.path(),
+            "echo 'depmod: WARNING: could not open modules.order at /x: No such file or directory' >&2\n\
+             echo 'depmod: WARNING: could not open modules.builtin at /x: No such file or directory' >&2\n\
+             echo 'depmod: WARNING: /x/kvcd/a.ko needs unknown symbol nope' >&2",
+            10,
+        );
+        let root = layout.prepare("c", "digest", &k, &files(d.path())).unwrap();
+        assert_eq!(
+            root.depmod_warnings,
+            ["depmod: WARNING: /x/kvcd/a.ko needs unknown symbol nope"]
+        );
+        assert_eq!(left_in(&layout, &k), [root.key.clone()]);
+        // A failing depmod's real errors are reported, its noise is not.
+        let (layout, k) = fake_layout(
+            d.path(),
+            "echo 'depmod: WARNING: could not open modules.order at /x: No such file' >&2\n\
+             echo 'depmod: ERROR: could not open directory /x: Permission denied' >&2\nexit 1",
+            10,
+        );
+        let e = layout
+            .prepare("c", "other", &k, &files(d.path()))
+            .unwrap_err();
+        assert!(
+            e.to_string().ends_with(
+                "failed (exit status 1): depmod: ERROR: could not open directory /x: Permission denied"
+            ),
+            "{e}"
         );
     }
 

@@ -292,6 +292,18 @@ mod tests {
     }
 
     #[test]
+    fn a_command_that_closes_its_output_still_times_out() {
+        let e = run(
+            "x",
+            sh("exec >/dev/null 2>&1; exec sleep 300"),
+            Duration::from_secs(1),
+            &|_, _| {},
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, HookErrorKind::TimedOut(1));
+    }
+
+    #[test]
     fn a_missing_program_is_a_spawn_error() {
         let e = run(
             "build",
