@@ -936,12 +936,19 @@ fn extract_firmware(
                 l.shown.join(&e.rel).display()
             )),
             Kind::Link => {
-                // A link to a directory inside is not followed.
+                // A link to a directory inside is not followed; one to a
+                // special file is left like the file itself.
                 let target = img.resolve(&l.base.join(&e.rel))?;
-                if fs::metadata(img.local(&target)).is_ok_and(|m| m.is_dir()) {
-                    continue;
+                match fs::symlink_metadata(img.local(&target)) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(m) if !m.is_file() => notes.push(format!(
+                        "{} is a symlink to {}, which is {}; left in the image",
+                        l.shown.join(&e.rel).display(),
+                        target.display(),
+                        special(m.file_type())
+                    )),
+                    _ => files.push(l.copy(img, e, dest, "firmware")?),
                 }
-                files.push(l.copy(img, e, dest, "firmware")?);
             }
             Kind::File => files.push(l.copy(img, e, dest, "firmware")?),
         }
@@ -1231,6 +1238,7 @@ mod tests {
             nix::sys::stat::Mode::from_bits_truncate(0o644),
         )
         .unwrap();
+        symlink("pipe", fw.join("pipe-alias")).unwrap();
         let img = Image { root: t.path() };
         let out = tempfile::tempdir().unwrap();
         let (files, notes) =
@@ -1239,7 +1247,10 @@ mod tests {
         assert_eq!(p, ["firmware/a.bin", "firmware/alias.bin"]);
         assert_eq!(
             notes,
-            ["/lib/firmware/acme/pipe is a FIFO, not a regular file; left in the image"]
+            [
+                "/lib/firmware/acme/pipe is a FIFO, not a regular file; left in the image",
+                "/lib/firmware/acme/pipe-alias is a symlink to /lib/firmware/acme/pipe, which is a FIFO; left in the image"
+            ]
         );
         for root in ["/", "/lib/.."] {
             let e = extract_firmware(&img, root, &out.path().join("x")).unwrap_err();
