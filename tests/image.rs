@@ -808,3 +808,66 @@ fn a_registry_that_never_answers_times_the_pull_out_and_kills_podman() {
     }
     assert!(left().is_empty(), "{:?}", left());
 }
+
+#[test]
+fn a_directory_link_out_of_the_module_tree_is_refused() {
+    let _g = podman_lock();
+    let env = Env::new();
+    let reference = images_var(&env, "KVCD_IMAGE_EVIL_DIR");
+    let c = env.config(
+        "evildir",
+        &format!("modules = [\"kvcd_base\"]\n[image]\nref = \"{reference}\"\ntls_verify = false\n"),
+    );
+    let msg = fail(&env.engine("podman").load(&c), Step::Fetch);
+    assert!(
+        msg.contains(&format!(
+            "/lib/modules/{}/extra/sub is a symlink to /, outside /lib/modules/{}; refusing to extract it",
+            env.fx.kver, env.fx.kver
+        )),
+        "{msg}"
+    );
+    let dir = env.state().join("images/evildir").join(&env.fx.kver);
+    let left: Vec<_> = fs::read_dir(&dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(env.fake.take_log().is_empty());
+}
+
+#[test]
+fn a_fifo_named_like_a_module_is_never_opened() {
+    let _g = podman_lock();
+    let env = Env::new();
+    let reference = images_var(&env, "KVCD_IMAGE_SPECIAL");
+    let pipe = format!("/lib/modules/{}/extra/pipe.ko", env.fx.kver);
+    // Not needed: a note, and the driver loads.
+    let c = env.config(
+        "special",
+        &format!("modules = [\"kvcd_base\"]\n[image]\nref = \"{reference}\"\ntls_verify = false\n"),
+    );
+    let o = env.engine("podman").load(&c);
+    assert_eq!(o.state, State::Loaded, "{o:#?}");
+    assert!(
+        detail(
+            &o,
+            &format!("{pipe} is a FIFO, not a regular file; left in the image")
+        ),
+        "{o:#?}"
+    );
+    assert!(
+        detail(&o, "(1 other module file(s) left in the image)"),
+        "{o:#?}"
+    );
+    // Needed: an error naming it (and nothing blocks on it).
+    let c = env.config(
+        "special",
+        &format!("modules = [\"pipe\"]\n[image]\nref = \"{reference}\"\ntls_verify = false\n"),
+    );
+    let msg = fail(&env.engine("podman").load(&c), Step::Fetch);
+    assert!(
+        msg.contains(&format!(
+            "module pipe: {pipe} is a FIFO, not a regular file"
+        )),
+        "{msg}"
+    );
+}
