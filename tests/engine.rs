@@ -45,6 +45,7 @@ impl Env {
                 state_dir: self.tmp.path().join("state"),
                 kernel_modules_dir: self.fx.modules_dir(),
                 depmod: "depmod".into(),
+                depmod_timeout: std::time::Duration::from_secs(120),
             },
             kernel,
             kmods: &self.fake,
@@ -74,6 +75,18 @@ impl Env {
         .unwrap();
         let c = Config::load(&[self.tmp.path().join("etc")], &Overrides::default());
         c.module(name).unwrap().clone()
+    }
+
+    /// A kernel_modules_dir whose `KERNEL/` holds only `kernel` (linked to the
+    /// fixtures' in-tree modules): no modules.order, modules.builtin, ….
+    fn bare_host_tree(&self, kernel: &str) -> PathBuf {
+        let dir = self.tmp.path().join("host-modules");
+        fs::create_dir_all(dir.join(kernel)).unwrap();
+        let link = dir.join(kernel).join("kernel");
+        if !link.exists() {
+            std::os::unix::fs::symlink(self.in_tree("kernel"), link).unwrap();
+        }
+        dir
     }
 
     fn in_tree(&self, rel: &str) -> PathBuf {
@@ -632,12 +645,15 @@ fn vermagic_mismatch_fails_before_any_insert() {
     );
     assert!(env.fake.take_log().is_empty());
 
-    // Good files for another kernel are just as wrong. (One config owns
-    // kvcd_param at a time.)
+    // Good files for another kernel are just as wrong (that kernel has a
+    // module tree: a bare `kernel/` linked to the fixtures' own). One config
+    // owns kvcd_param at a time.
     fs::remove_file(env.tmp.path().join("etc/modules.d/bad.toml")).unwrap();
     let c = env.config("deps", DEPS);
     let other = KernelRelease::parse("6.1.0-999-amd64").unwrap();
-    let o = env.engine_for(other).load(&c);
+    let mut engine = env.engine_for(other);
+    engine.layout.kernel_modules_dir = env.bare_host_tree("6.1.0-999-amd64");
+    let o = engine.load(&c);
     let e = o.error.unwrap();
     assert_eq!(e.step, Step::Verify);
     assert!(
@@ -982,4 +998,109 @@ fn ready_command_is_retried_until_it_passes_or_time_runs_out() {
         e.message,
         "ready check did not pass within 2s; last attempt: hook ready (/bin/false) failed: exit status 1"
     );
+}
+
+/// The `.tmp-*` entries under the state's module trees of `name`.
+fn temp_dirs(env: &Env, name: &str) -> Vec<PathBuf> {
+    let dir = env
+        .tmp
+        .path()
+        .join("state/roots")
+        .join(name)
+        .join(&env.fx.kver);
+    fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .starts_with(".tmp-")
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_missing_depmod_fails_the_tree_and_leaves_no_temp_dir() {
+    let env = Env::new();
+    let c = env.config("deps", DEPS);
+    let mut engine = env.engine();
+    engine.layout.depmod = "/nonexistent/depmod".into();
+    let o = engine.load(&c);
+    let e = o.error.unwrap();
+    assert_eq!(e.step, Step::Depmod);
+    assert!(
+        e.message.starts_with("running /nonexistent/depmod: "),
+        "{}",
+        e.message
+    );
+    assert!(
+        temp_dirs(&env, "deps").is_empty(),
+        "{:?}",
+        temp_dirs(&env, "deps")
+    );
+    assert!(env.fake.take_log().is_empty());
+
+    // A temp dir a killed run left behind is swept by the next one.
+    let stale = env
+        .tmp
+        .path()
+        .join("state/roots/deps")
+        .join(&env.fx.kver)
+        .join(".tmp-0123456789abcdef-999999999");
+    fs::create_dir_all(stale.join("lib/modules")).unwrap();
+    ok(&env.engine().load(&c));
+    assert!(
+        temp_dirs(&env, "deps").is_empty(),
+        "{:?}",
+        temp_dirs(&env, "deps")
+    );
+}
+
+#[test]
+fn a_kernel_without_its_module_tree_fails_at_once_naming_it() {
+    let env = Env::new();
+    let c = env.config("deps", DEPS);
+    let mut engine = env.engine();
+    let host = env.tmp.path().join("no-modules");
+    fs::create_dir_all(&host).unwrap();
+    engine.layout.kernel_modules_dir.clone_from(&host);
+    let o = engine.load(&c);
+    let e = o.error.unwrap();
+    assert_eq!(e.step, Step::Depmod);
+    assert_eq!(
+        e.message,
+        format!(
+            "no module tree for kernel {k} at {}/{k}; kvcd needs the kernel's own modules to resolve in-tree dependencies",
+            host.display(),
+            k = env.fx.kver
+        )
+    );
+    assert!(temp_dirs(&env, "deps").is_empty());
+    assert!(env.fake.take_log().is_empty());
+}
+
+#[test]
+fn depmods_expected_noise_stays_out_of_the_steps() {
+    let env = Env::new();
+    let c = env.config("deps", DEPS);
+    let mut engine = env.engine();
+    // No modules.order or modules.builtin to copy: depmod says so.
+    engine.layout.kernel_modules_dir = env.bare_host_tree(&env.fx.kver);
+    let o = engine.load(&c);
+    ok(&o);
+    assert!(
+        o.steps
+            .iter()
+            .any(|s| s.detail.starts_with("built module tree")),
+        "{o:#?}"
+    );
+    assert!(
+        !o.steps.iter().any(|s| s.detail.contains("could not open")),
+        "{o:#?}"
+    );
+    assert!(env.fake.is_live("kvcd_crc") && env.fake.is_live("crc8"));
 }

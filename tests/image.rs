@@ -51,6 +51,7 @@ impl Env {
                 state_dir: self.state(),
                 kernel_modules_dir: self.fx.modules_dir(),
                 depmod: "depmod".into(),
+                depmod_timeout: std::time::Duration::from_secs(120),
             },
             kernel: KernelRelease::parse(&self.fx.kver).unwrap(),
             kmods: &self.fake,
@@ -631,6 +632,259 @@ fn a_build_hook_replaces_podman_build() {
     );
     assert!(
         msg.contains("build hook: hook build (/bin/sh) failed: exit status 4; last stderr lines:\n  no compiler here"),
+        "{msg}"
+    );
+}
+
+/// A variable of `scripts/images` that the environment may predate (it was
+/// sourced from an older env file): then this checkout's `target/images/env`.
+fn images_var(env: &Env, key: &str) -> String {
+    if let Some(v) = env.vars.get(key) {
+        return v.clone();
+    }
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/images/env");
+    let text = fs::read_to_string(&file)
+        .unwrap_or_else(|_| panic!("{key} not set: run scripts/images (no {})", file.display()));
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("export {key}=")))
+        .map(|v| v.trim_matches(['"', '\'']).to_owned())
+        .unwrap_or_else(|| panic!("{key} not in {}: run scripts/images", file.display()))
+}
+
+#[test]
+fn an_image_with_a_whole_kernel_tree_gives_only_the_driver() {
+    let _g = podman_lock();
+    let env = Env::new();
+    let reference = images_var(&env, "KVCD_IMAGE_FULLTREE");
+    rmi(&reference);
+    let c = env.config(
+        "full",
+        &format!(
+            "modules = [\"kvcd_crc\", \"kvcd_user\", \"dummy\"]\n[image]\nref = \"{reference}\"\ntls_verify = false\n"
+        ),
+    );
+    let o = env.engine("podman").load(&c);
+    assert_eq!(o.state, State::Loaded, "{o:#?}");
+
+    // The extraction holds the three drivers and kvcd_base (kvcd_user needs
+    // it), nothing of the kernel's own tree.
+    let dir = env.state().join("images/full").join(&env.fx.kver);
+    let ext = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .unwrap();
+    let m: Manifest =
+        serde_json::from_slice(&fs::read(ext.join("manifest.json")).unwrap()).unwrap();
+    let paths: Vec<_> = m.files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "modules/extra/dummy.ko",
+            "modules/extra/kvcd_base.ko",
+            "modules/extra/kvcd_crc.ko",
+            "modules/extra/kvcd_user.ko"
+        ]
+    );
+    let drivers: u64 = ["dummy", "kvcd_base", "kvcd_crc", "kvcd_user"]
+        .iter()
+        .map(|n| {
+            fs::metadata(env.fx.ko().join(format!("{n}.ko")))
+                .unwrap()
+                .len()
+        })
+        .sum();
+    assert_eq!(m.files.iter().map(|f| f.size).sum::<u64>(), drivers);
+    for f in &m.files {
+        let data = fs::read(ext.join(&f.path)).unwrap();
+        assert_eq!(kvcd::util::sha256_hex(&data), f.sha256, "{}", f.path);
+    }
+    let mut on_disk = Vec::new();
+    let mut stack = vec![ext.join("modules")];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                on_disk.push(p);
+            }
+        }
+    }
+    assert_eq!(on_disk.len(), 4, "{on_disk:?}");
+
+    // The step says what was taken and what was left: every in-tree module
+    // of the kernel (the image's kernel/ is the Debian tree).
+    let in_tree = {
+        let mut n = 0;
+        let mut stack = vec![env.fx.modules_dir().join(&env.fx.kver).join("kernel")];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.to_string_lossy().contains(".ko") {
+                    n += 1;
+                }
+            }
+        }
+        n
+    };
+    assert!(in_tree > 1000, "{in_tree}");
+    let left = in_tree.to_string();
+    let left = if left.len() > 3 {
+        format!("{},{}", &left[..left.len() - 3], &left[left.len() - 3..])
+    } else {
+        left
+    };
+    let note = format!(
+        "extracted 4 module file(s), {} KiB, from /lib/modules/{} in {reference} ({left} other module file(s) left in the image)",
+        drivers.div_ceil(1024),
+        env.fx.kver
+    );
+    assert!(detail(&o, &note), "{note}\n{o:#?}");
+    assert!(
+        detail(&o, "in-tree dependencies from the kernel's own tree"),
+        "{o:#?}"
+    );
+
+    // crc8 comes from the host's tree; dummy is the driver's, not the kernel's.
+    let root = env.state().join("roots/full").join(&env.fx.kver);
+    let key = fs::read_dir(&root).unwrap().next().unwrap().unwrap().path();
+    let tree = kvcd::kmod::ModuleTree::open(&key.join("lib/modules").join(&env.fx.kver)).unwrap();
+    let order = tree
+        .load_order(&[
+            common::m("kvcd_crc"),
+            common::m("kvcd_user"),
+            common::m("dummy"),
+        ])
+        .unwrap();
+    let names: Vec<_> = order.iter().map(|f| (f.name.as_str(), f.in_tree)).collect();
+    assert_eq!(
+        names,
+        [
+            ("crc8", true),
+            ("kvcd_crc", false),
+            ("kvcd_base", false),
+            ("kvcd_user", false),
+            ("dummy", false)
+        ]
+    );
+    assert!(env.fake.is_live("crc8") && env.fake.is_live("dummy"));
+    rmi(&reference);
+}
+
+#[test]
+fn a_registry_that_never_answers_times_the_pull_out_and_kills_podman() {
+    let _g = podman_lock();
+    let env = Env::new();
+    // A "registry" that accepts connections and never says a word.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming() {
+            held.push(s);
+        }
+    });
+    let reference = format!("127.0.0.1:{port}/kvcd/silent:1");
+    let c = env.config(
+        "silent",
+        &format!(
+            "modules = [\"kvcd_param\"]\n[image]\nref = \"{reference}\"\ntls_verify = false\n"
+        ),
+    );
+    let mut engine = env.engine("podman");
+    engine.podman = Podman::new(Path::new("podman")).with_timeouts(
+        std::time::Duration::from_secs(2),
+        std::time::Duration::from_secs(120),
+    );
+    let msg = fail(&engine.prepare(&c), Step::Fetch);
+    assert!(
+        msg.contains(&format!(
+            "pull: pulling {reference} from registry 127.0.0.1:{port}: podman pull timed out after 2s; its process group was killed"
+        )),
+        "{msg}"
+    );
+    // No podman process of this pull is left (a killed one may take a moment
+    // to be gone: look again a few times).
+    let left = || -> Vec<String> {
+        fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| fs::read(e.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&reference))
+            .collect()
+    };
+    for _ in 0..100 {
+        if left().is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(left().is_empty(), "{:?}", left());
+}
+
+#[test]
+fn a_directory_link_out_of_the_module_tree_is_refused() {
+    let _g = podman_lock();
+    let env = Env::new();
+    let reference = images_var(&env, "KVCD_IMAGE_EVIL_DIR");
+    let c = env.config(
+        "evildir",
+        &format!("modules = [\"kvcd_base\"]\n[image]\nref = \"{reference}\"\ntls_verify = false\n"),
+    );
+    let msg = fail(&env.engine("podman").load(&c), Step::Fetch);
+    assert!(
+        msg.contains(&format!(
+            "/lib/modules/{}/extra/sub is a symlink to /, outside /lib/modules/{}; refusing to extract it",
+            env.fx.kver, env.fx.kver
+        )),
+        "{msg}"
+    );
+    let dir = env.state().join("images/evildir").join(&env.fx.kver);
+    let left: Vec<_> = fs::read_dir(&dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(env.fake.take_log().is_empty());
+}
+
+#[test]
+fn a_fifo_named_like_a_module_is_never_opened() {
+    let _g = podman_lock();
+    let env = Env::new();
+    let reference = images_var(&env, "KVCD_IMAGE_SPECIAL");
+    let pipe = format!("/lib/modules/{}/extra/pipe.ko", env.fx.kver);
+    // Not needed: a note, and the driver loads.
+    let c = env.config(
+        "special",
+        &format!("modules = [\"kvcd_base\"]\n[image]\nref = \"{reference}\"\ntls_verify = false\n"),
+    );
+    let o = env.engine("podman").load(&c);
+    assert_eq!(o.state, State::Loaded, "{o:#?}");
+    assert!(
+        detail(
+            &o,
+            &format!("{pipe} is a FIFO, not a regular file; left in the image")
+        ),
+        "{o:#?}"
+    );
+    assert!(
+        detail(&o, "(1 other module file(s) left in the image)"),
+        "{o:#?}"
+    );
+    // Needed: an error naming it (and nothing blocks on it).
+    let c = env.config(
+        "special",
+        &format!("modules = [\"pipe\"]\n[image]\nref = \"{reference}\"\ntls_verify = false\n"),
+    );
+    let msg = fail(&env.engine("podman").load(&c), Step::Fetch);
+    assert!(
+        msg.contains(&format!(
+            "module pipe: {pipe} is a FIFO, not a regular file"
+        )),
         "{msg}"
     );
 }

@@ -323,6 +323,7 @@ fn fake_engine<'a>(
             state_dir: tmp.join("state"),
             kernel_modules_dir: fx.modules_dir(),
             depmod: "depmod".into(),
+            depmod_timeout: std::time::Duration::from_secs(120),
         },
         kernel: kvcd::kernel::KernelRelease::parse(&fx.kver).unwrap(),
         kmods: fake,

@@ -2,22 +2,36 @@
 //! extract its modules (and firmware) without running it, and cache the
 //! extraction per (config content, kernel, image digest) so that a later
 //! apply spawns no podman at all.
+//!
+//! Only the driver is extracted: the configured modules and their
+//! dependency closure (each file's own `depends=`), not the whole
+//! `/lib/modules/KERNEL` of an image that installed a kernel package. The
+//! module directory is listed by name only; a file is read only when it is
+//! needed. Every symlink is resolved inside the image, never on the host;
+//! one that leaves the extracted directory fails the extraction.
 
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ffi::OsString;
 use std::fs;
+use std::io::ErrorKind;
 use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 use super::podman::{BUILT_LABEL, BuildArgs, ImageInfo, LineSink, Podman};
+use super::root::{copy_file_hashed, sweep_stale_tmp};
 use crate::config::{ImageSource, PullPolicy};
 use crate::kernel::{KernelRelease, TemplateVars, expand, expand_all};
-use crate::kmod::ModName;
+use crate::kmod::{ModInfo, ModName};
 use crate::util::write_atomic;
 
 const COMPLETE: &str = ".kvcd-complete";
 const INDEX: &str = "index.json";
 const MAX_LINKS: usize = 8;
+/// Deepest directory nesting walked in an image.
+const MAX_DEPTH: usize = 32;
 
 /// What to fetch: one module config's image for one kernel.
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +48,13 @@ pub struct FetchRequest<'a> {
     pub rebuild: bool,
     /// The config's build hook, which replaces `podman build`.
     pub build_hook: Option<&'a BuildHook<'a>>,
+    /// The config's `modules`: what is extracted, with their dependencies.
+    pub modules: &'a [ModName],
+    /// The target kernel's own module tree on the host (e.g. `/usr/lib/modules/KERNEL`):
+    /// an in-tree dependency it has is not extracted.
+    pub host_tree: &'a Path,
+    /// Longest `podman build` may take, in seconds (the config's `hooks.build_timeout_seconds`).
+    pub build_timeout_seconds: u64,
 }
 
 /// A vendor command that builds the image instead of `podman build`.
@@ -144,6 +165,8 @@ impl ImageStore<'_> {
             source: src,
             vars,
             rebuild,
+            modules,
+            host_tree,
             ..
         } = *req;
         let reference = expand(&src.reference, vars).context("key `image.ref`")?;
@@ -187,7 +210,13 @@ impl ImageStore<'_> {
             .map(|f| expand(f, vars))
             .transpose()
             .context("key `image.firmware_dir`")?;
-        self.extract(
+        sweep_stale_tmp(&dir);
+        let wanted = Wanted {
+            modules,
+            host_tree,
+            depends: &|p: &Path| Ok(ModInfo::read(p)?.depends),
+        };
+        notes.extend(self.extract(
             &dir,
             &name,
             &info,
@@ -195,12 +224,8 @@ impl ImageStore<'_> {
             &vars.kernel,
             &modules_dir,
             firmware_dir.as_deref(),
-        )?;
-        let what = match &firmware_dir {
-            Some(fw) => format!("{modules_dir} and {fw}"),
-            None => modules_dir,
-        };
-        notes.push(format!("extracted {what} from {reference} ({digest})"));
+            &wanted,
+        )?);
         let idx = Index {
             config_digest: config_digest.to_owned(),
             reference: reference.clone(),
@@ -209,10 +234,11 @@ impl ImageStore<'_> {
             built,
         };
         write_atomic(&dir.join(INDEX), &serde_json::to_vec_pretty(&idx)?)?;
-        // Other extractions for this config and kernel are superseded.
+        // Other extractions for this config and kernel are superseded (one
+        // in progress in another live process stays).
         for entry in fs::read_dir(&dir)?.flatten() {
-            let n = entry.file_name();
-            if entry.path().is_dir() && n != name.as_str() {
+            let n = entry.file_name().to_string_lossy().into_owned();
+            if entry.path().is_dir() && n != name && !n.starts_with(".tmp-") {
                 let _ = fs::remove_dir_all(entry.path());
             }
         }
@@ -276,7 +302,7 @@ impl ImageStore<'_> {
             let result = crate::hooks::run(
                 "build",
                 cmd,
-                std::time::Duration::from_secs(hook.timeout_seconds),
+                Duration::from_secs(hook.timeout_seconds),
                 &|_, line| sink(line),
             )
             .map_err(anyhow::Error::from)
@@ -322,6 +348,7 @@ impl ImageStore<'_> {
             secrets: &b.secrets,
             no_cache: rebuild,
             auth_file: src.auth_file.as_deref(),
+            timeout: Duration::from_secs(req.build_timeout_seconds),
         };
         match self
             .podman
@@ -348,7 +375,8 @@ impl ImageStore<'_> {
             .ok_or_else(|| anyhow!("image {reference} is not in local storage afterwards"))
     }
 
-    /// Copies the modules (and firmware) out of the mounted image into `dir/name`, atomically.
+    /// Copies the driver's modules (and the firmware) out of the mounted
+    /// image into `dir/name`, atomically; returns notes on what was taken.
     #[allow(clippy::too_many_arguments)]
     fn extract(
         &self,
@@ -359,36 +387,56 @@ impl ImageStore<'_> {
         kernel: &KernelRelease,
         modules_dir: &str,
         firmware_dir: Option<&str>,
-    ) -> Result<()> {
+        wanted: &Wanted<'_>,
+    ) -> Result<Vec<String>> {
         let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
         if tmp.exists() {
             fs::remove_dir_all(&tmp)?;
         }
         fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let root = self.podman.mount(&info.id)?;
+        let root = match self.podman.mount(&info.id) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        };
         let copied = (|| {
-            let mut files = copy_tree(&root, modules_dir, &tmp.join("modules"), "modules", true)
+            let img = Image { root: &root };
+            let mods = extract_modules(&img, modules_dir, &tmp.join("modules"), wanted)
                 .with_context(|| format!("extracting {modules_dir} from {reference}"))?;
-            if files.is_empty() {
-                bail!("image {reference} has no module files under {modules_dir}");
-            }
+            let mut notes = mods.notes;
+            notes.insert(
+                0,
+                format!(
+                    "extracted {} module file(s), {}, from {modules_dir} in {reference} ({} other module file(s) left in the image)",
+                    mods.files.len(),
+                    human_bytes(mods.files.iter().map(|f| f.size).sum()),
+                    thousands(mods.left),
+                ),
+            );
+            let mut files = mods.files;
             if let Some(fw) = firmware_dir {
-                files.extend(
-                    copy_tree(&root, fw, &tmp.join("firmware"), "firmware", false)
-                        .with_context(|| format!("extracting {fw} from {reference}"))?,
-                );
+                let (fw_files, fw_notes) = extract_firmware(&img, fw, &tmp.join("firmware"))
+                    .with_context(|| format!("extracting {fw} from {reference}"))?;
+                notes.push(format!(
+                    "extracted {} firmware file(s), {}, from {fw}",
+                    fw_files.len(),
+                    human_bytes(fw_files.iter().map(|f| f.size).sum()),
+                ));
+                notes.extend(fw_notes);
+                files.extend(fw_files);
             }
-            Ok(files)
+            Ok((files, notes))
         })();
         let unmounted = self.podman.unmount(&info.id);
-        let files = match copied {
+        let (files, notes) = match copied.and_then(|c| unmounted.map(|()| c)) {
             Ok(f) => f,
             Err(e) => {
                 let _ = fs::remove_dir_all(&tmp);
                 return Err(e);
             }
         };
-        unmounted?;
         let manifest = Manifest {
             reference: reference.to_owned(),
             digest: info.identity(),
@@ -398,23 +446,39 @@ impl ImageStore<'_> {
             firmware_dir: firmware_dir.map(str::to_owned),
             files,
         };
-        fs::write(
-            tmp.join("manifest.json"),
-            serde_json::to_vec_pretty(&manifest)?,
-        )?;
-        fs::write(tmp.join(COMPLETE), b"")?;
-        let dest = dir.join(name);
-        if dest.exists() {
-            fs::remove_dir_all(&dest)?;
+        let finish = || -> Result<()> {
+            fs::write(
+                tmp.join("manifest.json"),
+                serde_json::to_vec_pretty(&manifest)?,
+            )?;
+            fs::write(tmp.join(COMPLETE), b"")?;
+            let dest = dir.join(name);
+            if dest.exists() {
+                fs::remove_dir_all(&dest)?;
+            }
+            fs::rename(&tmp, &dest)
+                .with_context(|| format!("renaming {} into place", tmp.display()))
+        };
+        if let Err(e) = finish() {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
         }
-        fs::rename(&tmp, &dest)
-            .with_context(|| format!("renaming {} into place", tmp.display()))?;
-        Ok(())
+        Ok(notes)
     }
 }
 
 fn info_is_built(info: &ImageInfo) -> bool {
     info.labels.contains_key(BUILT_LABEL)
+}
+
+/// What to take from the module directory.
+pub(crate) struct Wanted<'a> {
+    /// The configured modules.
+    modules: &'a [ModName],
+    /// The target kernel's own module tree on the host.
+    host_tree: &'a Path,
+    /// Reads a module file's `depends=` (libkmod; a fake in unit tests).
+    depends: &'a dyn Fn(&Path) -> Result<Vec<String>>,
 }
 
 /// `path` with `.` and `..` resolved lexically (never above `/`).
@@ -432,94 +496,494 @@ fn normalize(path: &Path) -> PathBuf {
     out
 }
 
-/// Copies files from `image_dir` (a path inside the image mounted at `root`)
-/// to `dest`. Only module files when `modules_only`. Symlinks are followed
-/// only while they stay inside `image_dir`; one that leaves it is an error.
-/// Nothing is ever written outside `dest`.
-fn copy_tree(
-    root: &Path,
-    image_dir: &str,
-    dest: &Path,
-    label: &str,
-    modules_only: bool,
-) -> Result<Vec<ManifestFile>> {
-    let base = normalize(Path::new(image_dir));
-    let local = |image_path: &Path| root.join(image_path.strip_prefix("/").unwrap_or(image_path));
-    let meta = fs::symlink_metadata(local(&base))
-        .map_err(|_| anyhow!("the image has no {}", base.display()))?;
-    if !meta.is_dir() {
-        bail!("{} in the image is not a directory", base.display());
+/// A mounted image: paths inside it are resolved as the image sees them.
+struct Image<'a> {
+    root: &'a Path,
+}
+
+impl Image<'_> {
+    /// The host path of `image_path`, which must hold no symlink (see [`Image::resolve`]).
+    fn local(&self, image_path: &Path) -> PathBuf {
+        self.root
+            .join(image_path.strip_prefix("/").unwrap_or(image_path))
     }
-    fs::create_dir_all(dest)?;
-    let mut files = Vec::new();
-    let mut stack = vec![base.clone()];
-    while let Some(d) = stack.pop() {
-        let mut entries: Vec<_> = fs::read_dir(local(&d))?.collect::<Result<_, _>>()?;
-        entries.sort_by_key(fs::DirEntry::file_name);
-        for entry in entries {
-            let image_path = d.join(entry.file_name());
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let wanted = !modules_only || ModName::from_file_name(&name).is_some();
-            let ft = entry.file_type()?;
-            if ft.is_dir() {
-                stack.push(image_path);
+
+    /// Resolves `path` component by component, following every symlink as
+    /// the image sees it (an absolute link starts again at the image's
+    /// root, never the host's), at most [`MAX_LINKS`] of them. The result
+    /// has no symlink in it; a missing part ends the walk (the rest is
+    /// appended as it is).
+    fn resolve(&self, path: &Path) -> Result<PathBuf> {
+        let mut out = PathBuf::from("/");
+        let mut rest: VecDeque<OsString> = parts(path);
+        let mut hops = 0;
+        while let Some(c) = rest.pop_front() {
+            if c == ".." {
+                out.pop();
                 continue;
             }
-            if !wanted {
+            let next = out.join(&c);
+            let meta = match fs::symlink_metadata(self.local(&next)) {
+                Ok(m) => m,
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    out = next;
+                    out.extend(rest);
+                    return Ok(normalize(&out));
+                }
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("reading {} in the image", next.display()));
+                }
+            };
+            if !meta.file_type().is_symlink() {
+                out = next;
                 continue;
             }
-            // Follow links inside the extracted directory only.
-            let mut target = image_path.clone();
-            let mut hops = 0;
-            loop {
-                let m = fs::symlink_metadata(local(&target))
-                    .with_context(|| format!("{} does not exist in the image", target.display()))?;
-                if !m.file_type().is_symlink() {
-                    if !m.is_file() {
-                        bail!("{} is not a regular file", image_path.display());
+            hops += 1;
+            if hops > MAX_LINKS {
+                bail!("{}: too many levels of symbolic links", path.display());
+            }
+            let link = fs::read_link(self.local(&next))
+                .with_context(|| format!("reading the link {} in the image", next.display()))?;
+            if link.is_absolute() {
+                out = PathBuf::from("/");
+            }
+            let mut again = parts(&link);
+            again.extend(rest);
+            rest = again;
+        }
+        Ok(out)
+    }
+}
+
+/// The normal and `..` components of `path`.
+fn parts(path: &Path) -> VecDeque<OsString> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_owned()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What a directory entry is, from its name's entry alone (no content read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    File,
+    /// A symlink that stays inside the extracted directory.
+    Link,
+    /// A FIFO, device or socket.
+    Special(&'static str),
+}
+
+fn special(ft: fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_block_device() || ft.is_char_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// One entry of a listed directory: where it is (resolved base + `rel`) and what it is.
+#[derive(Debug, Clone)]
+struct Entry {
+    rel: PathBuf,
+    kind: Kind,
+}
+
+/// A directory of the image listed by name: every entry below it.
+struct Listing {
+    /// The configured path, for messages.
+    shown: PathBuf,
+    /// The same directory with its symlinks resolved.
+    base: PathBuf,
+    entries: Vec<Entry>,
+}
+
+impl Listing {
+    /// Lists `dir` (an image path) by name only. Every symlink below it is
+    /// checked: one that leaves `dir` is an error naming it (the top-level
+    /// `build` and `source` links of a module tree, which point at kernel
+    /// sources and are no modules, are skipped as depmod skips them).
+    /// Directory symlinks inside are not followed.
+    fn new(img: &Image<'_>, dir: &str, module_tree: bool) -> Result<Self> {
+        let shown = normalize(Path::new(dir));
+        let base = img.resolve(&shown)?;
+        let meta = fs::symlink_metadata(img.local(&base))
+            .map_err(|_| anyhow!("the image has no {}", shown.display()))?;
+        if !meta.is_dir() {
+            bail!("{} in the image is not a directory", shown.display());
+        }
+        let mut entries = Vec::new();
+        let mut stack = vec![(PathBuf::new(), 0)];
+        while let Some((rel, depth)) = stack.pop() {
+            if depth > MAX_DEPTH {
+                bail!(
+                    "{}: directories nested too deep",
+                    shown.join(&rel).display()
+                );
+            }
+            let here = img.local(&base.join(&rel));
+            let mut list: Vec<_> = fs::read_dir(&here)
+                .and_then(|d| d.collect::<Result<Vec<_>, _>>())
+                .with_context(|| format!("listing {} in the image", shown.join(&rel).display()))?;
+            list.sort_by_key(fs::DirEntry::file_name);
+            for e in list {
+                let r = rel.join(e.file_name());
+                let ft = e.file_type().with_context(|| {
+                    format!("reading {} in the image", shown.join(&r).display())
+                })?;
+                if ft.is_dir() {
+                    stack.push((r, depth + 1));
+                } else if ft.is_symlink() {
+                    if module_tree
+                        && depth == 0
+                        && (r == Path::new("build") || r == Path::new("source"))
+                    {
+                        continue;
                     }
-                    break;
-                }
-                hops += 1;
-                if hops > MAX_LINKS {
-                    bail!(
-                        "{}: too many levels of symbolic links",
-                        image_path.display()
-                    );
-                }
-                let link = fs::read_link(local(&target))?;
-                let next = if link.is_absolute() {
-                    normalize(&link)
+                    let link = fs::read_link(e.path()).with_context(|| {
+                        format!("reading the link {}", shown.join(&r).display())
+                    })?;
+                    let target = img.resolve(&base.join(&r))?;
+                    if !target.starts_with(&base) {
+                        bail!(
+                            "{} is a symlink to {}, outside {}; refusing to extract it",
+                            shown.join(&r).display(),
+                            link.display(),
+                            shown.display()
+                        );
+                    }
+                    entries.push(Entry {
+                        rel: r,
+                        kind: Kind::Link,
+                    });
+                } else if ft.is_file() {
+                    entries.push(Entry {
+                        rel: r,
+                        kind: Kind::File,
+                    });
                 } else {
-                    normalize(&target.parent().unwrap_or(Path::new("/")).join(&link))
-                };
-                if !next.starts_with(&base) {
+                    entries.push(Entry {
+                        rel: r,
+                        kind: Kind::Special(special(ft)),
+                    });
+                }
+            }
+        }
+        entries.sort_by(|a, b| a.rel.cmp(&b.rel));
+        Ok(Self {
+            shown,
+            base,
+            entries,
+        })
+    }
+
+    /// The image path of the regular file `e` names (following a link inside), or an error naming it.
+    fn regular(&self, img: &Image<'_>, e: &Entry) -> Result<PathBuf> {
+        let shown = self.shown.join(&e.rel);
+        match e.kind {
+            Kind::Special(what) => bail!("{} is {what}, not a regular file", shown.display()),
+            Kind::File => Ok(self.base.join(&e.rel)),
+            Kind::Link => {
+                let target = img.resolve(&self.base.join(&e.rel))?;
+                let meta = fs::symlink_metadata(img.local(&target)).with_context(|| {
+                    format!(
+                        "{} is a symlink to a file the image does not have",
+                        shown.display()
+                    )
+                })?;
+                if !meta.is_file() {
                     bail!(
-                        "{} is a symlink to {}, outside {}; refusing to extract it",
-                        image_path.display(),
-                        link.display(),
-                        base.display()
+                        "{} is a symlink to {}, which is {}",
+                        shown.display(),
+                        target.display(),
+                        if meta.is_dir() {
+                            "a directory"
+                        } else {
+                            special(meta.file_type())
+                        }
                     );
                 }
-                target = next;
+                Ok(target)
             }
-            let rel = image_path.strip_prefix(&base).unwrap_or(&image_path);
-            let out = dest.join(rel);
-            if let Some(p) = out.parent() {
-                fs::create_dir_all(p)?;
+        }
+    }
+
+    /// Copies entry `e` to `dest/REL`, streaming; returns its manifest line.
+    fn copy(&self, img: &Image<'_>, e: &Entry, dest: &Path, label: &str) -> Result<ManifestFile> {
+        let from = self.regular(img, e)?;
+        let out = dest.join(&e.rel);
+        if let Some(p) = out.parent() {
+            fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+        }
+        let d = copy_file_hashed(&img.local(&from), &out).with_context(|| {
+            format!(
+                "copying {} from the image",
+                self.shown.join(&e.rel).display()
+            )
+        })?;
+        Ok(ManifestFile {
+            path: format!("{label}/{}", e.rel.display()),
+            size: d.size,
+            sha256: d.sha256,
+        })
+    }
+}
+
+/// What [`extract_modules`] took.
+#[derive(Debug)]
+struct Extracted {
+    files: Vec<ManifestFile>,
+    /// Module files in the image not taken.
+    left: usize,
+    notes: Vec<String>,
+}
+
+fn under_kernel(e: &Entry) -> bool {
+    e.rel.starts_with("kernel")
+}
+
+/// The entry to use for `name` among its candidates: the one outside
+/// `kernel/` (updates/extra come before the kernel's own, as in depmod's
+/// search order), else the kernel's own; two of a kind are an error.
+fn choose<'e>(l: &Listing, name: &ModName, cands: &[&'e Entry]) -> Result<&'e Entry> {
+    let outside: Vec<_> = cands.iter().copied().filter(|e| !under_kernel(e)).collect();
+    let pool = if outside.is_empty() {
+        cands.to_vec()
+    } else {
+        outside
+    };
+    match pool.as_slice() {
+        [one] => Ok(one),
+        [a, b, ..] => bail!(
+            "two files for module {name} in the image: {} and {} ('-' and '_' are the same name)",
+            l.shown.join(&a.rel).display(),
+            l.shown.join(&b.rel).display()
+        ),
+        [] => bail!("no file for module {name}"),
+    }
+}
+
+/// Module names under `tree` (a host module tree), listed by name.
+fn host_modules(tree: &Path) -> BTreeSet<ModName> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![(tree.to_owned(), 0)];
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&dir) else { continue };
+        for e in rd.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            let path = e.path();
+            // `kernel` may be a link (a kvcd tree); follow it at the top only.
+            if ft.is_dir()
+                || (depth == 0 && ft.is_symlink() && path.is_dir() && e.file_name() == "kernel")
+            {
+                if depth < MAX_DEPTH {
+                    stack.push((path, depth + 1));
+                }
+            } else if let Some(n) = ModName::from_file_name(&e.file_name().to_string_lossy()) {
+                out.insert(n);
             }
-            let data = fs::read(local(&target))
-                .with_context(|| format!("reading {} from the image", target.display()))?;
-            fs::write(&out, &data).with_context(|| format!("writing {}", out.display()))?;
-            files.push(ManifestFile {
-                path: format!("{label}/{}", rel.display()),
-                size: data.len() as u64,
-                sha256: crate::util::sha256_hex(&data),
-            });
+        }
+    }
+    out
+}
+
+/// Takes the configured modules and their dependency closure from the
+/// module directory `dir` of the image into `dest`.
+fn extract_modules(img: &Image<'_>, dir: &str, dest: &Path, w: &Wanted<'_>) -> Result<Extracted> {
+    let l = Listing::new(img, dir, true)?;
+    let mut by_name: BTreeMap<ModName, Vec<&Entry>> = BTreeMap::new();
+    for e in &l.entries {
+        if let Some(n) = e
+            .rel
+            .file_name()
+            .and_then(|f| ModName::from_file_name(&f.to_string_lossy()))
+        {
+            by_name.entry(n).or_default().push(e);
+        }
+    }
+    let total: usize = by_name.values().map(Vec::len).sum();
+    if total == 0 {
+        bail!("the image has no module files under {}", l.shown.display());
+    }
+    let missing: Vec<_> = w
+        .modules
+        .iter()
+        .filter(|m| !by_name.contains_key(*m))
+        .map(ToString::to_string)
+        .collect();
+    if !missing.is_empty() {
+        let outside: Vec<_> = by_name
+            .iter()
+            .filter(|(_, es)| es.iter().any(|e| !under_kernel(e)))
+            .map(|(n, _)| n.to_string())
+            .collect();
+        bail!(
+            "no .ko file for module{} {} under {} in the image (modules outside kernel/: {})",
+            if missing.len() > 1 { "s" } else { "" },
+            missing.join(", "),
+            l.shown.display(),
+            if outside.is_empty() {
+                "none".to_owned()
+            } else {
+                outside.join(", ")
+            }
+        );
+    }
+
+    let mut notes = Vec::new();
+    let mut host: Option<BTreeSet<ModName>> = None;
+    let mut from_host = BTreeSet::new();
+    let mut taken: BTreeMap<ModName, &Entry> = BTreeMap::new();
+    let mut queue: VecDeque<(ModName, Option<ModName>)> =
+        w.modules.iter().map(|m| (m.clone(), None)).collect();
+    while let Some((name, needed_by)) = queue.pop_front() {
+        if taken.contains_key(&name) || from_host.contains(&name) {
+            continue;
+        }
+        let Some(cands) = by_name.get(&name) else {
+            // Not in the image: the kernel's own (or built in); resolving says if not.
+            continue;
+        };
+        let e = choose(&l, &name, cands)?;
+        // A dependency the kernel's own tree has comes from there.
+        if needed_by.is_some() && under_kernel(e) {
+            let host = host.get_or_insert_with(|| host_modules(w.host_tree));
+            if host.contains(&name) {
+                from_host.insert(name);
+                continue;
+            }
+        }
+        let shown = l.shown.join(&e.rel);
+        let path = l.regular(img, e).with_context(|| match &needed_by {
+            Some(by) => format!("module {name} (needed by {by})"),
+            None => format!("module {name}"),
+        })?;
+        let deps = (w.depends)(&img.local(&path))
+            .with_context(|| format!("reading the dependencies of {}", shown.display()))?;
+        for d in deps {
+            let d = ModName::parse(&d).map_err(|e| {
+                anyhow!(
+                    "{}: depends on {d:?}, which is not a module name: {e}",
+                    shown.display()
+                )
+            })?;
+            queue.push_back((d, Some(name.clone())));
+        }
+        taken.insert(name, e);
+    }
+
+    // Special files named like modules that no one needs: said, never opened
+    // (a needed one failed above).
+    for e in by_name.values().flatten() {
+        if let Kind::Special(what) = e.kind {
+            notes.push(format!(
+                "{} is {what}, not a regular file; left in the image",
+                l.shown.join(&e.rel).display()
+            ));
+        }
+    }
+    if !from_host.is_empty() {
+        notes.push(format!(
+            "in-tree dependencies from the kernel's own tree {}: {}",
+            w.host_tree.display(),
+            from_host
+                .iter()
+                .map(ModName::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let mut files = Vec::new();
+    for e in taken.values() {
+        files.push(l.copy(img, e, dest, "modules")?);
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(Extracted {
+        left: total - files.len(),
+        files,
+        notes,
+    })
+}
+
+/// Copies every regular file under the firmware directory `dir` of the image
+/// into `dest` (a link inside arrives as the file it points to); other
+/// special files are noted and left.
+fn extract_firmware(
+    img: &Image<'_>,
+    dir: &str,
+    dest: &Path,
+) -> Result<(Vec<ManifestFile>, Vec<String>)> {
+    if normalize(Path::new(dir)) == Path::new("/") {
+        bail!("firmware directory {dir} is the image's root; refusing to extract the whole image");
+    }
+    let l = Listing::new(img, dir, false)?;
+    fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let mut files = Vec::new();
+    let mut notes = Vec::new();
+    for e in &l.entries {
+        match e.kind {
+            Kind::Special(what) => notes.push(format!(
+                "{} is {what}, not a regular file; left in the image",
+                l.shown.join(&e.rel).display()
+            )),
+            Kind::Link => {
+                // A link to a directory inside is not followed; one to a
+                // special file is left like the file itself.
+                let target = img.resolve(&l.base.join(&e.rel))?;
+                match fs::symlink_metadata(img.local(&target)) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(m) if !m.is_file() => notes.push(format!(
+                        "{} is a symlink to {}, which is {}; left in the image",
+                        l.shown.join(&e.rel).display(),
+                        target.display(),
+                        special(m.file_type())
+                    )),
+                    _ => files.push(l.copy(img, e, dest, "firmware")?),
+                }
+            }
+            Kind::File => files.push(l.copy(img, e, dest, "firmware")?),
         }
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(files)
+    Ok((files, notes))
+}
+
+/// `1234567` → `1,234,567`.
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A byte count for people: `512 bytes`, `41 KiB`, `3.2 MiB`, `1.5 GiB`.
+fn human_bytes(n: u64) -> String {
+    const KIB: u64 = 1024;
+    #[allow(clippy::cast_precision_loss)]
+    let f = n as f64;
+    if n < KIB {
+        format!("{n} bytes")
+    } else if n < KIB * KIB {
+        format!("{} KiB", n.div_ceil(KIB))
+    } else if n < KIB * KIB * KIB {
+        format!("{:.1} MiB", f / (KIB * KIB) as f64)
+    } else {
+        format!("{:.1} GiB", f / (KIB * KIB * KIB) as f64)
+    }
 }
 
 #[cfg(test)]
@@ -527,82 +991,297 @@ mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
 
-    /// A fake image root: lib/modules/K with modules, a `build` link outside, and links.
+    const K: &str = "/lib/modules/6.1.0-1-amd64";
+
+    /// A fake image root: lib/modules/K with a kernel tree, drivers in
+    /// extra/ and updates/, a `build` link outside, and links. A module
+    /// file's content is its `depends=` list (see `fake_depends`).
     fn image() -> tempfile::TempDir {
         let t = tempfile::tempdir().unwrap();
         let m = t.path().join("lib/modules/6.1.0-1-amd64");
-        fs::create_dir_all(m.join("extra/sub")).unwrap();
-        fs::write(m.join("extra/a.ko"), b"A").unwrap();
-        fs::write(m.join("extra/sub/b.ko.xz"), b"B").unwrap();
+        for d in ["extra/sub", "updates", "kernel/lib", "kernel/drivers/net"] {
+            fs::create_dir_all(m.join(d)).unwrap();
+        }
+        fs::write(m.join("extra/a.ko"), b"b,crc8").unwrap();
+        fs::write(m.join("extra/sub/b.ko.xz"), b"").unwrap();
+        fs::write(m.join("extra/lonely.ko"), b"").unwrap();
+        fs::write(m.join("updates/dummy.ko"), b"").unwrap();
+        fs::write(m.join("kernel/drivers/net/dummy.ko"), b"").unwrap();
+        fs::write(m.join("kernel/lib/crc8.ko"), b"").unwrap();
+        fs::write(m.join("kernel/lib/crc7.ko"), b"").unwrap();
+        fs::write(m.join("extra/needs-crc7.ko"), b"crc7").unwrap();
         fs::write(m.join("modules.dep"), b"").unwrap();
         symlink("/usr/src/linux-headers-6.1.0-1-amd64", m.join("build")).unwrap();
         symlink("../a.ko", m.join("extra/sub/c.ko")).unwrap();
         t
     }
 
-    #[test]
-    fn copies_module_files_following_inner_links_only() {
-        let img = image();
-        let out = tempfile::tempdir().unwrap();
-        let dest = out.path().join("modules");
-        let files = copy_tree(
-            img.path(),
-            "/lib/modules/6.1.0-1-amd64",
-            &dest,
-            "modules",
-            true,
-        )
-        .unwrap();
-        let paths: Vec<_> = files.iter().map(|f| f.path.as_str()).collect();
-        assert_eq!(
-            paths,
-            [
-                "modules/extra/a.ko",
-                "modules/extra/sub/b.ko.xz",
-                "modules/extra/sub/c.ko"
-            ]
-        );
-        assert_eq!(fs::read(dest.join("extra/sub/c.ko")).unwrap(), b"A");
-        assert!(!dest.join("build").exists());
-        assert!(!dest.join("modules.dep").exists());
-        assert_eq!(files[0].sha256, crate::util::sha256_hex(b"A"));
+    /// A host tree for the kernel holding crc8 only.
+    fn host() -> tempfile::TempDir {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir_all(t.path().join("kernel/lib")).unwrap();
+        fs::write(t.path().join("kernel/lib/crc8.ko"), b"").unwrap();
+        t
+    }
+
+    fn fake_depends(p: &Path) -> Result<Vec<String>> {
+        let text = fs::read_to_string(p)?;
+        Ok(text
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect())
+    }
+
+    fn names(v: &[&str]) -> Vec<ModName> {
+        v.iter().map(|n| ModName::parse(n).unwrap()).collect()
+    }
+
+    fn run(img: &Path, modules: &[&str], host: &Path, dest: &Path) -> Result<Extracted> {
+        let modules = names(modules);
+        let w = Wanted {
+            modules: &modules,
+            host_tree: host,
+            depends: &fake_depends,
+        };
+        extract_modules(&Image { root: img }, K, dest, &w)
+    }
+
+    fn paths(x: &Extracted) -> Vec<&str> {
+        x.files.iter().map(|f| f.path.as_str()).collect()
     }
 
     #[test]
-    fn escaping_links_are_refused_and_nothing_is_written_outside() {
-        for target in [
-            "/etc/passwd",
-            "../../../../etc/passwd",
-            "../../6.1.0-2-amd64/x.ko",
-        ] {
-            let img = image();
-            let m = img.path().join("lib/modules/6.1.0-1-amd64/extra");
-            symlink(target, m.join("evil.ko")).unwrap();
-            let out = tempfile::tempdir().unwrap();
-            let e = copy_tree(
-                img.path(),
-                "/lib/modules/6.1.0-1-amd64",
-                &out.path().join("m"),
-                "modules",
-                true,
+    fn takes_the_configured_modules_and_their_closure_only() {
+        let (img, host) = (image(), host());
+        let out = tempfile::tempdir().unwrap();
+        let dest = out.path().join("modules");
+        let x = run(img.path(), &["a", "dummy"], host.path(), &dest).unwrap();
+        // a -> b (extra) is taken; a -> crc8 comes from the host tree;
+        // dummy is the updates/ one, not the kernel's own.
+        assert_eq!(
+            paths(&x),
+            [
+                "modules/extra/a.ko",
+                "modules/extra/sub/b.ko.xz",
+                "modules/updates/dummy.ko"
+            ]
+        );
+        assert_eq!(x.left, 6);
+        assert_eq!(fs::read(dest.join("extra/a.ko")).unwrap(), b"b,crc8");
+        assert_eq!(x.files[0].sha256, crate::util::sha256_hex(b"b,crc8"));
+        assert_eq!(x.files[0].size, 6);
+        assert!(!dest.join("kernel").exists() && !dest.join("build").exists());
+        assert!(!dest.join("modules.dep").exists());
+        assert_eq!(
+            x.notes,
+            [format!(
+                "in-tree dependencies from the kernel's own tree {}: crc8",
+                host.path().display()
+            )]
+        );
+    }
+
+    #[test]
+    fn an_in_tree_dependency_the_host_lacks_comes_from_the_image() {
+        let (img, host) = (image(), host());
+        let out = tempfile::tempdir().unwrap();
+        let x = run(img.path(), &["needs_crc7"], host.path(), out.path()).unwrap();
+        assert_eq!(
+            paths(&x),
+            ["modules/extra/needs-crc7.ko", "modules/kernel/lib/crc7.ko"]
+        );
+        // No host tree at all: the same.
+        let x = run(
+            img.path(),
+            &["needs-crc7"],
+            &out.path().join("none"),
+            &out.path().join("2"),
+        )
+        .unwrap();
+        assert_eq!(x.files.len(), 2);
+    }
+
+    #[test]
+    fn a_link_inside_is_followed_and_arrives_as_a_file() {
+        let (img, host) = (image(), host());
+        let out = tempfile::tempdir().unwrap();
+        let x = run(img.path(), &["c"], host.path(), out.path()).unwrap();
+        // c.ko -> a.ko (content "b,crc8"): its dependencies are a's.
+        assert_eq!(
+            paths(&x),
+            ["modules/extra/sub/b.ko.xz", "modules/extra/sub/c.ko"]
+        );
+        assert_eq!(
+            fs::read(out.path().join("extra/sub/c.ko")).unwrap(),
+            b"b,crc8"
+        );
+        assert!(
+            !fs::symlink_metadata(out.path().join("extra/sub/c.ko"))
+                .unwrap()
+                .is_symlink()
+        );
+    }
+
+    #[test]
+    fn two_candidates_outside_kernel_and_missing_modules_are_named() {
+        let (img, host) = (image(), host());
+        let m = img.path().join("lib/modules/6.1.0-1-amd64");
+        fs::write(m.join("extra/dummy.ko"), b"").unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let e = run(img.path(), &["dummy"], host.path(), out.path()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "two files for module dummy in the image: {K}/extra/dummy.ko and {K}/updates/dummy.ko ('-' and '_' are the same name)"
             )
-            .unwrap_err()
-            .to_string();
-            assert!(e.contains("evil.ko is a symlink to"), "{e}");
-            assert!(e.contains("outside /lib/modules/6.1.0-1-amd64"), "{e}");
+        );
+        let e = run(img.path(), &["a", "nothere"], host.path(), out.path()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "no .ko file for module nothere under {K} in the image (modules outside kernel/: a, b, c, dummy, lonely, needs_crc7)"
+            )
+        );
+    }
+
+    #[test]
+    fn escaping_links_are_refused_even_unneeded_and_directory_ones() {
+        for (name, target) in [
+            ("extra/evil.ko", "/etc/passwd"),
+            ("extra/evil.ko", "../../../../etc/passwd"),
+            ("extra/evil.ko", "../../6.1.0-2-amd64/x.ko"),
+            ("extra/sub/up", "/"),
+            ("extra/sub/up", "../../../../.."),
+            ("README", "/usr/share/doc/x"),
+        ] {
+            let (img, host) = (image(), host());
+            let m = img.path().join("lib/modules/6.1.0-1-amd64");
+            symlink(target, m.join(name)).unwrap();
+            let out = tempfile::tempdir().unwrap();
+            let e = run(img.path(), &["lonely"], host.path(), &out.path().join("m"))
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                e,
+                format!("{K}/{name} is a symlink to {target}, outside {K}; refusing to extract it")
+            );
+            assert!(!out.path().join("m").exists());
         }
     }
 
     #[test]
-    fn a_missing_directory_is_named() {
-        let img = image();
+    fn links_are_resolved_in_the_image_not_on_the_host() {
+        // An absolute link whose path runs through an image symlink
+        // (/lib -> usr/lib) stays in the image.
+        let t = tempfile::tempdir().unwrap();
+        let m = t.path().join("usr/lib/modules/6.1.0-1-amd64");
+        fs::create_dir_all(m.join("extra")).unwrap();
+        symlink("usr/lib", t.path().join("lib")).unwrap();
+        fs::write(m.join("extra/real.ko"), b"").unwrap();
+        symlink(format!("{K}/extra/real.ko"), m.join("extra/alias.ko")).unwrap();
         let out = tempfile::tempdir().unwrap();
-        let e = copy_tree(
-            img.path(),
+        let x = run(t.path(), &["alias"], Path::new("/nonexistent"), out.path()).unwrap();
+        assert_eq!(paths(&x), ["modules/extra/alias.ko"]);
+        // A directory link inside is not followed, and not an error.
+        symlink("extra", m.join("extra2")).unwrap();
+        let x = run(
+            t.path(),
+            &["real"],
+            Path::new("/nonexistent"),
+            &out.path().join("2"),
+        )
+        .unwrap();
+        assert_eq!(paths(&x), ["modules/extra/real.ko"]);
+    }
+
+    #[test]
+    fn special_files_are_never_opened() {
+        let (img, host) = (image(), host());
+        let m = img.path().join("lib/modules/6.1.0-1-amd64");
+        let mode = nix::sys::stat::Mode::from_bits_truncate(0o644);
+        nix::unistd::mkfifo(&m.join("extra/fifo.ko"), mode).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let x = run(img.path(), &["lonely"], host.path(), out.path()).unwrap();
+        assert_eq!(
+            x.notes,
+            [format!(
+                "{K}/extra/fifo.ko is a FIFO, not a regular file; left in the image"
+            )]
+        );
+        let e = run(img.path(), &["fifo"], host.path(), &out.path().join("2")).unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            format!("module fifo: {K}/extra/fifo.ko is a FIFO, not a regular file")
+        );
+        // Needed as a dependency: named with who needs it.
+        fs::write(m.join("extra/user.ko"), b"fifo").unwrap();
+        let e = run(img.path(), &["user"], host.path(), &out.path().join("3")).unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            format!(
+                "module fifo (needed by user): {K}/extra/fifo.ko is a FIFO, not a regular file"
+            )
+        );
+    }
+
+    #[test]
+    fn firmware_takes_regular_files_and_refuses_the_root() {
+        let t = tempfile::tempdir().unwrap();
+        let fw = t.path().join("lib/firmware/acme");
+        fs::create_dir_all(fw.join("sub")).unwrap();
+        fs::write(fw.join("a.bin"), b"A").unwrap();
+        symlink("a.bin", fw.join("alias.bin")).unwrap();
+        symlink("sub", fw.join("subdir")).unwrap();
+        nix::unistd::mkfifo(
+            &fw.join("pipe"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        symlink("pipe", fw.join("pipe-alias")).unwrap();
+        let img = Image { root: t.path() };
+        let out = tempfile::tempdir().unwrap();
+        let (files, notes) =
+            extract_firmware(&img, "/lib/firmware/acme", &out.path().join("fw")).unwrap();
+        let p: Vec<_> = files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(p, ["firmware/a.bin", "firmware/alias.bin"]);
+        assert_eq!(
+            notes,
+            [
+                "/lib/firmware/acme/pipe is a FIFO, not a regular file; left in the image",
+                "/lib/firmware/acme/pipe-alias is a symlink to /lib/firmware/acme/pipe, which is a FIFO; left in the image"
+            ]
+        );
+        for root in ["/", "/lib/.."] {
+            let e = extract_firmware(&img, root, &out.path().join("x")).unwrap_err();
+            assert!(
+                e.to_string().contains("is the image's root; refusing"),
+                "{e}"
+            );
+        }
+        symlink("/etc", fw.join("etc")).unwrap();
+        let e = extract_firmware(&img, "/lib/firmware", &out.path().join("y")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/lib/firmware/acme/etc is a symlink to /etc, outside /lib/firmware; refusing to extract it"
+        );
+    }
+
+    #[test]
+    fn a_missing_directory_is_named() {
+        let (img, host) = (image(), host());
+        let out = tempfile::tempdir().unwrap();
+        let modules = names(&["a"]);
+        let w = Wanted {
+            modules: &modules,
+            host_tree: host.path(),
+            depends: &fake_depends,
+        };
+        let e = extract_modules(
+            &Image { root: img.path() },
             "/lib/modules/9.9",
-            &out.path().join("m"),
-            "modules",
-            true,
+            out.path(),
+            &w,
         )
         .unwrap_err();
         assert_eq!(e.to_string(), "the image has no /lib/modules/9.9");
@@ -615,5 +1294,15 @@ mod tests {
             Path::new("/etc")
         );
         assert_eq!(normalize(Path::new("/a/./b/")), Path::new("/a/b"));
+    }
+
+    #[test]
+    fn numbers_for_people() {
+        assert_eq!(thousands(4023), "4,023");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(human_bytes(512), "512 bytes");
+        assert_eq!(human_bytes(41 * 1024), "41 KiB");
+        assert_eq!(human_bytes(784 * 1024 * 1024), "784.0 MiB");
     }
 }

@@ -1,22 +1,30 @@
 //! Podman, driven through its CLI (`--format json` where it has one).
 //!
 //! Every call is counted, so callers (and tests) can tell whether a path
-//! spawned podman at all. Output is handed line by line to a sink (the log)
+//! spawned podman at all. Every call runs through the one process runner
+//! ([`crate::hooks::run_lines`]): its own process group, a timeout, TERM then
+//! KILL of the group. Output is handed line by line to a sink (the log)
 //! while the command runs; on failure the error carries podman's own cause
-//! and the last lines it printed.
+//! and the last lines it printed. Positional arguments (references, IDs,
+//! paths) come after `--`, so none is ever taken for an option.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{BufRead as _, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
+use std::time::Duration;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, anyhow, bail};
 use serde::Deserialize;
+
+use crate::hooks::{RunError, describe, run_lines};
 
 /// Label on images kvcd built.
 pub const BUILT_LABEL: &str = "org.kvcd.built";
+/// Default for `pull_timeout_seconds`: a slow registry and a big image.
+pub const DEFAULT_PULL_TIMEOUT: u64 = 900;
+/// Default for `podman_timeout_seconds` (inspect, mount, unmount, rmi).
+pub const DEFAULT_PODMAN_TIMEOUT: u64 = 120;
 /// How many lines of output an error keeps.
 const TAIL: usize = 12;
 
@@ -28,6 +36,8 @@ pub type LineSink<'a> = &'a dyn Fn(&str);
 pub struct Podman {
     program: PathBuf,
     calls: Cell<usize>,
+    pull_timeout: Duration,
+    short_timeout: Duration,
 }
 
 /// What `podman image inspect` says about an image.
@@ -83,22 +93,6 @@ impl Run {
     }
 }
 
-/// Sends each line of `stream` to `tx`, tagged with `is_stdout`.
-fn spawn_lines(
-    stream: impl Read + Send + 'static,
-    is_stdout: bool,
-    tx: mpsc::Sender<(bool, String)>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            if tx.send((is_stdout, line)).is_err() {
-                break;
-            }
-        }
-    })
-}
-
 /// The registry host of an image reference (`docker.io` for short names).
 pub fn registry_of(reference: &str) -> &str {
     match reference.split_once('/') {
@@ -108,12 +102,30 @@ pub fn registry_of(reference: &str) -> &str {
 }
 
 impl Podman {
-    /// Podman at `program` (a name looked up in `PATH`, or a path).
+    /// Podman at `program` (a name looked up in `PATH`, or a path), with the default timeouts.
     pub fn new(program: &Path) -> Self {
         Self {
             program: program.to_owned(),
             calls: Cell::new(0),
+            pull_timeout: Duration::from_secs(DEFAULT_PULL_TIMEOUT),
+            short_timeout: Duration::from_secs(DEFAULT_PODMAN_TIMEOUT),
         }
+    }
+
+    /// Podman with the program and timeouts of `settings` (kvcd.toml).
+    pub fn from_settings(settings: &crate::config::DaemonSettings) -> Self {
+        Self::new(&settings.podman).with_timeouts(
+            Duration::from_secs(settings.pull_timeout_seconds),
+            Duration::from_secs(settings.podman_timeout_seconds),
+        )
+    }
+
+    /// The same podman with other timeouts: `pull` for pulls, `short` for inspect, mount, unmount and rmi.
+    #[must_use]
+    pub fn with_timeouts(mut self, pull: Duration, short: Duration) -> Self {
+        self.pull_timeout = pull;
+        self.short_timeout = short;
+        self
     }
 
     /// The program this runs.
@@ -126,29 +138,22 @@ impl Podman {
         self.calls.get()
     }
 
-    fn run(&self, args: &[String], sink: Option<LineSink<'_>>) -> Result<Run> {
+    /// Runs `podman ARGS` (`what` names the call, e.g. `pull`, in errors) with `timeout`.
+    fn run(
+        &self,
+        what: &str,
+        args: &[String],
+        timeout: Duration,
+        sink: Option<LineSink<'_>>,
+    ) -> Result<Run> {
         self.calls.set(self.calls.get() + 1);
-        let mut child = Command::new(&self.program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("running {}", self.program.display()))?;
+        let mut cmd = Command::new(&self.program);
+        cmd.args(args);
         // Both streams, line by line as they come: a long build shows that it is alive.
-        let (tx, rx) = mpsc::channel::<(bool, String)>();
-        let readers = [
-            spawn_lines(
-                child.stdout.take().context("podman stdout")?,
-                true,
-                tx.clone(),
-            ),
-            spawn_lines(child.stderr.take().context("podman stderr")?, false, tx),
-        ];
         let mut stdout = String::new();
         let mut tail = VecDeque::with_capacity(TAIL);
-        for (is_stdout, line) in rx {
-            if is_stdout {
+        let result = run_lines(cmd, timeout, &mut |is_stderr, line| {
+            if !is_stderr {
                 stdout.push_str(&line);
                 stdout.push('\n');
             }
@@ -159,23 +164,37 @@ impl Podman {
                 tail.pop_front();
             }
             tail.push_back(line);
+        });
+        match result {
+            Ok(status) => Ok(Run {
+                ok: status.success(),
+                status: describe(status),
+                stdout,
+                tail: tail.into(),
+            }),
+            Err(RunError::Spawn(e)) => {
+                Err(anyhow!(e).context(format!("running {}", self.program.display())))
+            }
+            Err(RunError::TimedOut) => {
+                let mut msg = format!(
+                    "podman {what} timed out after {}s; its process group was killed",
+                    timeout.as_secs()
+                );
+                if !tail.is_empty() {
+                    msg.push_str("; last lines:\n  ");
+                    msg.push_str(&Vec::from(tail).join("\n  "));
+                }
+                Err(anyhow!(msg))
+            }
         }
-        for r in readers {
-            let _ = r.join();
-        }
-        let status = child.wait().context("waiting for podman")?;
-        Ok(Run {
-            ok: status.success(),
-            status: status.to_string(),
-            stdout,
-            tail: tail.into(),
-        })
     }
 
     /// The image `reference` in local storage, if present.
     pub fn inspect(&self, reference: &str) -> Result<Option<ImageInfo>> {
-        let args = ["image", "inspect", "--format", "json", reference].map(String::from);
-        let run = self.run(&args, None)?;
+        let args = ["image", "inspect", "--format", "json", "--", reference].map(String::from);
+        let run = self
+            .run("image inspect", &args, self.short_timeout, None)
+            .map_err(|e| e.context(format!("inspecting image {reference}")))?;
         if !run.ok {
             let cause = run.cause();
             if cause.contains("no such image") || cause.contains("image not known") {
@@ -207,14 +226,19 @@ impl Podman {
         if let Some(a) = auth_file {
             args.push(format!("--authfile={}", a.display()));
         }
+        args.push("--".to_owned());
         args.push(reference.to_owned());
-        let run = self.run(&args, Some(sink))?;
+        let what = || {
+            format!(
+                "pulling {reference} from registry {}",
+                registry_of(reference)
+            )
+        };
+        let run = self
+            .run("pull", &args, self.pull_timeout, Some(sink))
+            .map_err(|e| e.context(what()))?;
         if !run.ok {
-            bail!(
-                "pulling {reference} from registry {}: {}",
-                registry_of(reference),
-                run.cause()
-            );
+            bail!("{}: {}", what(), run.cause());
         }
         Ok(())
     }
@@ -240,8 +264,11 @@ impl Podman {
         if build.no_cache {
             args.push("--no-cache".to_owned());
         }
+        args.push("--".to_owned());
         args.push(build.context.to_owned());
-        let run = self.run(&args, Some(sink))?;
+        let run = self
+            .run("build", &args, build.timeout, Some(sink))
+            .map_err(|e| e.context(format!("building {} from {}", build.tag, build.context)))?;
         if !run.ok {
             bail!(
                 "building {} from {} failed ({}); last lines:\n  {}",
@@ -256,7 +283,10 @@ impl Podman {
 
     /// Removes an image from local storage (all its names when given by reference).
     pub fn remove_image(&self, reference: &str) -> Result<()> {
-        let run = self.run(&["rmi", "--force", reference].map(String::from), None)?;
+        let args = ["rmi", "--force", "--", reference].map(String::from);
+        let run = self
+            .run("rmi", &args, self.short_timeout, None)
+            .map_err(|e| e.context(format!("removing image {reference}")))?;
         if !run.ok {
             bail!("removing image {reference}: {}", run.cause());
         }
@@ -265,7 +295,10 @@ impl Podman {
 
     /// Mounts the image's root file system read-only; returns the path.
     pub fn mount(&self, image_id: &str) -> Result<PathBuf> {
-        let run = self.run(&["image", "mount", image_id].map(String::from), None)?;
+        let args = ["image", "mount", "--", image_id].map(String::from);
+        let run = self
+            .run("image mount", &args, self.short_timeout, None)
+            .map_err(|e| e.context(format!("mounting image {image_id}")))?;
         if !run.ok {
             bail!("mounting image {image_id}: {}", run.cause());
         }
@@ -278,7 +311,10 @@ impl Podman {
 
     /// Unmounts an image mounted by [`Podman::mount`].
     pub fn unmount(&self, image_id: &str) -> Result<()> {
-        let run = self.run(&["image", "unmount", image_id].map(String::from), None)?;
+        let args = ["image", "unmount", "--", image_id].map(String::from);
+        let run = self
+            .run("image unmount", &args, self.short_timeout, None)
+            .map_err(|e| e.context(format!("unmounting image {image_id}")))?;
         if !run.ok {
             bail!("unmounting image {image_id}: {}", run.cause());
         }
@@ -305,6 +341,8 @@ pub struct BuildArgs<'a> {
     pub no_cache: bool,
     /// Credentials for pulling base images (the config's `image.auth_file`).
     pub auth_file: Option<&'a Path>,
+    /// Longest the build may take (the config's `hooks.build_timeout_seconds`, default 1500 s).
+    pub timeout: Duration,
 }
 
 #[cfg(test)]
@@ -324,7 +362,7 @@ mod tests {
     fn cause_prefers_podmans_error_line() {
         let run = Run {
             ok: false,
-            status: "exit status: 125".into(),
+            status: "exit status 125".into(),
             stdout: String::new(),
             tail: vec![
                 "Trying to pull x...".into(),
@@ -336,7 +374,7 @@ mod tests {
             tail: vec![],
             ..run
         };
-        assert_eq!(run.cause(), "podman exited with exit status: 125");
+        assert_eq!(run.cause(), "podman exited with exit status 125");
     }
 
     #[test]
@@ -344,9 +382,55 @@ mod tests {
         let p = Podman::new(Path::new("/nonexistent/podman"));
         let e = p.inspect("x").unwrap_err();
         assert!(
-            format!("{e:#}").starts_with("running /nonexistent/podman"),
+            format!("{e:#}").starts_with("inspecting image x: running /nonexistent/podman"),
             "{e:#}"
         );
         assert_eq!(p.calls(), 1);
+    }
+
+    #[test]
+    fn a_hanging_podman_is_killed_with_its_group_and_the_call_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("podman");
+        let pidfile = dir.path().join("child.pid");
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\nsleep 300 & echo $! > {}\necho \"args: $*\"\nwait\n",
+                pidfile.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let p = Podman::new(&fake).with_timeouts(Duration::from_secs(1), Duration::from_secs(1));
+        let e = p.inspect("reg.example/x:1").unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "inspecting image reg.example/x:1: podman image inspect timed out after 1s; \
+             its process group was killed; last lines:\n  \
+             args: image inspect --format json -- reg.example/x:1"
+        );
+        // The background child got SIGKILL with the group; give the kernel a
+        // moment to deliver it before looking.
+        let pid = std::fs::read_to_string(&pidfile).unwrap();
+        let gone = || {
+            std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+                .map_or(true, |s| s.contains(") Z ") || s.contains(") X "))
+        };
+        for _ in 0..100 {
+            if gone() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(gone(), "the group was not killed");
+        let e = p.pull("reg.example/x:1", None, false, &|_| {}).unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with(
+                "pulling reg.example/x:1 from registry reg.example: podman pull timed out after 1s; its process group was killed"
+            ),
+            "{e:#}"
+        );
     }
 }

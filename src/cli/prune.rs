@@ -34,7 +34,7 @@ pub(super) fn run(paths: &PathArgs, args: &PruneArgs) -> Result<u8> {
     let keep = args.keep.unwrap_or(d.keep_kernels);
     let running = KernelRelease::running()?;
     let records = RecordStore::new(&d.runtime_dir);
-    let podman = Podman::new(&d.podman);
+    let podman = Podman::from_settings(d);
     let names: Vec<String> = if args.names.is_empty() {
         configs_with_artifacts(&d.state_dir).into_iter().collect()
     } else {

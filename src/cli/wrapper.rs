@@ -89,7 +89,7 @@ pub(super) fn run(paths: &PathArgs, args: &WrapperArgs) -> Result<u8> {
         ),
         Source::Image(_) => {
             let reference = image_reference(module, &config.daemon.state_dir, &kernel)?;
-            let present = Podman::new(podman)
+            let present = Podman::from_settings(&config.daemon)
                 .inspect(&reference)
                 .with_context(|| format!("looking for image {reference}"))?;
             let Some(info) = present else {
@@ -101,7 +101,7 @@ pub(super) fn run(paths: &PathArgs, args: &WrapperArgs) -> Result<u8> {
             // The very image found, by ID: no second name lookup (short names
             // could match another image).
             let mut c = Command::new(podman);
-            c.args(["run", "-i", "--rm", "--privileged", "--pull=never"])
+            c.args(["run", "-i", "--rm", "--privileged", "--pull=never", "--"])
                 .arg(info.id.trim_start_matches("sha256:"))
                 .args(&args.command);
             c

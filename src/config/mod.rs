@@ -288,6 +288,12 @@ pub struct DaemonSettings {
     pub unload_on_stop: bool,
     /// How long SIGTERM waits for running steps before the daemon exits without them, in seconds; default 240.
     pub stop_timeout_seconds: u64,
+    /// Longest a `podman pull` may take, in seconds; default 900.
+    pub pull_timeout_seconds: u64,
+    /// Longest a short podman call (inspect, mount, unmount, rmi) may take, in seconds; default 120.
+    pub podman_timeout_seconds: u64,
+    /// Longest a `depmod` run may take, in seconds; default 120.
+    pub depmod_timeout_seconds: u64,
 }
 
 impl Default for DaemonSettings {
@@ -307,6 +313,9 @@ impl Default for DaemonSettings {
             retry_max_seconds: 300,
             unload_on_stop: false,
             stop_timeout_seconds: 240,
+            pull_timeout_seconds: crate::artifacts::podman::DEFAULT_PULL_TIMEOUT,
+            podman_timeout_seconds: crate::artifacts::podman::DEFAULT_PODMAN_TIMEOUT,
+            depmod_timeout_seconds: crate::artifacts::root::DEFAULT_DEPMOD_TIMEOUT,
         }
     }
 }

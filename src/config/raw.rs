@@ -29,6 +29,9 @@ pub(crate) struct RawDaemon {
     pub(crate) retry_max_seconds: Option<S<i64>>,
     pub(crate) unload_on_stop: Option<bool>,
     pub(crate) stop_timeout_seconds: Option<S<i64>>,
+    pub(crate) pull_timeout_seconds: Option<S<i64>>,
+    pub(crate) podman_timeout_seconds: Option<S<i64>>,
+    pub(crate) depmod_timeout_seconds: Option<S<i64>>,
 }
 
 /// `modules.d/NAME.toml`.

@@ -337,13 +337,6 @@ pub(super) fn daemon(file: &Path, text: &str) -> Result<DaemonSettings, Vec<Conf
     {
         s.retry_max_seconds = n;
     }
-    if let Some(n) = raw
-        .stop_timeout_seconds
-        .as_ref()
-        .and_then(|v| seconds(&mut d, "stop_timeout_seconds", v))
-    {
-        s.stop_timeout_seconds = n;
-    }
     if s.retry_max_seconds < s.retry_base_seconds {
         let (key, span) = match (&raw.retry_max_seconds, &raw.retry_base_seconds) {
             (Some(m), _) => ("retry_max_seconds", m.span()),
@@ -361,6 +354,32 @@ pub(super) fn daemon(file: &Path, text: &str) -> Result<DaemonSettings, Vec<Conf
                 if raw.retry_base_seconds.is_none() { ", the default" } else { "" },
             ),
         );
+    }
+    for (key, value, slot) in [
+        (
+            "pull_timeout_seconds",
+            &raw.pull_timeout_seconds,
+            &mut s.pull_timeout_seconds,
+        ),
+        (
+            "podman_timeout_seconds",
+            &raw.podman_timeout_seconds,
+            &mut s.podman_timeout_seconds,
+        ),
+        (
+            "depmod_timeout_seconds",
+            &raw.depmod_timeout_seconds,
+            &mut s.depmod_timeout_seconds,
+        ),
+        (
+            "stop_timeout_seconds",
+            &raw.stop_timeout_seconds,
+            &mut s.stop_timeout_seconds,
+        ),
+    ] {
+        if let Some(n) = value.as_ref().and_then(|v| seconds(&mut d, key, v)) {
+            *slot = n;
+        }
     }
     if let Some(v) = &raw.keep_kernels {
         match usize::try_from(*v.get_ref()) {

@@ -74,7 +74,8 @@ impl fmt::Display for HookError {
 
 impl std::error::Error for HookError {}
 
-fn describe(status: ExitStatus) -> String {
+/// An exit status in words: `exit status 3`, `killed by signal SIGKILL`.
+pub fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(c), _) => format!("exit status {c}"),
         (None, Some(s)) => format!(
@@ -85,6 +86,7 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
+/// Sends each line of `stream` to `tx`, tagged with `is_stderr`.
 fn spawn_lines<R: Read + Send + 'static>(
     stream: R,
     is_stderr: bool,
@@ -119,27 +121,29 @@ fn kill_group(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Runs `cmd` as hook `hook`, with `timeout`, sending its output to `sink`.
-pub fn run(
-    hook: &str,
+/// Why [`run_lines`] has no exit status to give.
+#[derive(Debug)]
+pub enum RunError {
+    /// The program could not be started.
+    Spawn(std::io::Error),
+    /// It ran past its timeout; its process group was killed.
+    TimedOut,
+}
+
+/// Runs `cmd` in its own process group with stdin closed, handing each line
+/// of output to `on_line` (is_stderr, line) as it comes; past `timeout` the
+/// whole group is killed (TERM, then KILL). The one process runner of kvcd:
+/// hooks, podman and depmod all go through it.
+pub fn run_lines(
     mut cmd: Command,
     timeout: Duration,
-    sink: Sink<'_>,
-) -> Result<(), HookError> {
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    let err = |kind, stderr_tail| HookError {
-        hook: hook.to_owned(),
-        program: program.clone(),
-        kind,
-        stderr_tail,
-    };
+    on_line: &mut dyn FnMut(bool, String),
+) -> Result<ExitStatus, RunError> {
     cmd.process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| err(HookErrorKind::Spawn(e.to_string()), Vec::new()))?;
+    let mut child = cmd.spawn().map_err(RunError::Spawn)?;
     let (tx, rx) = mpsc::channel();
     if let Some(out) = child.stdout.take() {
         spawn_lines(out, false, tx.clone());
@@ -149,16 +153,6 @@ pub fn run(
     }
 
     let deadline = Instant::now() + timeout;
-    let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL);
-    let mut keep = |is_stderr: bool, line: String| {
-        sink(is_stderr, &line);
-        if is_stderr {
-            if tail.len() == TAIL {
-                tail.pop_front();
-            }
-            tail.push_back(line);
-        }
-    };
     let status = loop {
         if let Ok(Some(status)) = child.try_wait() {
             break Some(status);
@@ -167,30 +161,60 @@ pub fn run(
         if now >= deadline {
             break None;
         }
-        match rx.recv_timeout((deadline - now).min(Duration::from_millis(50))) {
-            Ok((e, line)) => keep(e, line),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {}
+        let wait = (deadline - now).min(Duration::from_millis(50));
+        match rx.recv_timeout(wait) {
+            Ok((e, line)) => on_line(e, line),
+            Err(RecvTimeoutError::Timeout) => {}
+            // Both pipes closed but the process still runs: poll, do not spin.
+            Err(RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(wait.min(Duration::from_millis(10)));
+            }
         }
     };
     let Some(status) = status else {
         kill_group(&mut child);
         while let Ok((e, line)) = rx.recv_timeout(Duration::from_millis(100)) {
-            keep(e, line);
+            on_line(e, line);
         }
-        return Err(err(HookErrorKind::TimedOut(timeout.as_secs()), tail.into()));
+        return Err(RunError::TimedOut);
     };
     // The rest of its output; a helper it left running may hold the pipes open.
     let drain_until = Instant::now() + Duration::from_millis(500);
     while let Some(left) = drain_until.checked_duration_since(Instant::now()) {
         match rx.recv_timeout(left) {
-            Ok((e, line)) => keep(e, line),
+            Ok((e, line)) => on_line(e, line),
             Err(_) => break,
         }
     }
-    if status.success() {
-        Ok(())
-    } else {
-        Err(err(HookErrorKind::Failed(describe(status)), tail.into()))
+    Ok(status)
+}
+
+/// Runs `cmd` as hook `hook`, with `timeout`, sending its output to `sink`.
+pub fn run(hook: &str, cmd: Command, timeout: Duration, sink: Sink<'_>) -> Result<(), HookError> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let err = |kind, stderr_tail| HookError {
+        hook: hook.to_owned(),
+        program: program.clone(),
+        kind,
+        stderr_tail,
+    };
+    let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL);
+    let result = run_lines(cmd, timeout, &mut |is_stderr, line| {
+        sink(is_stderr, &line);
+        if is_stderr {
+            if tail.len() == TAIL {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+    });
+    match result {
+        Err(RunError::Spawn(e)) => Err(err(HookErrorKind::Spawn(e.to_string()), Vec::new())),
+        Err(RunError::TimedOut) => {
+            Err(err(HookErrorKind::TimedOut(timeout.as_secs()), tail.into()))
+        }
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(err(HookErrorKind::Failed(describe(status)), tail.into())),
     }
 }
 
@@ -265,6 +289,18 @@ mod tests {
             .map(|s| !s.contains(") Z "))
             .unwrap_or(false);
         assert!(!alive, "child {pid} survived the timeout");
+    }
+
+    #[test]
+    fn a_command_that_closes_its_output_still_times_out() {
+        let e = run(
+            "x",
+            sh("exec >/dev/null 2>&1; exec sleep 300"),
+            Duration::from_secs(1),
+            &|_, _| {},
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, HookErrorKind::TimedOut(1));
     }
 
     #[test]

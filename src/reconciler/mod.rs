@@ -112,10 +112,11 @@ impl<'a> Engine<'a> {
                 state_dir: settings.state_dir.clone(),
                 kernel_modules_dir: settings.kernel_modules_dir.clone(),
                 depmod: settings.depmod.clone(),
+                depmod_timeout: std::time::Duration::from_secs(settings.depmod_timeout_seconds),
             },
             kernel: kernel.clone(),
             kmods,
-            podman: Podman::new(&settings.podman),
+            podman: Podman::from_settings(settings),
             firmware_dir: settings.firmware_dir.clone(),
             keep_kernels: settings.keep_kernels,
             records: RecordStore::new(&settings.runtime_dir),
@@ -479,6 +480,9 @@ impl Engine<'_> {
                     vars: &vars,
                     rebuild,
                     build_hook: build_hook.as_ref(),
+                    modules: &c.modules,
+                    host_tree: &self.layout.host_tree(&self.kernel),
+                    build_timeout_seconds: c.hooks.build_timeout_seconds,
                 };
                 let fetched = store.fetch(&req, &sink);
                 out.podman_calls += self.podman.calls() - calls;
