@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::util::write_atomic;
+use crate::artifacts::root::{copy_file_hashed, hash_file};
 
 /// Copies every file under `src` to the same relative path under `host`.
 /// A file that exists with other content and is not in `owned` (placed by
@@ -19,9 +19,10 @@ pub(super) fn place(src: &Path, host: &Path, owned: &[PathBuf]) -> Result<Vec<Pa
     for rel in files {
         let from = src.join(&rel);
         let to = host.join(&rel);
-        let data = fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
-        match fs::read(&to) {
-            Ok(existing) if existing == data => {
+        // Compared and copied as streams: firmware can be large.
+        let want = hash_file(&from)?;
+        match fs::symlink_metadata(&to) {
+            Ok(_) if hash_file(&to).is_ok_and(|have| have == want) => {
                 if owned.contains(&to) {
                     placed.push(to);
                 }
@@ -33,7 +34,21 @@ pub(super) fn place(src: &Path, host: &Path, owned: &[PathBuf]) -> Result<Vec<Pa
             ),
             _ => {}
         }
-        write_atomic(&to, &data).with_context(|| format!("placing firmware {}", to.display()))?;
+        let dir = to.parent().unwrap_or(host);
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tmp = dir.join(format!(
+            ".{}.kvcd-tmp",
+            to.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let _ = fs::remove_file(&tmp);
+        copy_file_hashed(&from, &tmp)
+            .and_then(|_| {
+                fs::rename(&tmp, &to).with_context(|| format!("renaming {}", tmp.display()))
+            })
+            .map_err(|e| {
+                let _ = fs::remove_file(&tmp);
+                e.context(format!("placing firmware {}", to.display()))
+            })?;
         placed.push(to);
     }
     Ok(placed)
