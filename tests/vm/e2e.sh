@@ -284,7 +284,7 @@ sig_checks() {
     # crc8 is Debian's own, signed, and goes in first; kvcd_crc is then
     # rejected, and kvcd must take crc8 out again.
     begin "signature rollback"
-    run kvcd apply crc
+    run kvcd --config-dir "$ALT/crc" apply crc
     expect_rc 1
     expect_out "EKEYREJECTED"
     expect_out "inserted crc8"
