@@ -407,15 +407,7 @@ impl Engine<'_> {
             record.removed_in_tree.retain(|m| !restored.contains(m));
             if !record.removed_in_tree.is_empty() {
                 self.records.put(&record).map_err(Fail::at(Step::Record))?;
-                return Err(Fail::at(Step::Restore)(anyhow!(
-                    "could not restore in-tree module(s): {}",
-                    record
-                        .removed_in_tree
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
+                return super::unrestored(&record);
             }
         }
         self.records

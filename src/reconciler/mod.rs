@@ -1068,17 +1068,7 @@ impl Engine<'_> {
         if had_firmware {
             self.release_firmware_search_path(out);
         }
-        if !record.removed_in_tree.is_empty() {
-            return Err(Fail::at(Step::Restore)(anyhow!(
-                "could not restore in-tree module(s): {}",
-                record
-                    .removed_in_tree
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
+        unrestored(&record)?;
         if let Some(c) = cfg {
             self.hook(c, "post_unload", c.hooks.post_unload.as_ref(), out)?;
         }
@@ -1102,6 +1092,22 @@ pub(crate) fn live_as_recorded(kmods: &dyn KernelModules, record: &Record) -> bo
             Err(_) => true,
         }
     })
+}
+
+/// Fails naming the in-tree modules the record still says are out, if any.
+fn unrestored(record: &Record) -> Result<(), Fail> {
+    if record.removed_in_tree.is_empty() {
+        return Ok(());
+    }
+    Err(Fail::at(Step::Restore)(anyhow!(
+        "could not restore in-tree module(s): {}",
+        record
+            .removed_in_tree
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    )))
 }
 
 /// True when something outside `set` holds the module: a module not in the
