@@ -617,6 +617,45 @@ fn the_daemon_process_talks_to_systemd_and_obeys_signals() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// A registry that accepts connections and never answers: the load ends as
+/// failed with the pull's timeout named, and the daemon answers all along.
+#[test]
+fn a_silent_registry_fails_the_load_while_the_daemon_answers() {
+    let mut node = Node::new();
+    let toml = node.root.join("etc/kvcd.toml");
+    let mut text = fs::read_to_string(&toml).unwrap();
+    text.push_str("podman = \"podman\"\npull_timeout_seconds = 3\n");
+    fs::write(&toml, text).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming() {
+            held.push(s);
+        }
+    });
+    let reference = format!("127.0.0.1:{port}/kvcd/silent:1");
+    node.module(
+        "silent",
+        &format!(
+            "modules = [\"kvcd_param\"]\n[image]\nref = \"{reference}\"\ntls_verify = false\npull = \"always\"\n"
+        ),
+    );
+    node.start();
+    assert_eq!(node.kvcctl(&["load", "silent"]).0, 0);
+    node.wait_until("silent", |m| m.is_some_and(|m| m["state"] == "fetching"));
+    // While the pull hangs, the daemon answers (an answer that waited for
+    // the pull would say failed, not fetching).
+    let (_, out, err) = node.kvcctl(&["status", "silent"]);
+    assert!(out.contains("fetching"), "{out}{err}");
+    node.wait_until("silent", |m| m.is_some_and(|m| m["state"] == "failed"));
+    let e = node.status("silent")["error"].as_str().unwrap().to_owned();
+    assert!(
+        e.contains("podman pull timed out after 3s; its process group was killed"),
+        "{e}"
+    );
+}
+
 /// SIGTERM ends the real daemon within `stop_timeout_seconds` even while a
 /// step hangs, and the hung step's processes go with it.
 #[test]
