@@ -421,6 +421,34 @@ fn build_ids_read_from_real_modules_match_readelf() {
 }
 
 #[test]
+fn a_replacement_kvcd_loaded_from_an_earlier_build_is_not_called_loaded() {
+    let env = Env::new();
+    let in_tree = env.in_tree("kernel/drivers/net/dummy.ko");
+    env.fake.preload("dummy", &in_tree, &[]);
+    let dir = env.tmp.path().join("pkg");
+    fs::create_dir_all(&dir).unwrap();
+    fs::copy(env.fx.ko().join("dummy.ko"), dir.join("dummy.ko")).unwrap();
+    let text = format!(
+        "modules = [\"dummy\"]\nreplace_in_tree = [\"dummy\"]\n[directory]\npath = \"{}\"\n",
+        dir.display()
+    );
+    let c = env.config("replace", &text);
+    ok(&env.engine().load(&c));
+    env.fake.take_log();
+    // The package changes under the loaded module: another build named dummy.
+    fs::copy(env.fx.ko().join("kvcd_base.ko"), dir.join("dummy.ko")).unwrap();
+    let o = env.engine().load(&c);
+    assert_eq!(o.state, State::Failed, "{o:#?}");
+    let msg = &o.error.as_ref().unwrap().message;
+    assert!(
+        msg.starts_with("dummy is live, but not as the package's")
+            && msg.contains("kvcctl reload replace"),
+        "{msg}"
+    );
+    assert!(env.fake.take_log().is_empty());
+}
+
+#[test]
 fn a_module_has_one_owner() {
     let env = Env::new();
     let a = env.config(

@@ -339,7 +339,9 @@ impl Engine<'_> {
         let fail = Fail::at(Step::Verify);
         let mut others = None;
         for f in order.iter().filter(|f| !f.in_tree) {
-            if c.replace_in_tree.contains(&f.name)
+            let ours = record.inserted.iter().find(|o| o.name == f.name);
+            // What is not live, or is someone else's that replacement takes out, needs no check.
+            if (ours.is_none() && c.replace_in_tree.contains(&f.name))
                 || self
                     .kmods
                     .live(&f.name)
@@ -348,7 +350,6 @@ impl Engine<'_> {
             {
                 continue;
             }
-            let ours = record.inserted.iter().find(|o| o.name == f.name);
             // A dependency another config loaded is shared; a module this config names is claimed.
             if ours.is_none() && c.modules.contains(&f.name) {
                 let all = match &others {

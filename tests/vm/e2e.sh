@@ -432,6 +432,21 @@ normal_checks() {
     end
     scrub kvcd_param
 
+    begin "two configs of one node naming the same module are refused"
+    cl=/tmp/clash
+    mkdir -p $cl/modules.d
+    cp /etc/kvcd/kvcd.toml $cl/
+    cp /etc/kvcd/modules.d/params.toml $cl/modules.d/params.toml
+    cp $ALT/hooked/modules.d/hooked.toml $cl/modules.d/hooked.toml
+    run kvcd --config-dir $cl apply params
+    expect_rc 1
+    expect_out "params: failed at config"
+    expect_out "$cl/modules.d/params.toml: key \`modules\`: module \"kvcd_param\" is also loaded by module config \"hooked\" ($cl/modules.d/hooked.toml)"
+    expect_unloaded kvcd_param
+    expect_no_record params
+    end
+    scrub kvcd_param
+
     begin "a missing module tree for the kernel is named"
     nm=/tmp/no-tree
     mkdir -p $nm/etc/modules.d $nm/modules
