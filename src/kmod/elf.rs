@@ -6,7 +6,7 @@
 //! an uncompressed file is never read whole.
 
 use std::fs::File;
-use std::io::{BufReader, Cursor, Read, Seek, SeekFrom};
+use std::io::{BufReader, Cursor, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use anyhow::{Context as _, Result, bail};
@@ -35,44 +35,55 @@ pub struct ElfInfo {
 trait ReadSeek: Read + Seek {}
 impl<T: Read + Seek> ReadSeek for T {}
 
+/// A writer that keeps at most `.1` bytes and fails past that, so no
+/// decompressor can grow memory beyond the bound.
+struct Capped(Vec<u8>, u64);
+
+impl Write for Capped {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() as u64 + data.len() as u64 > self.1 {
+            return Err(std::io::Error::other(format!(
+                "decompresses to more than {} bytes",
+                self.1
+            )));
+        }
+        self.0.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Opens `path` for ELF reading, decompressing `.ko.xz`/`.ko.zst`/`.ko.gz` (at most 1 GiB).
 fn open(path: &Path) -> Result<Box<dyn ReadSeek>> {
+    open_capped(path, MAX_DECOMPRESSED)
+}
+
+/// [`open`] with at most `cap` decompressed bytes.
+fn open_capped(path: &Path, cap: u64) -> Result<Box<dyn ReadSeek>> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let mut buf = Vec::new();
-    let mut limited = |r: &mut dyn Read| -> Result<()> {
-        r.take(MAX_DECOMPRESSED + 1)
-            .read_to_end(&mut buf)
-            .with_context(|| format!("decompressing {}", path.display()))?;
-        if buf.len() as u64 > MAX_DECOMPRESSED {
-            bail!(
-                "{}: decompresses to more than {MAX_DECOMPRESSED} bytes",
-                path.display()
-            );
-        }
-        Ok(())
-    };
-    if name.ends_with(".ko.gz") {
-        limited(&mut flate2::read::GzDecoder::new(BufReader::new(file)))?;
+    let mut input = BufReader::new(file);
+    let mut out = Capped(Vec::new(), cap);
+    let decompressed = if name.ends_with(".ko.gz") {
+        std::io::copy(&mut flate2::read::GzDecoder::new(input), &mut out).map(drop)
     } else if name.ends_with(".ko.zst") {
-        let mut d = ruzstd::decoding::StreamingDecoder::new(BufReader::new(file))
-            .map_err(|e| anyhow::anyhow!("{}: not zstd data: {e}", path.display()))?;
-        limited(&mut d)?;
+        ruzstd::decoding::StreamingDecoder::new(input)
+            .map_err(std::io::Error::other)
+            .and_then(|mut d| std::io::copy(&mut d, &mut out))
+            .map(drop)
     } else if name.ends_with(".ko.xz") {
-        let mut out = Vec::new();
-        lzma_rs::xz_decompress(&mut BufReader::new(file), &mut out)
-            .map_err(|e| anyhow::anyhow!("{}: not xz data: {e}", path.display()))?;
-        if out.len() as u64 > MAX_DECOMPRESSED {
-            bail!(
-                "{}: decompresses to more than {MAX_DECOMPRESSED} bytes",
-                path.display()
-            );
-        }
-        buf = out;
+        lzma_rs::xz_decompress(&mut input, &mut out).map_err(|e| match e {
+            lzma_rs::error::Error::IoError(e) => e,
+            other => std::io::Error::other(other.to_string()),
+        })
     } else {
-        return Ok(Box::new(file));
-    }
-    Ok(Box::new(Cursor::new(buf)))
+        return Ok(Box::new(input.into_inner()));
+    };
+    decompressed.with_context(|| format!("decompressing {}", path.display()))?;
+    Ok(Box::new(Cursor::new(out.0)))
 }
 
 /// Byte order and word size of an ELF file.
@@ -318,6 +329,29 @@ mod tests {
             let info = ElfInfo::read(&p).unwrap();
             assert_eq!(info.machine, 62, "{}", p.display());
             assert_eq!(info.build_id.as_deref(), Some(&[9u8; 20][..]));
+        }
+    }
+
+    #[test]
+    fn decompression_stops_at_its_bound() {
+        use std::io::Write as _;
+        let d = tempfile::tempdir().unwrap();
+        let raw = elf(62, &[9; 20]);
+        let gz = d.path().join("m.ko.gz");
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&raw).unwrap();
+        std::fs::write(&gz, e.finish().unwrap()).unwrap();
+        let xz = d.path().join("m.ko.xz");
+        let mut out = Vec::new();
+        lzma_rs::xz_compress(&mut Cursor::new(&raw), &mut out).unwrap();
+        std::fs::write(&xz, out).unwrap();
+        for p in [gz, xz] {
+            let e = format!("{:#}", open_capped(&p, 64).err().unwrap());
+            assert!(
+                e.starts_with(&format!("decompressing {}", p.display()))
+                    && e.ends_with("decompresses to more than 64 bytes"),
+                "{e}"
+            );
         }
     }
 
