@@ -220,15 +220,18 @@ pub enum IdentityMatch {
 }
 
 impl ModuleIdentity {
+    /// The identity of a module file from what was read of it.
+    pub fn new(elf: &elf::ElfInfo, info: &ModInfo) -> Self {
+        Self {
+            build_id: elf.build_id.clone(),
+            srcversion: info.srcversion.clone(),
+            version: info.version.clone(),
+        }
+    }
+
     /// The identity of the module file at `path` (compressed or not).
     pub fn of_file(path: &Path) -> Result<Self> {
-        let elf = elf::ElfInfo::read(path)?;
-        let info = ModInfo::read(path)?;
-        Ok(Self {
-            build_id: elf.build_id,
-            srcversion: info.srcversion,
-            version: info.version,
-        })
+        Ok(Self::new(&elf::ElfInfo::read(path)?, &ModInfo::read(path)?))
     }
 
     /// Compares the live module `live` with this file: build IDs first, then srcversion, then version.

@@ -15,7 +15,7 @@ mod outcome;
 pub mod record;
 pub mod status;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -87,6 +87,8 @@ fn now() -> u64 {
 struct Staged {
     tree: ModuleTree,
     order: Vec<ModuleFile>,
+    /// The identity of each of the package's own files, read while verifying.
+    identities: BTreeMap<ModName, ModuleIdentity>,
     /// Extracted firmware to place before inserting.
     firmware: Option<PathBuf>,
 }
@@ -205,12 +207,13 @@ impl Engine<'_> {
         let Staged {
             tree,
             order,
+            identities,
             firmware,
         } = staged;
 
         let mut record = self.current_record(c)?;
 
-        self.check_live(c, &order, &record)?;
+        self.check_live(c, &order, &identities, &record)?;
         self.hook(c, "pre_load", c.hooks.pre_load.as_ref(), out)?;
 
         // Make room: take out the in-tree modules this config replaces.
@@ -334,6 +337,7 @@ impl Engine<'_> {
         &self,
         c: &ModuleConfig,
         order: &[ModuleFile],
+        identities: &BTreeMap<ModName, ModuleIdentity>,
         record: &Record,
     ) -> Result<(), Fail> {
         let fail = Fail::at(Step::Verify);
@@ -368,7 +372,10 @@ impl Engine<'_> {
                     )));
                 }
             }
-            let file = ModuleIdentity::of_file(&f.path).map_err(Fail::at(Step::Verify))?;
+            let file = match identities.get(&f.name) {
+                Some(i) => i.clone(),
+                None => ModuleIdentity::of_file(&f.path).map_err(Fail::at(Step::Verify))?,
+            };
             let live = self.kmods.identity(&f.name);
             let detail = match file.compare(&live) {
                 IdentityMatch::Same => continue,
@@ -559,10 +566,12 @@ impl Engine<'_> {
         // Verify our files before touching the kernel.
         let reference = verify::reference_vermagic(&self.layout.host_tree(&self.kernel));
         let arch = crate::kernel::arch();
+        let mut identities = BTreeMap::new();
         for f in order.iter().filter(|f| !f.in_tree) {
             let elf = ElfInfo::read(&f.path).map_err(Fail::at(Step::Verify))?;
             verify::check_machine(f, &elf, &arch).map_err(Fail::at(Step::Verify))?;
             let info = ModInfo::read(&f.path).map_err(Fail::at(Step::Verify))?;
+            identities.insert(f.name.clone(), ModuleIdentity::new(&elf, &info));
             let expected = c
                 .modules
                 .contains(&f.name)
@@ -579,6 +588,7 @@ impl Engine<'_> {
         Ok(Staged {
             tree,
             order,
+            identities,
             firmware,
         })
     }
