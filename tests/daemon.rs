@@ -626,14 +626,7 @@ fn a_silent_registry_fails_the_load_while_the_daemon_answers() {
     let mut text = fs::read_to_string(&toml).unwrap();
     text.push_str("podman = \"podman\"\npull_timeout_seconds = 3\n");
     fs::write(&toml, text).unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for s in listener.incoming() {
-            held.push(s);
-        }
-    });
+    let port = common::silent_registry();
     let reference = format!("127.0.0.1:{port}/kvcd/silent:1");
     node.module(
         "silent",

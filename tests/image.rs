@@ -778,15 +778,7 @@ fn an_image_with_a_whole_kernel_tree_gives_only_the_driver() {
 fn a_registry_that_never_answers_times_the_pull_out_and_kills_podman() {
     let _g = podman_lock();
     let env = Env::new();
-    // A "registry" that accepts connections and never says a word.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for s in listener.incoming() {
-            held.push(s);
-        }
-    });
+    let port = common::silent_registry();
     let reference = format!("127.0.0.1:{port}/kvcd/silent:1");
     let c = env.config(
         "silent",

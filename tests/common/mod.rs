@@ -289,3 +289,17 @@ impl KernelModules for SharedFake {
         self.0.set_firmware_search_path(path)
     }
 }
+
+/// A "registry" on 127.0.0.1 that accepts connections and never says a word;
+/// returns its port. It lives as long as the test process.
+pub fn silent_registry() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming() {
+            held.push(s);
+        }
+    });
+    port
+}
