@@ -293,6 +293,40 @@ impl Podman {
         Ok(())
     }
 
+    /// Removes every container (running or not) that carries `label`
+    /// (`KEY=VALUE`); returns their IDs.
+    pub fn remove_labelled_containers(&self, label: &str) -> Result<Vec<String>> {
+        let filter = format!("label={label}");
+        let args = ["ps", "-aq", "--filter", &filter].map(String::from);
+        let run = self
+            .run("ps", &args, self.short_timeout, None)
+            .map_err(|e| e.context(format!("looking for containers labelled {label}")))?;
+        if !run.ok {
+            bail!("looking for containers labelled {label}: {}", run.cause());
+        }
+        let ids: Vec<String> = run
+            .stdout
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if ids.is_empty() {
+            return Ok(ids);
+        }
+        let mut args = ["rm", "--force", "--time", "0", "--"]
+            .map(String::from)
+            .to_vec();
+        args.extend(ids.iter().cloned());
+        let run = self
+            .run("rm", &args, self.short_timeout, None)
+            .map_err(|e| e.context(format!("removing container(s) {}", ids.join(" "))))?;
+        if !run.ok {
+            bail!("removing container(s) {}: {}", ids.join(" "), run.cause());
+        }
+        Ok(ids)
+    }
+
     /// Mounts the image's root file system read-only; returns the path.
     pub fn mount(&self, image_id: &str) -> Result<PathBuf> {
         let args = ["image", "mount", "--", image_id].map(String::from);

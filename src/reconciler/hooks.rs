@@ -16,8 +16,6 @@ use crate::kernel::{TemplateVars, arch, expand, expand_all};
 const READY_POLL: Duration = Duration::from_millis(200);
 /// Pause between attempts of a ready command.
 const READY_RETRY: Duration = Duration::from_secs(1);
-/// How long each podman call removing a timed-out library's containers may take.
-const CLEANUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Nanoseconds since the epoch, to make names unique.
 fn now_nanos() -> u128 {
@@ -263,43 +261,22 @@ impl Engine<'_> {
     /// Removes the containers of a timed-out library action (its `kvc_c_run`
     /// label): killing a podman client does not stop its container.
     fn remove_left_containers(&self, label: &str, out: &mut Outcome) {
-        let podman = self.podman.program();
-        let ids = RefCell::new(Vec::new());
-        let mut ps = std::process::Command::new(podman);
-        ps.args(["ps", "-aq", "--filter", &format!("label={label}")]);
-        out.podman_calls += 1;
-        let found = hooks::run("podman ps", ps, CLEANUP_TIMEOUT, &|is_stderr, line| {
-            if !is_stderr && !line.trim().is_empty() {
-                ids.borrow_mut().push(line.trim().to_owned());
-            }
-        });
-        if let Err(e) = found {
-            self.log(
-                out,
-                Step::Kvc,
-                format!("could not look for containers labelled {label}: {e}"),
-            );
-            return;
-        }
-        let ids = ids.into_inner();
-        if ids.is_empty() {
-            return;
-        }
-        let mut rm = std::process::Command::new(podman);
-        rm.args(["rm", "--force", "--time", "0"]).args(&ids);
-        out.podman_calls += 1;
-        let detail = match hooks::run("podman rm", rm, CLEANUP_TIMEOUT, &|_, _| {}) {
-            Ok(()) => format!(
+        let calls = self.podman.calls();
+        let detail = match self.podman.remove_labelled_containers(label) {
+            Ok(ids) if ids.is_empty() => None,
+            Ok(ids) => Some(format!(
                 "removed {} container(s) the library's kvc_c_run left running: {}",
                 ids.len(),
                 ids.join(" ")
-            ),
-            Err(e) => format!(
-                "could not remove container(s) {} the library's kvc_c_run left running: {e}",
-                ids.join(" ")
-            ),
+            )),
+            Err(e) => Some(format!(
+                "could not remove the containers the library's kvc_c_run left running: {e:#}"
+            )),
         };
-        self.log(out, Step::Kvc, detail);
+        out.podman_calls += self.podman.calls() - calls;
+        if let Some(d) = detail {
+            self.log(out, Step::Kvc, d);
+        }
     }
 
     /// KVC library mode, prepare: the library's build_kmods for the target kernel
