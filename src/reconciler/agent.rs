@@ -154,8 +154,7 @@ pub struct Agent {
     status: watch::Sender<Arc<Snapshot>>,
     seq: u64,
     running: usize,
-    shutting_down: bool,
-    /// When a stopping agent stops waiting for running steps.
+    /// Set once the agent is stopping: when it stops waiting for running steps.
     stop_deadline: Option<Instant>,
     ready: bool,
     last_summary: String,
@@ -193,7 +192,6 @@ impl Agent {
             status,
             seq: 0,
             running: 0,
-            shutting_down: false,
             stop_deadline: None,
             ready: false,
             last_summary: String::new(),
@@ -440,7 +438,7 @@ impl Agent {
     }
 
     fn request(&mut self, req: &Request) -> Result<u64, AgentError> {
-        if self.shutting_down {
+        if self.shutting_down() {
             return Err(AgentError::ShuttingDown);
         }
         let name = match &req {
@@ -528,13 +526,17 @@ impl Agent {
         Ok(self.seq)
     }
 
+    /// True once SIGTERM (or a stop request) has come.
+    fn shutting_down(&self) -> bool {
+        self.stop_deadline.is_some()
+    }
+
     fn begin_shutdown(&mut self) {
-        if self.shutting_down {
+        if self.shutting_down() {
             // Asked again: stop waiting.
             self.stop_deadline = Some(Instant::now());
             return;
         }
-        self.shutting_down = true;
         self.stop_deadline =
             Some(Instant::now() + Duration::from_secs(self.settings.stop_timeout_seconds));
         for e in self.entries.values_mut() {
@@ -679,7 +681,7 @@ impl Agent {
             self.settings.retry_base_seconds,
             self.settings.retry_max_seconds,
         );
-        let shutting_down = self.shutting_down;
+        let shutting_down = self.shutting_down();
         let Some(e) = self.entries.get_mut(name) else {
             return;
         };
@@ -800,7 +802,7 @@ impl Agent {
         self.reload_config(Some(&desired));
         self.restore();
         loop {
-            if !self.shutting_down || self.settings.unload_on_stop {
+            if !self.shutting_down() || self.settings.unload_on_stop {
                 self.schedule();
             }
             self.publish(notify);
@@ -809,13 +811,13 @@ impl Agent {
                 notify("READY=1");
                 info!("ready: {}", self.last_summary);
             }
-            if self.shutting_down
+            if self.shutting_down()
                 && self.running == 0
                 && (self.idle() || !self.settings.unload_on_stop)
             {
                 break;
             }
-            if self.shutting_down && self.stop_deadline.is_some_and(|t| t <= Instant::now()) {
+            if self.stop_deadline.is_some_and(|t| t <= Instant::now()) {
                 let left: Vec<&str> = self
                     .entries
                     .iter()
@@ -829,17 +831,15 @@ impl Agent {
                 );
                 break;
             }
-            let next_retry = self.entries.values().filter_map(|e| e.retry_at).min();
-            let next_wake = if self.shutting_down {
-                self.stop_deadline
-            } else {
-                next_retry
-            };
+            // Stopping clears every retry: then only the stop deadline wakes the loop.
+            let next_wake = self
+                .stop_deadline
+                .or_else(|| self.entries.values().filter_map(|e| e.retry_at).min());
             let ev = match next_wake {
                 Some(t) => tokio::select! {
                     ev = self.rx.recv() => ev,
                     () = tokio::time::sleep_until(t.into()) => {
-                        if !self.shutting_down {
+                        if !self.shutting_down() {
                             self.fire_retries();
                         }
                         continue;
