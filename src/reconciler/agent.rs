@@ -22,7 +22,7 @@ use super::{Engine, Outcome, RecordStore, State, Step, StepLog};
 use crate::config::{Config, DaemonSettings, ModuleConfig, Overrides};
 use crate::kernel::KernelRelease;
 use crate::kmod::KernelModules;
-use crate::util::write_atomic;
+use crate::util::{unix_now, write_atomic};
 
 /// Makes a handle to the running kernel's modules for one piece of work.
 pub type KmodsFactory = Arc<dyn Fn() -> Result<Box<dyn KernelModules>> + Send + Sync>;
@@ -132,12 +132,6 @@ struct Entry {
     retry_op: Op,
     /// The file is gone: unload (if needed), then forget it.
     removed: bool,
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// The agent. Build it with [`Agent::new`], run it with [`Agent::run`].

@@ -17,7 +17,6 @@ pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, anyhow};
 use tracing::{info, warn};
@@ -75,12 +74,6 @@ impl Fail {
     fn at(step: Step) -> impl FnOnce(anyhow::Error) -> Self {
         move |e| Self(step, e, State::Failed)
     }
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// A module config staged for loading: its tree and verified load order.
@@ -320,7 +313,7 @@ impl Engine<'_> {
                 inserted: Vec::new(),
                 removed_in_tree: Vec::new(),
                 firmware: Vec::new(),
-                since: now(),
+                since: crate::util::unix_now(),
             },
         };
         record.config_digest.clone_from(&c.digest);
