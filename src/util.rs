@@ -25,6 +25,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     f.write_all(data)
         .and_then(|()| f.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;
+    crate::failpoint::hit("file.written");
     fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())

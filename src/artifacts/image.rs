@@ -21,14 +21,14 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 use super::podman::{BUILT_LABEL, BuildArgs, ImageInfo, LineSink, Podman};
-use super::root::{copy_file_hashed, sweep_stale_tmp};
+use super::root::copy_file_hashed;
 use crate::config::{ImageSource, PullPolicy};
 use crate::kernel::{KernelRelease, TemplateVars, expand, expand_all};
 use crate::kmod::{ModInfo, ModName};
-use crate::util::write_atomic;
+use crate::state::file::{self, Versioned};
+use crate::state::index::{self, ImageIndex};
+use crate::state::{COMPLETE, Layout, sweep_stale_tmp};
 
-const COMPLETE: &str = ".kvcd-complete";
-const INDEX: &str = "index.json";
 const MAX_LINKS: usize = 8;
 /// Deepest directory nesting walked in an image.
 const MAX_DEPTH: usize = 32;
@@ -83,14 +83,9 @@ pub struct Fetched {
     pub notes: Vec<String>,
 }
 
-/// `index.json`: which extraction is current for (config, kernel).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Index {
-    config_digest: String,
-    reference: String,
-    digest: String,
-    dir: String,
-    built: bool,
+impl Versioned for Manifest {
+    const VERSION: u32 = 1;
+    const WHAT: &'static str = "extraction manifest";
 }
 
 /// One extracted file in the manifest.
@@ -134,18 +129,10 @@ pub struct ImageStore<'a> {
 
 impl ImageStore<'_> {
     fn dir(&self, config: &str, kernel: &KernelRelease) -> PathBuf {
-        self.state_dir
-            .join("images")
-            .join(config)
-            .join(kernel.as_str())
+        Layout::image_dir(self.state_dir, config, kernel.as_str())
     }
 
-    fn read_index(dir: &Path) -> Option<Index> {
-        let data = fs::read(dir.join(INDEX)).ok()?;
-        serde_json::from_slice(&data).ok()
-    }
-
-    fn from_index(dir: &Path, idx: &Index, src: &ImageSource, notes: Vec<String>) -> Fetched {
+    fn from_index(dir: &Path, idx: &ImageIndex, src: &ImageSource, notes: Vec<String>) -> Fetched {
         let base = dir.join(&idx.dir);
         Fetched {
             modules: base.join("modules"),
@@ -171,7 +158,7 @@ impl ImageStore<'_> {
         } = *req;
         let reference = expand(&src.reference, vars).context("key `image.ref`")?;
         let dir = self.dir(config_name, &vars.kernel);
-        let index = Self::read_index(&dir).filter(|i| {
+        let index = index::read(&dir).ok().flatten().filter(|i| {
             i.config_digest == config_digest
                 && i.reference == reference
                 && dir.join(&i.dir).join(COMPLETE).exists()
@@ -226,14 +213,14 @@ impl ImageStore<'_> {
             firmware_dir.as_deref(),
             &wanted,
         )?);
-        let idx = Index {
+        let idx = ImageIndex {
             config_digest: config_digest.to_owned(),
             reference: reference.clone(),
             digest,
             dir: name.clone(),
             built,
         };
-        write_atomic(&dir.join(INDEX), &serde_json::to_vec_pretty(&idx)?)?;
+        index::write(&dir, &idx)?;
         // Other extractions for this config and kernel are superseded (one
         // in progress in another live process stays).
         for entry in fs::read_dir(&dir)?.flatten() {
@@ -394,13 +381,19 @@ impl ImageStore<'_> {
             fs::remove_dir_all(&tmp)?;
         }
         fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let root = match self.podman.mount(&info.id) {
+        // The marker says a mount may be left if this process dies before unmounting.
+        let marker = Layout::mount_marker(self.state_dir, &info.id);
+        let root = crate::util::write_atomic(&marker, reference.as_bytes())
+            .and_then(|()| self.podman.mount(&info.id));
+        let root = match root {
             Ok(r) => r,
             Err(e) => {
+                let _ = fs::remove_file(&marker);
                 let _ = fs::remove_dir_all(&tmp);
                 return Err(e);
             }
         };
+        crate::failpoint::hit("image.mounted");
         let copied = (|| {
             let img = Image { root: &root };
             let mods = extract_modules(&img, modules_dir, &tmp.join("modules"), wanted)
@@ -429,7 +422,11 @@ impl ImageStore<'_> {
             }
             Ok((files, notes))
         })();
+        crate::failpoint::hit("image.copied");
         let unmounted = self.podman.unmount(&info.id);
+        if unmounted.is_ok() {
+            let _ = fs::remove_file(&marker);
+        }
         let (files, notes) = match copied.and_then(|c| unmounted.map(|()| c)) {
             Ok(f) => f,
             Err(e) => {
@@ -447,17 +444,16 @@ impl ImageStore<'_> {
             files,
         };
         let finish = || -> Result<()> {
-            fs::write(
-                tmp.join("manifest.json"),
-                serde_json::to_vec_pretty(&manifest)?,
-            )?;
+            fs::write(tmp.join("manifest.json"), file::encode(&manifest)?)?;
             fs::write(tmp.join(COMPLETE), b"")?;
             let dest = dir.join(name);
             if dest.exists() {
                 fs::remove_dir_all(&dest)?;
             }
             fs::rename(&tmp, &dest)
-                .with_context(|| format!("renaming {} into place", tmp.display()))
+                .with_context(|| format!("renaming {} into place", tmp.display()))?;
+            crate::failpoint::hit("image.renamed");
+            Ok(())
         };
         if let Err(e) = finish() {
             let _ = fs::remove_dir_all(&tmp);

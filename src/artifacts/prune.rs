@@ -12,6 +12,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::podman::Podman;
+use crate::state::{Layout, index};
 
 /// Default number of kernels whose artifacts are kept per module config.
 pub const DEFAULT_KEEP_KERNELS: usize = 3;
@@ -71,23 +72,13 @@ fn subdirs(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Module configs that have artifacts in the state directory.
-pub fn configs_with_artifacts(state_dir: &Path) -> BTreeSet<String> {
-    ["roots", "images"]
-        .iter()
-        .flat_map(|k| subdirs(&state_dir.join(k)))
-        .collect()
-}
-
 /// The reference of a kvcd-built image recorded for an extraction, if any.
-fn built_reference(images_kernel_dir: &Path) -> Option<String> {
-    let data = fs::read(images_kernel_dir.join("index.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&data).ok()?;
-    if v["built"].as_bool()? {
-        v["reference"].as_str().map(str::to_owned)
-    } else {
-        None
-    }
+fn built_reference(image_dir: &Path) -> Option<String> {
+    index::read(image_dir)
+        .ok()
+        .flatten()
+        .filter(|i| i.built)
+        .map(|i| i.reference)
 }
 
 /// Prunes `config`'s artifacts down to the newest `keep` kernels plus `protect`.
@@ -100,8 +91,8 @@ pub fn prune_config(
     protect: &[&str],
     dry_run: bool,
 ) -> Result<Pruned> {
-    let roots = state_dir.join("roots").join(config);
-    let images = state_dir.join("images").join(config);
+    let roots = Layout::roots_of(state_dir, config);
+    let images = Layout::images_of(state_dir, config);
     let mut kernels: Vec<String> = subdirs(&roots)
         .into_iter()
         .chain(subdirs(&images))
@@ -205,6 +196,6 @@ mod tests {
         let p = prune_config(t.path(), None, "x", 0, &[], false).unwrap();
         assert_eq!(p.kernels.len(), 3);
         assert!(!t.path().join("roots/x").exists() && !t.path().join("images/x").exists());
-        assert!(configs_with_artifacts(t.path()).is_empty());
+        assert!(Layout::configs_with_artifacts(t.path()).is_empty());
     }
 }

@@ -25,13 +25,13 @@ use tracing::debug;
 use crate::hooks::{RunError, describe, run_lines};
 use crate::kernel::KernelRelease;
 use crate::kmod::ModName;
+use crate::state::{COMPLETE, Layout, is_stale_tmp, sweep_stale_tmp};
 use crate::util::hex;
 
 /// Default for `depmod_timeout_seconds`.
 pub const DEFAULT_DEPMOD_TIMEOUT: u64 = 120;
 /// Subdirectory of the tree holding our modules.
 pub const OUR_SUBDIR: &str = "kvcd";
-const COMPLETE: &str = ".kvcd-complete";
 /// Prefix of directories being built; `.tmp-…-PID`.
 const TMP_PREFIX: &str = ".tmp-";
 /// Files copied from the host tree so depmod knows the built-in modules.
@@ -219,45 +219,6 @@ fn copy_sparse(from: &Path, to: &Path, hash: bool) -> Result<FileDigest> {
     })
 }
 
-/// The process id in a `.tmp-…-PID` name.
-fn tmp_owner(name: &str) -> Option<i32> {
-    name.strip_prefix(TMP_PREFIX)?
-        .rsplit('-')
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// True for a `.tmp-…-PID` entry whose process is not running (a crash or
-/// kill left it): kvcd's own in-progress directories and other live
-/// processes' ones are kept.
-fn is_stale_tmp(name: &str) -> bool {
-    match tmp_owner(name) {
-        Some(pid) => {
-            u32::try_from(pid).is_ok_and(|p| p != std::process::id())
-                && !Path::new(&format!("/proc/{pid}")).exists()
-        }
-        None => name.starts_with(TMP_PREFIX),
-    }
-}
-
-/// Removes the stale `.tmp-*` directories in `dir` (left by a process that is
-/// gone); returns how many.
-pub fn sweep_stale_tmp(dir: &Path) -> usize {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return 0;
-    };
-    let mut n = 0;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if is_stale_tmp(&name) && fs::remove_dir_all(entry.path()).is_ok() {
-            debug!("removed stale {}", entry.path().display());
-            n += 1;
-        }
-    }
-    n
-}
-
 /// depmod's expected noise: index files a tree of extra modules does not have.
 fn is_depmod_noise(line: &str) -> bool {
     line.contains("could not open modules.order") || line.contains("could not open modules.builtin")
@@ -270,10 +231,7 @@ impl RootLayout {
     }
 
     fn roots_dir(&self, config: &str, kernel: &KernelRelease) -> PathBuf {
-        self.state_dir
-            .join("roots")
-            .join(config)
-            .join(kernel.as_str())
+        Layout::roots_of(&self.state_dir, config).join(kernel.as_str())
     }
 
     /// Builds (or reuses) the tree for `config` on `kernel` holding `files`.
@@ -335,9 +293,11 @@ impl RootLayout {
                     fs::remove_dir_all(&final_base)
                         .with_context(|| format!("removing stale {}", final_base.display()))?;
                 }
+                crate::failpoint::hit("tree.built");
                 fs::rename(&tmp, &final_base).with_context(|| {
                     format!("renaming {} to {}", tmp.display(), final_base.display())
                 })?;
+                crate::failpoint::hit("tree.renamed");
                 Ok(warnings)
             });
         let warnings = match built {
@@ -404,6 +364,7 @@ impl RootLayout {
         )
         .with_context(|| format!("writing {}", conf_dir.display()))?;
 
+        crate::failpoint::hit("depmod.before");
         let mut cmd = Command::new(&self.depmod);
         cmd.arg("-b")
             .arg(tmp)
@@ -490,27 +451,6 @@ mod tests {
         );
         std::os::unix::fs::symlink(&p, d.path().join("l.ko")).unwrap();
         assert!(hash_file(&d.path().join("l.ko")).is_err());
-    }
-
-    #[test]
-    fn stale_temp_dirs_are_those_of_gone_processes() {
-        assert!(!is_stale_tmp(&format!(".tmp-abc-{}", std::process::id())));
-        assert!(!is_stale_tmp("abcdef0123456789"));
-        assert!(is_stale_tmp(".tmp-abc-999999999"));
-        let d = tempfile::tempdir().unwrap();
-        fs::create_dir_all(d.path().join(".tmp-k-999999999/lib")).unwrap();
-        fs::create_dir_all(d.path().join(format!(".tmp-k-{}", std::process::id()))).unwrap();
-        fs::create_dir_all(d.path().join("k")).unwrap();
-        assert_eq!(sweep_stale_tmp(d.path()), 1);
-        let mut left: Vec<_> = fs::read_dir(d.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
-        assert_eq!(
-            left,
-            [format!(".tmp-k-{}", std::process::id()), "k".to_owned()]
-        );
     }
 
     /// A layout whose depmod is the shell script `script`, and a host tree for kernel `K`.

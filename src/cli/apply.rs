@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use clap::Args;
 
-use super::{EXIT_FAILED, PathArgs, lock_runtime};
+use super::{EXIT_FAILED, PathArgs, lock_state};
 use crate::artifacts::prune::compare_releases;
 use crate::config::Config;
 use crate::kernel::{KernelRelease, installed_kernels};
-use crate::kmod::Libkmod;
 use crate::reconciler::{Engine, OnStep, Outcome, Step, StepLog, order};
+use crate::state::Layout;
 
 /// `kvcd apply` arguments.
 #[derive(Debug, Args)]
@@ -92,10 +92,15 @@ pub(super) fn run(paths: &PathArgs, args: &ApplyArgs) -> Result<u8> {
         None => KernelRelease::running()?,
     };
     let d = &config.daemon;
-    let _lock = lock_runtime(&d.runtime_dir)?;
-    let kmods = Libkmod::new()?;
+    let _lock = lock_state(d)?;
+    let kmods = crate::kmod::open()?;
     let on_step: &OnStep<'_> = &print_step;
-    let engine = Engine::from_settings(d, &kernel, &kmods, (!args.json).then_some(on_step));
+    let engine = Engine::from_settings(d, &kernel, &*kmods, (!args.json).then_some(on_step));
+    for line in engine.recover(&Layout::from_settings(d)) {
+        if !args.json {
+            println!("kvcd: recover: {line}");
+        }
+    }
 
     let mut names = order::load_order(&args.names, &after_map(&config));
     if args.unload {
@@ -144,7 +149,7 @@ pub(super) fn prepare_next(paths: &PathArgs, args: &PrepareNextArgs) -> Result<u
         println!("prepare-next: prepare_next_kernels is off in kvcd.toml; nothing to do");
         return Ok(0);
     }
-    let _lock = lock_runtime(&d.runtime_dir)?;
+    let _lock = lock_state(d)?;
     let running = KernelRelease::running()?;
     let kernels = next_kernels(&config, &running);
     let names: Vec<String> = if args.names.is_empty() {
@@ -165,11 +170,11 @@ pub(super) fn prepare_next(paths: &PathArgs, args: &PrepareNextArgs) -> Result<u
             d.kernel_modules_dir.display()
         );
     }
-    let kmods = Libkmod::new()?;
+    let kmods = crate::kmod::open()?;
     let on_step: &OnStep<'_> = &print_step;
     let mut outcomes = Vec::new();
     for kernel in &kernels {
-        let engine = Engine::from_settings(d, kernel, &kmods, (!args.json).then_some(on_step));
+        let engine = Engine::from_settings(d, kernel, &*kmods, (!args.json).then_some(on_step));
         for name in &names {
             let o = match config.module(name) {
                 Ok(c) => engine.prepare(c),

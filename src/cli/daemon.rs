@@ -9,10 +9,9 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use tracing::{info, warn};
 
-use super::{PathArgs, lock_runtime};
+use super::{PathArgs, lock_state};
 use crate::config::{Config, Overrides};
 use crate::kernel::KernelRelease;
-use crate::kmod::{KernelModules, Libkmod};
 use crate::reconciler::agent::{Agent, Handle, KmodsFactory, Request};
 
 /// `kvcd daemon` arguments.
@@ -142,7 +141,7 @@ pub async fn run(
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let settings = Config::load(&opts.dirs, &opts.overrides).daemon;
-    let _lock = lock_runtime(&settings.runtime_dir)?;
+    let _lock = lock_state(&settings)?;
     let (agent, handle, status) = Agent::new(
         opts.dirs.clone(),
         opts.overrides.clone(),
@@ -245,8 +244,7 @@ pub(super) fn main(paths: &PathArgs, args: &DaemonArgs) -> Result<u8> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let factory: KmodsFactory =
-        Arc::new(|| Ok(Box::new(Libkmod::new()?) as Box<dyn KernelModules>));
+    let factory: KmodsFactory = Arc::new(crate::kmod::open);
     let opts = DaemonOptions {
         dirs: paths.dirs(),
         overrides: Overrides {

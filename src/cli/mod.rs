@@ -8,11 +8,8 @@ mod import_kvc;
 mod prune;
 mod wrapper;
 
-use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context as _;
-use nix::fcntl::{Flock, FlockArg};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -131,21 +128,9 @@ enum KvcctlCommand {
     InstallWrapper(wrapper::InstallArgs),
 }
 
-/// Takes the runtime directory's lock (`kvcd.lock`), waiting for another kvcd that holds it.
-fn lock_runtime(runtime_dir: &Path) -> anyhow::Result<Flock<fs::File>> {
-    fs::create_dir_all(runtime_dir)
-        .with_context(|| format!("creating runtime directory {}", runtime_dir.display()))?;
-    let path = runtime_dir.join("kvcd.lock");
-    let file = fs::File::create(&path).with_context(|| format!("opening {}", path.display()))?;
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(l) => Ok(l),
-        Err((f, _)) => {
-            eprintln!("waiting for another kvcd holding {}", path.display());
-            Flock::lock(f, FlockArg::LockExclusive)
-                .map_err(|(_, e)| e)
-                .with_context(|| format!("locking {}", path.display()))
-        }
-    }
+/// Takes kvcd's lock on the state and runtime directories, waiting for another kvcd that holds it.
+fn lock_state(settings: &crate::config::DaemonSettings) -> anyhow::Result<crate::state::Lock> {
+    crate::state::Layout::from_settings(settings).lock()
 }
 
 /// Logging: `KVCD_LOG` or `RUST_LOG` if set, else by `-v` (the daemon logs at info by default).

@@ -3,9 +3,9 @@
 use anyhow::Result;
 use clap::Args;
 
-use super::{PathArgs, lock_runtime};
+use super::{PathArgs, lock_state};
 use crate::artifacts::podman::Podman;
-use crate::artifacts::prune::{configs_with_artifacts, prune_config};
+use crate::artifacts::prune::prune_config;
 use crate::kernel::KernelRelease;
 use crate::reconciler::RecordStore;
 
@@ -30,13 +30,15 @@ pub(super) struct PruneArgs {
 pub(super) fn run(paths: &PathArgs, args: &PruneArgs) -> Result<u8> {
     let config = paths.load_strict()?;
     let d = &config.daemon;
-    let _lock = lock_runtime(&d.runtime_dir)?;
+    let _lock = lock_state(d)?;
     let keep = args.keep.unwrap_or(d.keep_kernels);
     let running = KernelRelease::running()?;
     let records = RecordStore::new(&d.runtime_dir);
     let podman = Podman::from_settings(d);
     let names: Vec<String> = if args.names.is_empty() {
-        configs_with_artifacts(&d.state_dir).into_iter().collect()
+        crate::state::Layout::configs_with_artifacts(&d.state_dir)
+            .into_iter()
+            .collect()
     } else {
         args.names.clone()
     };

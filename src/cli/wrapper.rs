@@ -20,6 +20,7 @@ use crate::artifacts::podman::Podman;
 use crate::config::{InstanceName, ModuleConfig, Source};
 use crate::hooks::kvc::{self, Action};
 use crate::kernel::{KernelRelease, TemplateVars, arch, expand};
+use crate::state::{Layout, index};
 
 /// First lines of every shim; an existing file starting with them may be replaced.
 const SHIM_MARKER: &str = "# Written by kvcctl install-wrapper; replaced when it runs again.";
@@ -122,13 +123,13 @@ fn not_present(reference: &str, name: &InstanceName, kernel: Option<&str>) -> St
 
 /// The image kvcd applied for `kernel` (its `index.json`), else the config's `image.ref` for `kernel`.
 fn image_reference(c: &ModuleConfig, state_dir: &Path, kernel: &KernelRelease) -> Result<String> {
-    let index = state_dir
-        .join("images")
-        .join(c.name.as_str())
-        .join(kernel.as_str())
-        .join("index.json");
-    if let Some(reference) = applied_reference(&index) {
-        return Ok(reference);
+    let dir = Layout::image_dir(state_dir, c.name.as_str(), kernel.as_str());
+    if let Some(index) = index::read(&dir)
+        .ok()
+        .flatten()
+        .filter(|i| !i.reference.is_empty())
+    {
+        return Ok(index.reference);
     }
     let Source::Image(src) = &c.source else {
         bail!("module config {} has no [image]", c.name);
@@ -140,16 +141,6 @@ fn image_reference(c: &ModuleConfig, state_dir: &Path, kernel: &KernelRelease) -
         mod_version: c.version.clone(),
     };
     expand(&src.reference, &vars).with_context(|| format!("{}: key `image.ref`", c.file.display()))
-}
-
-/// The `reference` recorded in an `index.json`, when the file exists and is readable.
-fn applied_reference(index: &Path) -> Option<String> {
-    let data = fs::read(index).ok()?;
-    let doc: serde_json::Value = serde_json::from_slice(&data).ok()?;
-    doc.get("reference")?
-        .as_str()
-        .filter(|r| !r.is_empty())
-        .map(str::to_owned)
 }
 
 /// A tool name usable as a file name in DIR and as a command in the image.

@@ -5,6 +5,7 @@
 pub mod elf;
 mod error;
 mod name;
+pub mod sim;
 mod sys;
 
 use std::collections::BTreeSet;
@@ -198,7 +199,8 @@ pub struct LiveModule {
 }
 
 /// What tells one build of a module from another: from a file, or from the kernel for a live module.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ModuleIdentity {
     /// The GNU build ID (`.note.gnu.build-id`), when there is one.
     pub build_id: Option<Vec<u8>>,
@@ -266,6 +268,17 @@ impl ModuleIdentity {
             (None, None) => IdentityMatch::Unknown,
         }
     }
+}
+
+/// The running kernel's modules: libkmod; with the `failpoints` feature and
+/// `KVCD_SIM_KERNEL=DIR`, the simulated kernel kept in DIR instead.
+pub fn open() -> Result<Box<dyn KernelModules>> {
+    if cfg!(feature = "failpoints") {
+        if let Some(dir) = std::env::var_os("KVCD_SIM_KERNEL") {
+            return Ok(Box::new(sim::SimKernel::new(dir)));
+        }
+    }
+    Ok(Box::new(Libkmod::new()?))
 }
 
 /// The running kernel's modules: the narrow seam the reconciler works through.

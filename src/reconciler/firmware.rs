@@ -37,8 +37,9 @@ pub(super) fn place(src: &Path, host: &Path, owned: &[PathBuf]) -> Result<Vec<Pa
         let dir = to.parent().unwrap_or(host);
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let tmp = dir.join(format!(
-            ".{}.kvcd-tmp",
-            to.file_name().unwrap_or_default().to_string_lossy()
+            ".{}.tmp-{}",
+            to.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
         ));
         let _ = fs::remove_file(&tmp);
         copy_file_hashed(&from, &tmp)
@@ -52,6 +53,19 @@ pub(super) fn place(src: &Path, host: &Path, owned: &[PathBuf]) -> Result<Vec<Pa
         placed.push(to);
     }
     Ok(placed)
+}
+
+/// The files under `host` that placing `src` may create: those not there yet
+/// and those kvcd placed before (`owned`). Written as the intent, so a kill
+/// in the middle of placing leaves no file kvcd would not know is its own.
+pub(super) fn may_create(src: &Path, host: &Path, owned: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    collect(src, src, &mut files)?;
+    Ok(files
+        .into_iter()
+        .map(|rel| host.join(rel))
+        .filter(|to| owned.contains(to) || fs::symlink_metadata(to).is_err())
+        .collect())
 }
 
 fn collect(base: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -68,6 +82,19 @@ fn collect(base: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Removes the temporary files a killed placement left anywhere under `host`; returns them.
+pub(super) fn sweep(host: &Path) -> Vec<PathBuf> {
+    let mut removed = crate::state::sweep_stale_tmp(host);
+    if let Ok(entries) = fs::read_dir(host) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                removed.extend(sweep(&e.path()));
+            }
+        }
+    }
+    removed
 }
 
 /// Removes `files` and then the directories under `host` they leave empty; returns how many files went.
@@ -117,6 +144,12 @@ mod tests {
             "{e}"
         );
         assert_eq!(fs::read(host.join("other.bin")).unwrap(), b"theirs");
+
+        // Only what is not there yet (or ours) may be created.
+        assert_eq!(
+            may_create(&src, &host, &placed[..1]).unwrap(),
+            vec![host.join("acme/a.bin")]
+        );
 
         assert_eq!(remove(&placed, &host), 2);
         assert!(!host.join("acme").exists());

@@ -112,6 +112,7 @@ impl Engine<'_> {
             Step::Hook,
             format!("running {which}: {}", argv.join(" ")),
         );
+        crate::failpoint::hit(&format!("hook.{which}.before"));
         self.run_logged(
             c,
             which,
@@ -121,6 +122,7 @@ impl Engine<'_> {
             out,
         )
         .map_err(|e| Fail::at(Step::Hook)(e.into()))?;
+        crate::failpoint::hit(&format!("hook.{which}.after"));
         self.log(out, Step::Hook, format!("{which} succeeded"));
         Ok(())
     }
@@ -312,13 +314,21 @@ impl Engine<'_> {
     pub(super) fn load_kvc(&self, c: &ModuleConfig, out: &mut Outcome) -> Result<(), Fail> {
         self.hook(c, "pre_load", c.hooks.pre_load.as_ref(), out)?;
         self.kvc_action(c, kvc::Action::Build, out)?;
-        let mut record = self.current_record(c)?;
+        let mut record = self.current_record(c, out)?;
         let mut changes = Changes::default();
         let result = self.replace_and_load_kvc(c, out, &mut record, &mut changes);
-        if result.is_err() {
-            self.roll_back(c, out, &changes);
-            return result;
+        if let Err(Fail(step, err, state)) = result {
+            let problems = self.roll_back(out, &changes, &mut record);
+            if problems.is_empty() {
+                return Err(Fail(step, err, state));
+            }
+            return Err(Fail(
+                step,
+                anyhow!("{err:#}; rollback incomplete: {}", problems.join("; ")),
+                state,
+            ));
         }
+        record.complete = true;
         self.records.put(&record).map_err(Fail::at(Step::Record))?;
         Ok(())
     }
@@ -375,13 +385,9 @@ impl Engine<'_> {
             ));
         }
         // In-tree modules the load took out go back in.
-        if let Some(mut record) = self
-            .records
-            .get(c.name.as_str())
-            .map_err(Fail::at(Step::Record))?
-        {
-            let restored = self.restore(&record.removed_in_tree, out);
-            record.removed_in_tree.retain(|m| !restored.contains(m));
+        if let Some(mut record) = self.settled_record(c.name.as_str(), out)? {
+            let removed = record.removed_in_tree.clone();
+            self.restore(&mut record, &removed, out);
             if !record.removed_in_tree.is_empty() {
                 self.records.put(&record).map_err(Fail::at(Step::Record))?;
                 return super::unrestored(&record);

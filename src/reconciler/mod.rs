@@ -10,9 +10,9 @@
 pub mod agent;
 mod firmware;
 mod hooks;
+mod intent;
 pub mod order;
 mod outcome;
-pub mod record;
 pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -32,8 +32,8 @@ use crate::kmod::{
     ModuleIdentity, ModuleTree,
 };
 
+pub use crate::state::{Intent, Owned, Record, RecordStore};
 pub use outcome::{Action, ImageRef, ModuleAction, Outcome, State, Step, StepError, StepLog};
-pub use record::{Owned, Record, RecordStore};
 
 /// A progress callback: module config name and the step just logged.
 pub type OnStep<'a> = dyn Fn(&str, &StepLog) + 'a;
@@ -152,23 +152,164 @@ impl Engine<'_> {
             }
             return out;
         }
+        crate::failpoint::hit("load.begin");
+        let mut record = match self.current_record(config, &mut out) {
+            Ok(r) => r,
+            Err(Fail(step, err, state)) => {
+                self.fail(&mut out, step, &err, state);
+                return out;
+            }
+        };
         let mut changes = Changes::default();
-        match self.try_load(config, &mut out, &mut changes) {
+        match self.try_load(config, &mut out, &mut changes, &mut record) {
             // A failing post_load hook or ready check leaves the modules in
             // (and recorded) for inspection; the state says what failed.
             Ok(()) => match self.after_load(config, &mut out) {
-                Ok(()) => {
-                    out.state = State::Loaded;
-                    self.prune(config, &mut out);
-                }
+                Ok(()) => match self.mark_complete(&mut record) {
+                    Ok(()) => {
+                        out.state = State::Loaded;
+                        self.prune(config, &mut out);
+                    }
+                    Err(Fail(step, err, state)) => self.fail(&mut out, step, &err, state),
+                },
                 Err(Fail(step, err, state)) => self.fail(&mut out, step, &err, state),
             },
             Err(Fail(step, err, state)) => {
                 self.fail(&mut out, step, &err, state);
-                self.roll_back(config, &mut out, &changes);
+                let problems = self.roll_back(&mut out, &changes, &mut record);
+                if !problems.is_empty() {
+                    if let Some(e) = &mut out.error {
+                        e.message = format!(
+                            "{}; rollback incomplete: {}",
+                            e.message,
+                            problems.join("; ")
+                        );
+                    }
+                }
             }
         }
         out
+    }
+
+    /// The record of `name`, with an intent a killed process left settled
+    /// (and written back) first.
+    fn settled_record(&self, name: &str, out: &mut Outcome) -> Result<Option<Record>, Fail> {
+        let Some(mut record) = self.records.get(name).map_err(Fail::at(Step::Record))? else {
+            return Ok(None);
+        };
+        if let Some(intent) = record.intent.take() {
+            for line in self.settle(&mut record, intent) {
+                self.log(out, Step::Record, line);
+            }
+            self.records.save(&record).map_err(Fail::at(Step::Record))?;
+        }
+        Ok(Some(record))
+    }
+
+    /// Settles an intent left in `record`; returns what was found, for the log.
+    fn settle(&self, record: &mut Record, intent: Intent) -> Vec<String> {
+        let s = intent::settle(record, intent, self.kmods);
+        let mut lines = vec![format!(
+            "found an unfinished {} (kvcd was stopped during it): {}",
+            s.intent, s.finding
+        )];
+        if let Intent::RemoveFirmware { files } = s.intent {
+            let n = firmware::remove(&files, &self.firmware_dir);
+            intent::confirm(record, Intent::RemoveFirmware { files });
+            lines.push(format!("removed {n} firmware file(s)"));
+        }
+        lines
+    }
+
+    /// Converges from whatever a killed kvcd left, before any other work (call
+    /// with the lock held): temporary files and directories, image mounts,
+    /// unfinished kernel changes in every record, and a firmware search path
+    /// no record needs. Returns what was done, for the log.
+    pub fn recover(&self, state: &crate::state::Layout) -> Vec<String> {
+        let mut done: Vec<String> = state
+            .sweep()
+            .into_iter()
+            .chain(firmware::sweep(&self.firmware_dir))
+            .map(|p| format!("removed {}, left by a stopped kvcd", p.display()))
+            .collect();
+        for (id, marker) in state.left_mounts() {
+            match self.podman.unmount(&id) {
+                Ok(()) => done.push(format!(
+                    "unmounted image {id}, left mounted by a stopped kvcd"
+                )),
+                Err(e) => done.push(format!("image {id} was left mounted; unmounting: {e:#}")),
+            }
+            let _ = std::fs::remove_file(marker);
+        }
+        let records = match self.records.all() {
+            Ok(r) => r,
+            Err(e) => {
+                done.push(format!("cannot read the records: {e:#}"));
+                return done;
+            }
+        };
+        for mut r in records {
+            let Some(intent) = r.intent.take() else {
+                continue;
+            };
+            let lines = self.settle(&mut r, intent);
+            done.extend(lines.into_iter().map(|l| format!("{}: {l}", r.config)));
+            if let Err(e) = self.records.save(&r) {
+                done.push(format!("{}: {e:#}", r.config));
+            }
+        }
+        let mut out = Outcome::new("kvcd", &self.kernel);
+        self.release_firmware_search_path(&mut out);
+        done.extend(out.steps.into_iter().map(|s| s.detail));
+        for d in &done {
+            info!(KVCD_STEP = "recover", "{d}");
+        }
+        done
+    }
+
+    /// Records that the load finished (post_load and the ready check passed).
+    fn mark_complete(&self, record: &mut Record) -> Result<(), Fail> {
+        crate::failpoint::hit("load.finished");
+        if record.complete {
+            return Ok(());
+        }
+        record.complete = true;
+        self.records.put(record).map_err(Fail::at(Step::Record))
+    }
+
+    /// Carries out one kernel change through the record: `intent` is written
+    /// first, then `act` runs; a change that returned `Ok(true)` is confirmed,
+    /// `Ok(false)` (nothing changed) drops the intent, and a failure is
+    /// settled from what the kernel shows. The record is written again after.
+    fn change(
+        &self,
+        record: &mut Record,
+        intent: Intent,
+        out: &mut Outcome,
+        act: impl FnOnce() -> Result<bool, Fail>,
+    ) -> Result<bool, Fail> {
+        let kind = intent.kind();
+        record.intent = Some(intent);
+        self.records.put(record).map_err(Fail::at(Step::Record))?;
+        crate::failpoint::hit(&format!("{kind}.before"));
+        let result = act();
+        crate::failpoint::hit(&format!("{kind}.after"));
+        if let Some(intent) = record.intent.take() {
+            match &result {
+                Ok(true) => intent::confirm(record, intent),
+                Ok(false) => {}
+                Err(_) => {
+                    let s = intent::settle(record, intent, self.kmods);
+                    self.log(
+                        out,
+                        Step::Record,
+                        format!("after the failed {}: {}", s.intent, s.finding),
+                    );
+                }
+            }
+        }
+        self.records.save(record).map_err(Fail::at(Step::Record))?;
+        result
     }
 
     /// The post_load hook, then the ready check.
@@ -182,6 +323,7 @@ impl Engine<'_> {
         c: &ModuleConfig,
         out: &mut Outcome,
         changes: &mut Changes,
+        record: &mut Record,
     ) -> Result<(), Fail> {
         for a in &c.after {
             let loaded = self
@@ -204,9 +346,8 @@ impl Engine<'_> {
             firmware,
         } = staged;
 
-        let mut record = self.current_record(c)?;
-
-        self.check_live(c, &order, &identities, &record)?;
+        crate::failpoint::hit("load.staged");
+        self.check_live(c, &order, &identities, record)?;
         self.hook(c, "pre_load", c.hooks.pre_load.as_ref(), out)?;
 
         // Make room: take out the in-tree modules this config replaces.
@@ -214,11 +355,11 @@ impl Engine<'_> {
             if record.inserted.iter().any(|o| o.name == *r) {
                 continue;
             }
-            self.take_out_in_tree(r, out, &mut record, changes)?;
+            self.take_out_in_tree(r, out, record, changes)?;
         }
 
         if let Some(fw) = &firmware {
-            self.place_firmware(fw, out, &mut record, changes)?;
+            self.place_firmware(fw, out, record, changes)?;
         }
 
         // Insert, dependencies first.
@@ -253,22 +394,31 @@ impl Engine<'_> {
             } else {
                 Vec::new()
             };
-            match self.kmods.insert(f, &params) {
-                Ok(()) => {}
-                Err(e) if e.kind == KmodErrorKind::AlreadyLoaded => {
-                    out.modules
-                        .push(ModuleAction::new(f, Action::AlreadyLoaded, params));
-                    continue;
+            let identity = identities
+                .get(&f.name)
+                .cloned()
+                .unwrap_or_else(|| ModuleIdentity::of_file(&f.path).unwrap_or_default());
+            let intent = Intent::Insert {
+                module: Owned {
+                    name: f.name.clone(),
+                    path: f.path.clone(),
+                    configured,
+                },
+                identity,
+            };
+            let inserted = self.change(record, intent, out, || {
+                match self.kmods.insert(f, &params) {
+                    Ok(()) => Ok(true),
+                    Err(e) if e.kind == KmodErrorKind::AlreadyLoaded => Ok(false),
+                    Err(e) => Err(Fail::at(Step::Insert)(e.into())),
                 }
-                Err(e) => return Err(Fail::at(Step::Insert)(e.into())),
+            })?;
+            if !inserted {
+                out.modules
+                    .push(ModuleAction::new(f, Action::AlreadyLoaded, params));
+                continue;
             }
             changes.inserted.push(f.name.clone());
-            record.inserted.push(Owned {
-                name: f.name.clone(),
-                path: f.path.clone(),
-                configured,
-            });
-            self.records.put(&record).map_err(Fail::at(Step::Record))?;
             let shown = if params.is_empty() {
                 String::new()
             } else {
@@ -282,7 +432,8 @@ impl Engine<'_> {
             out.modules
                 .push(ModuleAction::new(f, Action::Inserted, params));
         }
-        self.records.put(&record).map_err(Fail::at(Step::Record))?;
+        // Written even when empty: a record says the config is applied (`after`).
+        self.records.put(record).map_err(Fail::at(Step::Record))?;
 
         let missing: Vec<_> = c
             .modules
@@ -301,9 +452,9 @@ impl Engine<'_> {
 
     /// This config's record for the target kernel (a new one when there is
     /// none), with the config's digest and `after` as they are now.
-    fn current_record(&self, c: &ModuleConfig) -> Result<Record, Fail> {
+    fn current_record(&self, c: &ModuleConfig, out: &mut Outcome) -> Result<Record, Fail> {
         let name = c.name.as_str();
-        let mut record = match self.records.get(name).map_err(Fail::at(Step::Record))? {
+        let mut record = match self.settled_record(name, out)? {
             Some(r) if r.kernel == self.kernel.as_str() => r,
             _ => Record {
                 config: name.to_owned(),
@@ -314,6 +465,8 @@ impl Engine<'_> {
                 removed_in_tree: Vec::new(),
                 firmware: Vec::new(),
                 since: crate::util::unix_now(),
+                complete: false,
+                intent: None,
             },
         };
         record.config_digest.clone_from(&c.digest);
@@ -684,16 +837,19 @@ impl Engine<'_> {
         changes: &mut Changes,
     ) -> Result<(), Fail> {
         let host = &self.firmware_dir;
-        let placed =
-            firmware::place(fw, host, &record.firmware).map_err(Fail::at(Step::Firmware))?;
-        changes.firmware.extend(
-            placed
-                .iter()
-                .filter(|p| !record.firmware.contains(p))
-                .cloned(),
-        );
+        let files =
+            firmware::may_create(fw, host, &record.firmware).map_err(Fail::at(Step::Firmware))?;
+        let owned = record.firmware.clone();
+        let mut placed = Vec::new();
+        self.change(record, Intent::PlaceFirmware { files }, out, || {
+            placed = firmware::place(fw, host, &owned).map_err(Fail::at(Step::Firmware))?;
+            Ok(true)
+        })?;
+        changes
+            .firmware
+            .extend(placed.iter().filter(|p| !owned.contains(p)).cloned());
         record.firmware.clone_from(&placed);
-        self.records.put(record).map_err(Fail::at(Step::Record))?;
+        self.records.save(record).map_err(Fail::at(Step::Record))?;
         self.log(
             out,
             Step::Firmware,
@@ -702,9 +858,11 @@ impl Engine<'_> {
         let want = host.to_string_lossy();
         match self.kmods.firmware_search_path() {
             Some(p) if p.is_empty() => {
+                crate::failpoint::hit("searchpath.set.before");
                 self.kmods
                     .set_firmware_search_path(host)
                     .map_err(Fail::at(Step::Firmware))?;
+                crate::failpoint::hit("searchpath.set.after");
                 self.log(
                     out,
                     Step::Firmware,
@@ -787,17 +945,17 @@ impl Engine<'_> {
             }
         }
         for m in removal {
-            self.kmods.remove(&m, false).map_err(|e| {
-                let state = if e.kind == KmodErrorKind::InUse {
-                    State::Busy
-                } else {
-                    State::Failed
-                };
-                Fail(Step::Replace, e.into(), state)
+            self.change(record, Intent::TakeOut { name: m.clone() }, out, || {
+                self.kmods.remove(&m, false).map(|()| true).map_err(|e| {
+                    let state = if e.kind == KmodErrorKind::InUse {
+                        State::Busy
+                    } else {
+                        State::Failed
+                    };
+                    Fail(Step::Replace, e.into(), state)
+                })
             })?;
             changes.removed.push(m.clone());
-            record.removed_in_tree.push(m.clone());
-            self.records.put(record).map_err(Fail::at(Step::Record))?;
             self.log(out, Step::Replace, format!("removed in-tree module {m}"));
         }
         Ok(())
@@ -821,49 +979,64 @@ impl Engine<'_> {
         Ok(())
     }
 
-    /// Undoes what a failed load changed: removes what it inserted, puts back what it removed.
-    fn roll_back(&self, c: &ModuleConfig, out: &mut Outcome, changes: &Changes) {
+    /// Undoes what a failed load changed: removes what it inserted, puts back
+    /// what it removed. Returns what could not be undone (empty when all was).
+    fn roll_back(&self, out: &mut Outcome, changes: &Changes, record: &mut Record) -> Vec<String> {
+        let mut problems = Vec::new();
         if changes.inserted.is_empty() && changes.removed.is_empty() && changes.firmware.is_empty()
         {
-            return;
+            return problems;
         }
-        let Ok(Some(mut record)) = self.records.get(c.name.as_str()) else {
-            return;
-        };
+        crate::failpoint::hit("rollback.begin");
         for m in changes.inserted.iter().rev() {
-            match self.kmods.remove(m, false) {
-                Ok(()) => {
-                    record.inserted.retain(|o| o.name != *m);
-                    self.log(out, Step::Remove, format!("rolled back: removed {m}"));
+            let removed = self.change(record, Intent::Remove { name: m.clone() }, out, || {
+                self.kmods
+                    .remove(m, false)
+                    .map(|()| true)
+                    .map_err(|e| Fail::at(Step::Remove)(e.into()))
+            });
+            match removed {
+                Ok(_) => self.log(out, Step::Remove, format!("rolled back: removed {m}")),
+                Err(Fail(_, e, _)) => {
+                    let p = format!("could not remove {m}: {e:#}");
+                    self.log(out, Step::Remove, format!("rollback {p}"));
+                    problems.push(p);
                 }
-                Err(e) => self.log(
-                    out,
-                    Step::Remove,
-                    format!("rollback could not remove {m}: {e}"),
-                ),
             }
         }
         if !changes.firmware.is_empty() {
-            let n = firmware::remove(&changes.firmware, &self.firmware_dir);
-            record.firmware.retain(|f| !changes.firmware.contains(f));
-            self.log(
-                out,
-                Step::Firmware,
-                format!("rolled back: removed {n} firmware file(s)"),
-            );
+            match self.remove_firmware(record, &changes.firmware, out) {
+                Ok(n) => self.log(
+                    out,
+                    Step::Firmware,
+                    format!("rolled back: removed {n} firmware file(s)"),
+                ),
+                Err(Fail(_, e, _)) => problems.push(format!("firmware: {e:#}")),
+            }
         }
-        let restored = self.restore(&changes.removed, out);
-        record.removed_in_tree.retain(|m| !restored.contains(m));
-        if let Err(e) = self.save_or_delete(&record) {
-            self.log(
-                out,
-                Step::Record,
-                format!("rollback could not update the record: {e:#}"),
-            );
-        }
+        problems.extend(self.restore(record, &changes.removed, out));
         if !changes.firmware.is_empty() {
             self.release_firmware_search_path(out);
         }
+        problems
+    }
+
+    /// Removes firmware files kvcd placed, through the record; returns how many went.
+    fn remove_firmware(
+        &self,
+        record: &mut Record,
+        files: &[PathBuf],
+        out: &mut Outcome,
+    ) -> Result<usize, Fail> {
+        let mut n = 0;
+        let intent = Intent::RemoveFirmware {
+            files: files.to_vec(),
+        };
+        self.change(record, intent, out, || {
+            n = firmware::remove(files, &self.firmware_dir);
+            Ok(true)
+        })?;
+        Ok(n)
     }
 
     /// Clears the kernel's firmware search path when it points at kvcd's
@@ -885,7 +1058,10 @@ impl Engine<'_> {
                 return;
             }
         }
-        match self.kmods.set_firmware_search_path(Path::new("")) {
+        crate::failpoint::hit("searchpath.clear.before");
+        let cleared = self.kmods.set_firmware_search_path(Path::new(""));
+        crate::failpoint::hit("searchpath.clear.after");
+        match cleared {
             Ok(()) => self.log(
                 out,
                 Step::Firmware,
@@ -899,57 +1075,45 @@ impl Engine<'_> {
         }
     }
 
-    fn save_or_delete(&self, record: &Record) -> Result<()> {
-        if record.inserted.is_empty()
-            && record.removed_in_tree.is_empty()
-            && record.firmware.is_empty()
-        {
-            self.records.delete(&record.config)
-        } else {
-            self.records.put(record)
-        }
-    }
-
-    /// Puts in-tree modules back from the host tree (reverse removal order); returns those restored.
-    fn restore(&self, removed: &[ModName], out: &mut Outcome) -> Vec<ModName> {
-        let mut restored = Vec::new();
+    /// Puts in-tree modules back from the host tree (reverse removal order),
+    /// through the record; returns what could not be put back.
+    fn restore(&self, record: &mut Record, removed: &[ModName], out: &mut Outcome) -> Vec<String> {
+        let mut problems = Vec::new();
         if removed.is_empty() {
-            return restored;
+            return problems;
         }
         let host = match ModuleTree::open(&self.layout.host_tree(&self.kernel)) {
             Ok(t) => t,
             Err(e) => {
-                self.log(
-                    out,
-                    Step::Restore,
-                    format!("cannot restore in-tree modules: {e:#}"),
-                );
-                return restored;
+                let p = format!("cannot restore in-tree modules: {e:#}");
+                self.log(out, Step::Restore, p.clone());
+                return vec![p];
             }
         };
         for m in removed.iter().rev() {
-            let result = host.load_order(std::slice::from_ref(m)).and_then(|files| {
-                for f in files {
-                    if self.kmods.live(&f.name)?.is_none() {
-                        let params = host.modprobe_options(&f.name);
-                        self.kmods.insert(&f, &params)?;
-                    }
-                }
-                Ok(())
+            let result = self.change(record, Intent::Restore { name: m.clone() }, out, || {
+                host.load_order(std::slice::from_ref(m))
+                    .and_then(|files| {
+                        for f in files {
+                            if self.kmods.live(&f.name)?.is_none() {
+                                let params = host.modprobe_options(&f.name);
+                                self.kmods.insert(&f, &params)?;
+                            }
+                        }
+                        Ok(true)
+                    })
+                    .map_err(Fail::at(Step::Restore))
             });
             match result {
-                Ok(()) => {
-                    self.log(out, Step::Restore, format!("restored in-tree module {m}"));
-                    restored.push(m.clone());
+                Ok(_) => self.log(out, Step::Restore, format!("restored in-tree module {m}")),
+                Err(Fail(_, e, _)) => {
+                    let p = format!("could not restore in-tree module {m}: {e:#}");
+                    self.log(out, Step::Restore, p.clone());
+                    problems.push(p);
                 }
-                Err(e) => self.log(
-                    out,
-                    Step::Restore,
-                    format!("could not restore in-tree module {m}: {e:#}"),
-                ),
             }
         }
-        restored
+        problems
     }
 
     /// Unloads what kvcd loaded for the module config `name`. `config` is its
@@ -966,17 +1130,18 @@ impl Engine<'_> {
 
     fn try_unload(
         &self,
-        config: &str,
+        name: &str,
         cfg: Option<&ModuleConfig>,
         out: &mut Outcome,
     ) -> Result<(), Fail> {
+        crate::failpoint::hit("unload.begin");
         let force = cfg.is_some_and(|c| c.force_unload);
-        let Some(mut record) = self.records.get(config).map_err(Fail::at(Step::Record))? else {
+        let Some(mut record) = self.settled_record(name, out)? else {
             self.log(out, Step::Remove, "nothing loaded by kvcd");
             return Ok(());
         };
         for other in self.records.all().map_err(Fail::at(Step::Record))? {
-            if other.config != config && other.after.iter().any(|a| a == config) {
+            if other.config != name && other.after.iter().any(|a| a == name) {
                 return Err(Fail(
                     Step::Remove,
                     anyhow!(
@@ -1029,20 +1194,23 @@ impl Engine<'_> {
             self.hook(c, "pre_unload", c.hooks.pre_unload.as_ref(), out)?;
         }
         for o in plan {
-            match self.kmods.remove(&o.name, force && o.configured) {
-                Ok(()) => {}
-                Err(e) if e.kind == KmodErrorKind::NotLoaded => {}
-                Err(e) => {
-                    let state = if e.kind == KmodErrorKind::InUse {
-                        State::Busy
-                    } else {
-                        State::Failed
-                    };
-                    return Err(Fail(Step::Remove, e.into(), state));
+            let intent = Intent::Remove {
+                name: o.name.clone(),
+            };
+            self.change(&mut record, intent, out, || {
+                match self.kmods.remove(&o.name, force && o.configured) {
+                    Ok(()) => Ok(true),
+                    Err(e) if e.kind == KmodErrorKind::NotLoaded => Ok(true),
+                    Err(e) => {
+                        let state = if e.kind == KmodErrorKind::InUse {
+                            State::Busy
+                        } else {
+                            State::Failed
+                        };
+                        Err(Fail(Step::Remove, e.into(), state))
+                    }
                 }
-            }
-            record.inserted.retain(|x| x.name != o.name);
-            self.records.put(&record).map_err(Fail::at(Step::Record))?;
+            })?;
             self.log(out, Step::Remove, format!("removed {}", o.name));
             out.modules.push(ModuleAction {
                 name: o.name.clone(),
@@ -1051,12 +1219,16 @@ impl Engine<'_> {
                 params: Vec::new(),
             });
         }
+        // What is left was not live (or is a dependency in use by others):
+        // no longer kvcd's to remove.
         record.inserted.clear();
+        record.complete = false;
+        self.records.save(&record).map_err(Fail::at(Step::Record))?;
 
         let had_firmware = !record.firmware.is_empty();
         if had_firmware {
-            let n = firmware::remove(&record.firmware, &self.firmware_dir);
-            record.firmware.clear();
+            let files = record.firmware.clone();
+            let n = self.remove_firmware(&mut record, &files, out)?;
             self.log(
                 out,
                 Step::Firmware,
@@ -1065,10 +1237,8 @@ impl Engine<'_> {
         }
 
         let removed = record.removed_in_tree.clone();
-        let restored = self.restore(&removed, out);
-        record.removed_in_tree.retain(|m| !restored.contains(m));
-        self.save_or_delete(&record)
-            .map_err(Fail::at(Step::Record))?;
+        self.restore(&mut record, &removed, out);
+        self.records.save(&record).map_err(Fail::at(Step::Record))?;
         if had_firmware {
             self.release_firmware_search_path(out);
         }
