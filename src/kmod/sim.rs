@@ -5,7 +5,8 @@
 //!
 //! `DIR/modules/NAME.json` is a live module (the file it came from, its
 //! parameters and dependencies, extra references); `DIR/firmware_path` is
-//! `firmware_class.path`. It behaves as the kernel does where kvcd cares:
+//! `firmware_class.path`; `DIR/refuse-insert` lists modules whose insert
+//! fails as a module the kernel rejects would. It behaves as the kernel does where kvcd cares:
 //! an insert needs its dependencies live, a module in use is not removed.
 
 use std::fs;
@@ -17,7 +18,6 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{KmodError, Op};
 use super::{InitState, KernelModules, LiveModule, ModInfo, ModName, ModuleFile, ModuleIdentity};
-use crate::util::write_atomic;
 
 /// One live module of the simulated kernel.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,7 +82,7 @@ impl SimKernel {
 
     /// Makes `name` live as if someone had loaded it from `module.path`.
     pub fn put(&self, name: &ModName, module: &SimModule) -> Result<()> {
-        write_atomic(&self.path(name), &serde_json::to_vec_pretty(module)?)
+        write(&self.path(name), &serde_json::to_vec_pretty(module)?)
     }
 
     fn holders(&self, name: &ModName) -> Result<Vec<ModName>> {
@@ -112,6 +112,10 @@ impl KernelModules for SimKernel {
         let err = |e| KmodError::new(Op::Insert, &file.name, e);
         if matches!(self.module(&file.name), Ok(Some(_))) {
             return Err(err(Errno::EEXIST));
+        }
+        let refused = fs::read_to_string(self.dir.join("refuse-insert")).unwrap_or_default();
+        if refused.lines().any(|l| l.trim() == file.name.as_str()) {
+            return Err(err(Errno::ENOEXEC));
         }
         let info = ModInfo::read(&file.path).map_err(|_| err(Errno::ENOEXEC))?;
         let mut depends = Vec::new();
@@ -171,9 +175,23 @@ impl KernelModules for SimKernel {
     }
 
     fn set_firmware_search_path(&self, path: &Path) -> Result<()> {
-        write_atomic(
+        write(
             &self.dir.join("firmware_path"),
             path.as_os_str().as_encoded_bytes(),
         )
     }
+}
+
+/// Replaces `path` in one step, as the kernel changes its state: a kill of
+/// kvcd never catches the simulated kernel half-way (no failpoint here).
+fn write(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().context("no parent directory")?;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.sim-{}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))
 }

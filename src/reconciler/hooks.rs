@@ -315,7 +315,7 @@ impl Engine<'_> {
         self.hook(c, "pre_load", c.hooks.pre_load.as_ref(), out)?;
         self.kvc_action(c, kvc::Action::Build, out)?;
         let mut record = self.current_record(c, out)?;
-        let mut changes = Changes::default();
+        let mut changes = Changes::resuming(&record);
         let result = self.replace_and_load_kvc(c, out, &mut record, &mut changes);
         if let Err(Fail(step, err, state)) = result {
             let problems = self.roll_back(out, &changes, &mut record);

@@ -94,6 +94,22 @@ struct Changes {
     firmware: Vec<PathBuf>,
 }
 
+impl Changes {
+    /// The changes a load starts from: none, or, when it resumes a load that
+    /// never finished (killed, or failed after inserting), everything that
+    /// load did, so a failure now undoes all of it.
+    fn resuming(record: &Record) -> Self {
+        if record.complete {
+            return Self::default();
+        }
+        Self {
+            inserted: record.inserted.iter().map(|o| o.name.clone()).collect(),
+            removed: record.removed_in_tree.clone(),
+            firmware: record.firmware.clone(),
+        }
+    }
+}
+
 impl<'a> Engine<'a> {
     /// An engine for `kernel` with the paths and programs of `settings` (kvcd.toml).
     pub fn from_settings(
@@ -160,7 +176,7 @@ impl Engine<'_> {
                 return out;
             }
         };
-        let mut changes = Changes::default();
+        let mut changes = Changes::resuming(&record);
         match self.try_load(config, &mut out, &mut changes, &mut record) {
             // A failing post_load hook or ready check leaves the modules in
             // (and recorded) for inspection; the state says what failed.
@@ -418,7 +434,9 @@ impl Engine<'_> {
                     .push(ModuleAction::new(f, Action::AlreadyLoaded, params));
                 continue;
             }
-            changes.inserted.push(f.name.clone());
+            if !changes.inserted.contains(&f.name) {
+                changes.inserted.push(f.name.clone());
+            }
             let shown = if params.is_empty() {
                 String::new()
             } else {
@@ -955,7 +973,9 @@ impl Engine<'_> {
                     Fail(Step::Replace, e.into(), state)
                 })
             })?;
-            changes.removed.push(m.clone());
+            if !changes.removed.contains(&m) {
+                changes.removed.push(m.clone());
+            }
             self.log(out, Step::Replace, format!("removed in-tree module {m}"));
         }
         Ok(())
