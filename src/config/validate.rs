@@ -522,7 +522,7 @@ fn image_subdir(d: &mut Diag<'_>, key: &str, v: &S<String>, has_version: bool) -
 }
 
 /// True for what podman build takes as a remote context.
-fn is_git_url(s: &str) -> bool {
+pub(super) fn is_git_url(s: &str) -> bool {
     ["https://", "http://", "git://", "ssh://", "git@"]
         .iter()
         .any(|p| s.starts_with(p))
