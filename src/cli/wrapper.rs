@@ -18,7 +18,7 @@ use clap::Args;
 use super::PathArgs;
 use crate::artifacts::podman::Podman;
 use crate::config::{InstanceName, ModuleConfig, Source};
-use crate::hooks::kvc::{self, Action};
+use crate::hooks::kvc::{self, KvcAction};
 use crate::kernel::{KernelRelease, TemplateVars, arch, expand};
 
 /// First lines of every shim; an existing file starting with them may be replaced.
@@ -81,7 +81,7 @@ pub(super) fn run(paths: &PathArgs, args: &WrapperArgs) -> Result<u8> {
         ),
         Source::KvcLibrary { libraries } => kvc::command(
             libraries,
-            Action::Wrapper,
+            KvcAction::Wrapper,
             module.name.as_str(),
             kernel.as_str(),
             podman,
