@@ -19,7 +19,7 @@ use super::PathArgs;
 use crate::artifacts::podman::Podman;
 use crate::config::{InstanceName, ModuleConfig, Source};
 use crate::hooks::kvc::{self, KvcAction};
-use crate::kernel::{KernelRelease, TemplateVars, arch, expand};
+use crate::kernel::{KernelRelease, TemplateVars, expand};
 
 /// First lines of every shim; an existing file starting with them may be replaced.
 const SHIM_MARKER: &str = "# Written by kvcctl install-wrapper; replaced when it runs again.";
@@ -133,12 +133,7 @@ fn image_reference(c: &ModuleConfig, state_dir: &Path, kernel: &KernelRelease) -
     let Source::Image(src) = &c.source else {
         bail!("module config {} has no [image]", c.name);
     };
-    let vars = TemplateVars {
-        kernel: kernel.clone(),
-        arch: arch(),
-        mod_name: c.name.to_string(),
-        mod_version: c.version.clone(),
-    };
+    let vars = TemplateVars::for_config(kernel, c.name.as_str(), c.version.as_deref());
     expand(&src.reference, &vars).with_context(|| format!("{}: key `image.ref`", c.file.display()))
 }
 

@@ -10,7 +10,7 @@ use tracing::info;
 use super::{Changes, Engine, Fail, Outcome, Record, State, Step, StepLog};
 use crate::config::{ModuleConfig, ReadyKind, Source};
 use crate::hooks::{self, kvc};
-use crate::kernel::{TemplateVars, arch, expand, expand_all};
+use crate::kernel::{TemplateVars, expand, expand_all};
 
 /// How often a ready check looks again.
 const READY_POLL: Duration = Duration::from_millis(200);
@@ -27,12 +27,7 @@ fn now_nanos() -> u128 {
 impl Engine<'_> {
     /// Template values for `c` on the target kernel.
     pub(super) fn vars(&self, c: &ModuleConfig) -> TemplateVars {
-        TemplateVars {
-            kernel: self.kernel.clone(),
-            arch: arch(),
-            mod_name: c.name.to_string(),
-            mod_version: c.version.clone(),
-        }
+        TemplateVars::for_config(&self.kernel, c.name.as_str(), c.version.as_deref())
     }
 
     /// The environment every hook gets: what it runs for.
