@@ -2,14 +2,14 @@
 //!
 //! Every call is counted, so callers (and tests) can tell whether a path
 //! spawned podman at all. Every call runs through the one process runner
-//! ([`crate::hooks::run_lines`]): its own process group, a timeout, TERM then
+//! ([`crate::hooks::run_tailed`]): its own process group, a timeout, TERM then
 //! KILL of the group. Output is handed line by line to a sink (the log)
 //! while the command runs; on failure the error carries podman's own cause
 //! and the last lines it printed. Positional arguments (references, IDs,
 //! paths) come after `--`, so none is ever taken for an option.
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde::Deserialize;
 
-use crate::hooks::{RunError, describe, run_lines};
+use crate::hooks::{Ran, RunError, TailOf, describe, run_tailed};
 
 /// Label on images kvcd built.
 pub const BUILT_LABEL: &str = "org.kvcd.built";
@@ -151,26 +151,22 @@ impl Podman {
         cmd.args(args);
         // Both streams, line by line as they come: a long build shows that it is alive.
         let mut stdout = String::new();
-        let mut tail = VecDeque::with_capacity(TAIL);
-        let result = run_lines(cmd, timeout, &mut |is_stderr, line| {
-            if !is_stderr {
-                stdout.push_str(&line);
-                stdout.push('\n');
-            }
-            if let Some(sink) = sink {
-                sink(&line);
-            }
-            if tail.len() == TAIL {
-                tail.pop_front();
-            }
-            tail.push_back(line);
-        });
+        let Ran { result, tail } =
+            run_tailed(cmd, timeout, TAIL, TailOf::Both, &mut |is_stderr, line| {
+                if !is_stderr {
+                    stdout.push_str(line);
+                    stdout.push('\n');
+                }
+                if let Some(sink) = sink {
+                    sink(line);
+                }
+            });
         match result {
             Ok(status) => Ok(Run {
                 ok: status.success(),
                 status: describe(status),
                 stdout,
-                tail: tail.into(),
+                tail,
             }),
             Err(RunError::Spawn(e)) => {
                 Err(anyhow!(e).context(format!("running {}", self.program.display())))
@@ -182,7 +178,7 @@ impl Podman {
                 );
                 if !tail.is_empty() {
                     msg.push_str("; last lines:\n  ");
-                    msg.push_str(&Vec::from(tail).join("\n  "));
+                    msg.push_str(&tail.join("\n  "));
                 }
                 Err(anyhow!(msg))
             }
