@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use super::podman::{BUILT_LABEL, BuildArgs, ImageInfo, LineSink, Podman};
+use super::podman::{BUILT_LABEL, BuildArgs, ContainerTool, ImageInfo, LineSink};
 use super::root::{copy_file_hashed, sweep_stale_tmp};
 use crate::config::{ImageSource, PullPolicy};
 use crate::kernel::{KernelRelease, TemplateVars, expand, expand_all};
@@ -129,7 +129,7 @@ pub struct ImageStore<'a> {
     /// kvcd's state directory; extractions go under `images/`.
     pub state_dir: &'a Path,
     /// Podman.
-    pub podman: &'a Podman,
+    pub podman: &'a dyn ContainerTool,
 }
 
 impl ImageStore<'_> {

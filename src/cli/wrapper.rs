@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Args;
 
 use super::PathArgs;
-use crate::artifacts::podman::Podman;
+use crate::artifacts::podman::{ContainerTool as _, Podman};
 use crate::config::{InstanceName, ModuleConfig, Source};
 use crate::hooks::kvc::{self, KvcAction};
 use crate::kernel::{KernelRelease, TemplateVars, expand};
