@@ -696,6 +696,107 @@ mod tests {
         );
     }
 
+    /// A podman that answers from the captures: `script` is the body of a
+    /// shell `case "$*"`, run with `F` set to the fixture directory; every
+    /// call's arguments are appended to `calls.log`.
+    fn scripted(dir: &Path, script: &str) -> Podman {
+        let fake = dir.join("podman");
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\nF={}\necho \"$*\" >> {}\ncase \"$*\" in\n{script}\nesac\n",
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures/podman")
+                    .display(),
+                dir.join("calls.log").display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        Podman::new(&fake)
+    }
+
+    fn logged(dir: &Path) -> Vec<String> {
+        lines(&std::fs::read_to_string(dir.join("calls.log")).unwrap_or_default())
+    }
+
+    #[test]
+    fn inspect_reads_an_image_and_a_missing_one_from_podmans_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = scripted(
+            dir.path(),
+            "*nothere*) cat $F/image-inspect-missing.json; cat $F/image-inspect-missing.stderr >&2; exit 125 ;;\n\
+             *broken*) echo 'Error: database is locked' >&2; exit 125 ;;\n\
+             *) cat $F/image-inspect-pulled.json ;;",
+        );
+        let info = p
+            .inspect("127.0.0.1:5731/kvcd/fixtures:6.1.0-57-amd64")
+            .unwrap();
+        assert_eq!(info.unwrap().id, FIXTURES_ID);
+        assert_eq!(p.inspect("localhost/kvcd-capture/nothere:1").unwrap(), None);
+        let e = p.inspect("localhost/broken:1").unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "inspecting image localhost/broken:1: database is locked"
+        );
+        assert_eq!(p.calls(), 3);
+        assert_eq!(
+            logged(dir.path())[1],
+            "image inspect --format json -- localhost/kvcd-capture/nothere:1"
+        );
+    }
+
+    #[test]
+    fn labelled_containers_are_found_in_podmans_ps_output_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = scripted(
+            dir.path(),
+            "*label=org.kvcd.kvc-action=none*) cat $F/ps-none.json ;;\n\
+             ps*) cat $F/ps-labelled.json ;;\n\
+             rm*) ;;",
+        );
+        let ids = p
+            .remove_labelled_containers("org.kvcd.kvc-action=1234-simple-kmod-99")
+            .unwrap();
+        assert_eq!(ids.len(), 2);
+        assert!(
+            p.remove_labelled_containers("org.kvcd.kvc-action=none")
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            logged(dir.path()),
+            [
+                "ps --all --format json --filter label=org.kvcd.kvc-action=1234-simple-kmod-99"
+                    .to_owned(),
+                format!("rm --force --time 0 -- {} {}", ids[0], ids[1]),
+                "ps --all --format json --filter label=org.kvcd.kvc-action=none".to_owned(),
+            ]
+        );
+        assert_eq!(p.calls(), 3);
+    }
+
+    #[test]
+    fn mount_gives_the_path_podman_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = scripted(
+            dir.path(),
+            "*mount*--*0cc8*) cat $F/image-mount.stdout ;;\n*mount*) ;;",
+        );
+        let root = p.mount("0cc8bc244ef3").unwrap();
+        assert!(
+            root.ends_with(
+                "vfs/dir/93700c50a8767181a570246e9d4425bc28f34b388fa365a601353e96aef54595"
+            )
+        );
+        let e = p.mount("other").unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "mounting image other: podman printed no mount point"
+        );
+    }
+
     #[test]
     fn cause_prefers_podmans_error_line() {
         let run = Run {
