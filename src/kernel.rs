@@ -158,6 +158,16 @@ pub struct TemplateVars {
 }
 
 impl TemplateVars {
+    /// The values for module config `name` (with its `version`, if any) on `kernel`, on this machine.
+    pub fn for_config(kernel: &KernelRelease, name: &str, version: Option<&str>) -> Self {
+        Self {
+            kernel: kernel.clone(),
+            arch: arch(),
+            mod_name: name.to_owned(),
+            mod_version: version.map(str::to_owned),
+        }
+    }
+
     /// The value of `var`, refused when it holds `/`, `..` or control characters.
     fn value(&self, var: &str) -> Result<String, TemplateError> {
         let v = self.raw_value(var)?;
@@ -258,6 +268,22 @@ mod tests {
             mod_name: "simple-kmod".into(),
             mod_version: Some("1.2.0".into()),
         }
+    }
+
+    #[test]
+    fn a_config_on_this_machine() {
+        let k = KernelRelease::parse("6.1.0-1-amd64").unwrap();
+        let v = TemplateVars::for_config(&k, "simple-kmod", Some("1.2.0"));
+        assert_eq!(
+            expand("${MOD_NAME}-${MOD_VERSION}:${KERNEL_FULL_VERSION}", &v).unwrap(),
+            "simple-kmod-1.2.0:6.1.0-1-amd64"
+        );
+        assert_eq!(expand("${ARCH}", &v).unwrap(), arch());
+        let v = TemplateVars::for_config(&k, "simple-kmod", None);
+        assert!(matches!(
+            expand("${MOD_VERSION}", &v),
+            Err(TemplateError::NoValue(..))
+        ));
     }
 
     #[test]

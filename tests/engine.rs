@@ -51,7 +51,7 @@ impl Env {
             kmods: &self.fake,
             firmware_dir: self.tmp.path().join("firmware"),
             keep_kernels: 3,
-            podman: Podman::new(Path::new("/nonexistent/podman")),
+            podman: Box::new(Podman::new(Path::new("/nonexistent/podman"))),
             records: RecordStore::new(&self.tmp.path().join("run")),
             on_step: None,
         }

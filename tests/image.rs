@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use common::{FakeKernel, Fixtures, images_env, podman_lock};
 use kvcd::artifacts::RootLayout;
 use kvcd::artifacts::image::Manifest;
-use kvcd::artifacts::podman::Podman;
+use kvcd::artifacts::podman::{ContainerTool as _, Podman};
 use kvcd::config::{Config, ModuleConfig, Overrides};
 use kvcd::kernel::KernelRelease;
 use kvcd::reconciler::{Engine, Outcome, RecordStore, State, Step};
@@ -57,7 +57,7 @@ impl Env {
             kmods: &self.fake,
             firmware_dir: self.tmp.path().join("firmware"),
             keep_kernels: 3,
-            podman: Podman::new(Path::new(podman)),
+            podman: Box::new(Podman::new(Path::new(podman))),
             records: RecordStore::new(&self.tmp.path().join("run")),
             on_step: None,
         }
@@ -787,10 +787,10 @@ fn a_registry_that_never_answers_times_the_pull_out_and_kills_podman() {
         ),
     );
     let mut engine = env.engine("podman");
-    engine.podman = Podman::new(Path::new("podman")).with_timeouts(
+    engine.podman = Box::new(Podman::new(Path::new("podman")).with_timeouts(
         std::time::Duration::from_secs(2),
         std::time::Duration::from_secs(120),
-    );
+    ));
     let msg = fail(&engine.prepare(&c), Step::Fetch);
     assert!(
         msg.contains(&format!(

@@ -433,7 +433,7 @@ fn an_image_kvc_built_is_used_by_the_imported_config_without_a_build() {
     let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kvc/kvc-simple-lib.sh");
     let built = kvcd::hooks::kvc::command(
         &[lib],
-        kvcd::hooks::kvc::Action::Build,
+        kvcd::hooks::kvc::KvcAction::Build,
         "kvc-migrated",
         &kver,
         Path::new("podman"),

@@ -329,7 +329,7 @@ fn fake_engine<'a>(
         kmods: fake,
         firmware_dir: tmp.join("firmware"),
         keep_kernels: 3,
-        podman: kvcd::artifacts::podman::Podman::new(Path::new("podman")),
+        podman: Box::new(kvcd::artifacts::podman::Podman::new(Path::new("podman"))),
         records: kvcd::reconciler::RecordStore::new(&tmp.join("run")),
         on_step: None,
     }

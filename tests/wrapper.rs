@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::{Fixtures, images_env, podman_lock};
-use kvcd::hooks::kvc::{self, Action};
+use kvcd::hooks::kvc::{self, KvcAction};
 use kvcd::kernel::KernelRelease;
 
 fn repo() -> &'static Path {
@@ -594,7 +594,7 @@ fn kvc_library_builds_its_image_and_runs_tools_through_its_wrapper() {
 
     let lib = repo().join("tests/fixtures/kvc/kvc-simple-lib.sh");
     let podman_bin = podman_path();
-    let action = |action: Action| {
+    let action = |action: KvcAction| {
         let mut c = kvc::command(
             std::slice::from_ref(&lib),
             action,
@@ -613,7 +613,7 @@ fn kvc_library_builds_its_image_and_runs_tools_through_its_wrapper() {
     };
 
     // build: builds once (labelled as KVC does), then finds the image.
-    let o = action(Action::Build);
+    let o = action(KvcAction::Build);
     assert_eq!(o.code, 0, "{o:#?}");
     assert!(
         o.stdout
@@ -622,7 +622,7 @@ fn kvc_library_builds_its_image_and_runs_tools_through_its_wrapper() {
     );
     let (code, label) = podman(&["image", "inspect", "--format", "{{.Labels.name}}", &image]);
     assert_eq!((code, label.trim()), (0, "kvc-simple"));
-    let o = action(Action::Build);
+    let o = action(KvcAction::Build);
     assert_eq!(o.code, 0, "{o:#?}");
     assert!(o.stdout.contains("is already built"), "{o:#?}");
 
@@ -666,10 +666,10 @@ fn kvc_library_builds_its_image_and_runs_tools_through_its_wrapper() {
 
     // load: modprobe in the container cannot load into this host's kernel, and
     // `set -eu` stops at the first module; unload: host rmmod fails the same way.
-    let o = action(Action::Load);
+    let o = action(KvcAction::Load);
     assert_ne!(o.code, 0, "{o:#?}");
     assert!(o.stderr.contains("modprobe"), "{o:#?}");
-    let o = action(Action::Unload);
+    let o = action(KvcAction::Unload);
     assert_ne!(o.code, 0, "{o:#?}");
     assert!(o.stderr.contains("kvcd_param"), "{o:#?}");
 

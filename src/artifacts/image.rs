@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use super::podman::{BUILT_LABEL, BuildArgs, ImageInfo, LineSink, Podman};
+use super::podman::{BUILT_LABEL, BuildArgs, ContainerTool, ImageInfo, LineSink};
 use super::root::copy_file_hashed;
 use crate::config::{ImageSource, PullPolicy};
 use crate::kernel::{KernelRelease, TemplateVars, expand, expand_all};
@@ -124,7 +124,7 @@ pub struct ImageStore<'a> {
     /// kvcd's state directory; extractions go under `images/`.
     pub state_dir: &'a Path,
     /// Podman.
-    pub podman: &'a Podman,
+    pub podman: &'a dyn ContainerTool,
 }
 
 impl ImageStore<'_> {
@@ -1290,6 +1290,268 @@ mod tests {
             Path::new("/etc")
         );
         assert_eq!(normalize(Path::new("/a/./b/")), Path::new("/a/b"));
+    }
+
+    mod acquire {
+        use super::super::*;
+        use crate::config::BuildSpec;
+        use std::cell::RefCell;
+
+        const REF: &str = "registry.example/acme/driver:6.1.0-1-amd64";
+
+        /// Podman as far as [`ImageStore::acquire`] uses it: local storage,
+        /// a registry and a build, each call logged.
+        #[derive(Debug, Default)]
+        struct FakePodman {
+            stored: RefCell<BTreeMap<String, ImageInfo>>,
+            /// What pulling a reference gives: an image, or podman's cause.
+            registry: BTreeMap<String, Result<ImageInfo, String>>,
+            /// What a build gives: an image (stored under the tag), or its failure.
+            build: Option<Result<ImageInfo, String>>,
+            /// Pulls succeed but store nothing.
+            forgetful: bool,
+            log: RefCell<Vec<String>>,
+        }
+
+        impl ContainerTool for FakePodman {
+            fn program(&self) -> &Path {
+                Path::new("podman")
+            }
+            fn calls(&self) -> usize {
+                self.log.borrow().len()
+            }
+            fn inspect(&self, reference: &str) -> Result<Option<ImageInfo>> {
+                self.log.borrow_mut().push(format!("inspect {reference}"));
+                Ok(self.stored.borrow().get(reference).cloned())
+            }
+            fn pull(
+                &self,
+                reference: &str,
+                _: Option<&Path>,
+                _: bool,
+                _: LineSink<'_>,
+            ) -> Result<()> {
+                self.log.borrow_mut().push(format!("pull {reference}"));
+                match self.registry.get(reference) {
+                    Some(Ok(info)) => {
+                        if !self.forgetful {
+                            self.stored
+                                .borrow_mut()
+                                .insert(reference.to_owned(), info.clone());
+                        }
+                        Ok(())
+                    }
+                    Some(Err(cause)) => bail!("pulling {reference}: {cause}"),
+                    None => bail!("pulling {reference}: manifest unknown"),
+                }
+            }
+            fn build(&self, b: &BuildArgs<'_>, _: LineSink<'_>) -> Result<()> {
+                let args: Vec<_> = b.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                self.log.borrow_mut().push(format!(
+                    "build {} from {} no_cache={} {}",
+                    b.tag,
+                    b.context,
+                    b.no_cache,
+                    args.join(" ")
+                ));
+                match &self.build {
+                    Some(Ok(info)) => {
+                        self.stored
+                            .borrow_mut()
+                            .insert(b.tag.to_owned(), info.clone());
+                        Ok(())
+                    }
+                    Some(Err(e)) => bail!("building {}: {e}", b.tag),
+                    None => bail!("no build expected"),
+                }
+            }
+            fn remove_image(&self, _: &str) -> Result<()> {
+                bail!("not used by acquire")
+            }
+            fn remove_labelled_containers(&self, _: &str) -> Result<Vec<String>> {
+                bail!("not used by acquire")
+            }
+            fn mount(&self, _: &str) -> Result<PathBuf> {
+                bail!("not used by acquire")
+            }
+            fn unmount(&self, _: &str) -> Result<()> {
+                bail!("not used by acquire")
+            }
+        }
+
+        fn info(id: &str, built: bool) -> ImageInfo {
+            let mut labels = BTreeMap::new();
+            if built {
+                labels.insert(BUILT_LABEL.to_owned(), "driver".to_owned());
+            }
+            ImageInfo {
+                id: id.to_owned(),
+                digest: Some(format!("sha256:{id}")),
+                labels,
+            }
+        }
+
+        fn source(pull: PullPolicy, build: bool) -> ImageSource {
+            ImageSource {
+                reference: "registry.example/acme/driver:${KERNEL_FULL_VERSION}".into(),
+                pull,
+                auth_file: None,
+                tls_verify: true,
+                modules_dir: "/lib/modules/${KERNEL_FULL_VERSION}".into(),
+                firmware_dir: None,
+                build: build.then(|| BuildSpec {
+                    context: "/ctx".into(),
+                    file: "Containerfile".into(),
+                    args: [("KVER".to_owned(), "${KERNEL_FULL_VERSION}".to_owned())].into(),
+                    secrets: BTreeMap::new(),
+                }),
+            }
+        }
+
+        /// Runs `acquire` for `src`; gives its result, notes and podman's calls.
+        fn acquire(
+            podman: &FakePodman,
+            src: &ImageSource,
+            rebuild: bool,
+        ) -> (Result<(ImageInfo, bool)>, Vec<String>, Vec<String>) {
+            let vars = TemplateVars::for_config(
+                &KernelRelease::parse("6.1.0-1-amd64").unwrap(),
+                "driver",
+                None,
+            );
+            let req = FetchRequest {
+                config_name: "driver",
+                config_digest: "d",
+                source: src,
+                vars: &vars,
+                rebuild,
+                build_hook: None,
+                modules: &[],
+                host_tree: Path::new("/nonexistent"),
+                build_timeout_seconds: 60,
+            };
+            let store = ImageStore {
+                state_dir: Path::new("/nonexistent"),
+                podman,
+            };
+            let mut notes = Vec::new();
+            let got = store.acquire(&req, REF, &|_| {}, &mut notes);
+            (got, notes, podman.log.take())
+        }
+
+        #[test]
+        fn a_present_image_is_used_without_a_pull() {
+            for built in [false, true] {
+                let podman = FakePodman::default();
+                podman
+                    .stored
+                    .borrow_mut()
+                    .insert(REF.into(), info("aa", built));
+                let (got, notes, calls) =
+                    acquire(&podman, &source(PullPolicy::Missing, true), false);
+                assert_eq!(got.unwrap(), (info("aa", built), built));
+                assert_eq!(notes, [format!("image {REF} is present")]);
+                assert_eq!(calls, [format!("inspect {REF}")]);
+            }
+        }
+
+        #[test]
+        fn present_then_pull_then_build_in_that_order() {
+            let podman = FakePodman {
+                registry: [(REF.to_owned(), Err("unauthorized".to_owned()))].into(),
+                build: Some(Ok(info("bb", true))),
+                ..FakePodman::default()
+            };
+            let (got, notes, calls) = acquire(&podman, &source(PullPolicy::Missing, true), false);
+            assert_eq!(got.unwrap(), (info("bb", true), true));
+            assert_eq!(notes, [format!("built {REF} from /ctx")]);
+            assert_eq!(
+                calls,
+                [
+                    format!("inspect {REF}"),
+                    format!("pull {REF}"),
+                    format!("build {REF} from /ctx no_cache=false KVER=6.1.0-1-amd64"),
+                    format!("inspect {REF}"),
+                ]
+            );
+        }
+
+        #[test]
+        fn a_pulled_image_is_looked_up_again_and_always_skips_the_local_look() {
+            let podman = FakePodman {
+                registry: [(REF.to_owned(), Ok(info("cc", false)))].into(),
+                ..FakePodman::default()
+            };
+            let (got, notes, calls) = acquire(&podman, &source(PullPolicy::Always, true), false);
+            assert_eq!(got.unwrap(), (info("cc", false), false));
+            assert_eq!(notes, [format!("pulled {REF}")]);
+            assert_eq!(calls, [format!("pull {REF}"), format!("inspect {REF}")]);
+        }
+
+        #[test]
+        fn every_way_tried_is_listed_when_none_gives_the_image() {
+            let podman = FakePodman::default();
+            let (got, _, calls) = acquire(&podman, &source(PullPolicy::Never, false), false);
+            assert_eq!(
+                got.unwrap_err().to_string(),
+                format!(
+                    "no image {REF}; tried:\n  - local storage: not present\n  - pull: not tried (pull = \"never\")\n  - build: no [build] in the config"
+                )
+            );
+            assert_eq!(calls, [format!("inspect {REF}")]);
+
+            let podman = FakePodman {
+                build: Some(Err("exit status 1".to_owned())),
+                ..FakePodman::default()
+            };
+            let (got, _, _) = acquire(&podman, &source(PullPolicy::Missing, true), false);
+            assert_eq!(
+                got.unwrap_err().to_string(),
+                format!(
+                    "no image {REF}; tried:\n  - local storage: not present\n  - pull: pulling {REF}: manifest unknown\n  - build: building {REF}: exit status 1"
+                )
+            );
+        }
+
+        #[test]
+        fn a_pull_that_leaves_no_image_is_a_failed_pull() {
+            // Another process removes the image between the pull and the look.
+            let podman = FakePodman {
+                registry: [(REF.to_owned(), Ok(info("ee", false)))].into(),
+                forgetful: true,
+                ..FakePodman::default()
+            };
+            let (got, _, calls) = acquire(&podman, &source(PullPolicy::Always, false), false);
+            assert_eq!(
+                got.unwrap_err().to_string(),
+                format!(
+                    "no image {REF}; tried:\n  - pull: image {REF} is not in local storage afterwards\n  - build: no [build] in the config"
+                )
+            );
+            assert_eq!(calls, [format!("pull {REF}"), format!("inspect {REF}")]);
+        }
+
+        #[test]
+        fn a_rebuild_goes_straight_to_a_build_without_cache() {
+            let podman = FakePodman {
+                registry: [(REF.to_owned(), Ok(info("cc", false)))].into(),
+                build: Some(Ok(info("ff", true))),
+                ..FakePodman::default()
+            };
+            podman
+                .stored
+                .borrow_mut()
+                .insert(REF.into(), info("aa", true));
+            let (got, _, calls) = acquire(&podman, &source(PullPolicy::Missing, true), true);
+            assert_eq!(got.unwrap(), (info("ff", true), true));
+            assert_eq!(
+                calls,
+                [
+                    format!("build {REF} from /ctx no_cache=true KVER=6.1.0-1-amd64"),
+                    format!("inspect {REF}"),
+                ]
+            );
+        }
     }
 
     #[test]

@@ -1,15 +1,20 @@
 //! Podman, driven through its CLI (`--format json` where it has one).
 //!
+//! Callers use the narrow [`ContainerTool`] trait; [`Podman`] implements it
+//! with the real CLI, and what podman prints is read by pure functions
+//! ([`parse_image_inspect`], [`parse_container_ids`], [`parse_mount_point`],
+//! [`is_missing_image`]) tested on captured output (`tests/fixtures/podman`).
+//!
 //! Every call is counted, so callers (and tests) can tell whether a path
 //! spawned podman at all. Every call runs through the one process runner
-//! ([`crate::hooks::run_lines`]): its own process group, a timeout, TERM then
+//! ([`crate::hooks::run_tailed`]): its own process group, a timeout, TERM then
 //! KILL of the group. Output is handed line by line to a sink (the log)
 //! while the command runs; on failure the error carries podman's own cause
 //! and the last lines it printed. Positional arguments (references, IDs,
 //! paths) come after `--`, so none is ever taken for an option.
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -17,7 +22,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde::Deserialize;
 
-use crate::hooks::{RunError, describe, run_lines};
+use crate::hooks::{Ran, RunError, TailOf, describe, run_tailed};
 
 /// Label on images kvcd built.
 pub const BUILT_LABEL: &str = "org.kvcd.built";
@@ -31,7 +36,35 @@ const TAIL: usize = 12;
 /// A line sink for podman's output.
 pub type LineSink<'a> = &'a dyn Fn(&str);
 
-/// The podman CLI.
+/// What kvcd asks of podman: images in local storage, pulls, builds, mounts and clean-up.
+pub trait ContainerTool: std::fmt::Debug {
+    /// The program, for callers that hand it on (a KVC library's runtime, `kvcctl wrapper`).
+    fn program(&self) -> &Path;
+    /// How many podman processes this value has spawned.
+    fn calls(&self) -> usize;
+    /// The image `reference` in local storage, if present.
+    fn inspect(&self, reference: &str) -> Result<Option<ImageInfo>>;
+    /// Pulls `reference`; the error names the registry, the reference and podman's cause.
+    fn pull(
+        &self,
+        reference: &str,
+        auth_file: Option<&Path>,
+        tls_verify: bool,
+        sink: LineSink<'_>,
+    ) -> Result<()>;
+    /// Builds an image as `build` says; the error carries the build's last lines.
+    fn build(&self, build: &BuildArgs<'_>, sink: LineSink<'_>) -> Result<()>;
+    /// Removes an image from local storage (all its names when given by reference).
+    fn remove_image(&self, reference: &str) -> Result<()>;
+    /// Removes every container (running or not) that carries `label` (`KEY=VALUE`); returns their IDs.
+    fn remove_labelled_containers(&self, label: &str) -> Result<Vec<String>>;
+    /// Mounts the image's root file system read-only; returns the path.
+    fn mount(&self, image_id: &str) -> Result<PathBuf>;
+    /// Unmounts an image mounted by [`ContainerTool::mount`].
+    fn unmount(&self, image_id: &str) -> Result<()>;
+}
+
+/// The podman CLI: the real [`ContainerTool`].
 #[derive(Debug)]
 pub struct Podman {
     program: PathBuf,
@@ -60,14 +93,87 @@ impl ImageInfo {
     }
 }
 
+/// One image of `podman image inspect --format json`, as far as kvcd reads it.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct RawInspect {
+struct RawImage {
     id: String,
     #[serde(default)]
     digest: Option<String>,
     #[serde(default)]
     labels: Option<BTreeMap<String, String>>,
+}
+
+/// One container of `podman ps --format json`, as far as kvcd reads it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RawContainer {
+    id: String,
+}
+
+/// Reads `podman image inspect --format json` output: the last image it lists, if any.
+pub fn parse_image_inspect(json: &str) -> Result<Option<ImageInfo>> {
+    let list: Vec<RawImage> = serde_json::from_str(json).context(
+        "expected a JSON array of images, each an object with a string \"Id\" (and optionally \"Digest\" and \"Labels\")",
+    )?;
+    let count = list.len();
+    let Some(raw) = list.into_iter().last() else {
+        return Ok(None);
+    };
+    if raw.id.trim().is_empty() {
+        bail!("expected an image ID in \"Id\" of image {count} of {count}, found an empty string");
+    }
+    Ok(Some(ImageInfo {
+        id: raw.id,
+        digest: raw.digest.filter(|d| !d.is_empty()),
+        labels: raw.labels.unwrap_or_default(),
+    }))
+}
+
+/// Reads `podman ps --format json` output: the IDs of the containers it lists.
+pub fn parse_container_ids(json: &str) -> Result<Vec<String>> {
+    let list: Option<Vec<RawContainer>> = serde_json::from_str(json)
+        .context("expected a JSON array of containers, each an object with a string \"Id\"")?;
+    let ids: Vec<String> = list
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id.trim().to_owned())
+        .collect();
+    if let Some(i) = ids.iter().position(String::is_empty) {
+        bail!(
+            "expected a container ID in \"Id\" of container {} of {}, found an empty string",
+            i + 1,
+            ids.len()
+        );
+    }
+    Ok(ids)
+}
+
+/// Reads what `podman image mount` printed: the mount point, an absolute path.
+pub fn parse_mount_point(stdout: &str) -> Result<PathBuf> {
+    let path = stdout.trim();
+    if path.is_empty() {
+        bail!("podman printed no mount point");
+    }
+    if !path.starts_with('/') || path.contains('\n') {
+        bail!("expected one absolute mount point, found {path:?}");
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// True when podman's cause says the image is not in local storage.
+pub fn is_missing_image(cause: &str) -> bool {
+    cause.contains("no such image") || cause.contains("image not known")
+}
+
+/// Podman's own reason for a failure: its last `Error: …` line, else its last
+/// line, else the exit `status`.
+fn cause(tail: &[String], status: &str) -> String {
+    tail.iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("Error: "))
+        .or_else(|| tail.last().map(String::as_str))
+        .map_or_else(|| format!("podman exited with {status}"), str::to_owned)
 }
 
 /// The output of a finished podman run.
@@ -79,17 +185,9 @@ struct Run {
 }
 
 impl Run {
-    /// Podman's own reason: its last `Error: …` line, else the last line.
+    /// Podman's own reason for the failure.
     fn cause(&self) -> String {
-        self.tail
-            .iter()
-            .rev()
-            .find_map(|l| l.strip_prefix("Error: "))
-            .or_else(|| self.tail.last().map(String::as_str))
-            .map_or_else(
-                || format!("podman exited with {}", self.status),
-                str::to_owned,
-            )
+        cause(&self.tail, &self.status)
     }
 }
 
@@ -128,16 +226,6 @@ impl Podman {
         self
     }
 
-    /// The program this runs.
-    pub fn program(&self) -> &Path {
-        &self.program
-    }
-
-    /// How many podman processes this value has spawned.
-    pub fn calls(&self) -> usize {
-        self.calls.get()
-    }
-
     /// Runs `podman ARGS` (`what` names the call, e.g. `pull`, in errors) with `timeout`.
     fn run(
         &self,
@@ -151,26 +239,22 @@ impl Podman {
         cmd.args(args);
         // Both streams, line by line as they come: a long build shows that it is alive.
         let mut stdout = String::new();
-        let mut tail = VecDeque::with_capacity(TAIL);
-        let result = run_lines(cmd, timeout, &mut |is_stderr, line| {
-            if !is_stderr {
-                stdout.push_str(&line);
-                stdout.push('\n');
-            }
-            if let Some(sink) = sink {
-                sink(&line);
-            }
-            if tail.len() == TAIL {
-                tail.pop_front();
-            }
-            tail.push_back(line);
-        });
+        let Ran { result, tail } =
+            run_tailed(cmd, timeout, TAIL, TailOf::Both, &mut |is_stderr, line| {
+                if !is_stderr {
+                    stdout.push_str(line);
+                    stdout.push('\n');
+                }
+                if let Some(sink) = sink {
+                    sink(line);
+                }
+            });
         match result {
             Ok(status) => Ok(Run {
                 ok: status.success(),
                 status: describe(status),
                 stdout,
-                tail: tail.into(),
+                tail,
             }),
             Err(RunError::Spawn(e)) => {
                 Err(anyhow!(e).context(format!("running {}", self.program.display())))
@@ -182,40 +266,40 @@ impl Podman {
                 );
                 if !tail.is_empty() {
                     msg.push_str("; last lines:\n  ");
-                    msg.push_str(&Vec::from(tail).join("\n  "));
+                    msg.push_str(&tail.join("\n  "));
                 }
                 Err(anyhow!(msg))
             }
         }
     }
+}
 
-    /// The image `reference` in local storage, if present.
-    pub fn inspect(&self, reference: &str) -> Result<Option<ImageInfo>> {
+impl ContainerTool for Podman {
+    fn program(&self) -> &Path {
+        &self.program
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.get()
+    }
+
+    fn inspect(&self, reference: &str) -> Result<Option<ImageInfo>> {
         let args = ["image", "inspect", "--format", "json", "--", reference].map(String::from);
         let run = self
             .run("image inspect", &args, self.short_timeout, None)
             .map_err(|e| e.context(format!("inspecting image {reference}")))?;
         if !run.ok {
             let cause = run.cause();
-            if cause.contains("no such image") || cause.contains("image not known") {
+            if is_missing_image(&cause) {
                 return Ok(None);
             }
             bail!("inspecting image {reference}: {cause}");
         }
-        let mut list: Vec<RawInspect> = serde_json::from_str(&run.stdout)
-            .with_context(|| format!("reading `podman image inspect` output for {reference}"))?;
-        let Some(raw) = list.pop() else {
-            return Ok(None);
-        };
-        Ok(Some(ImageInfo {
-            id: raw.id,
-            digest: raw.digest.filter(|d| !d.is_empty()),
-            labels: raw.labels.unwrap_or_default(),
-        }))
+        parse_image_inspect(&run.stdout)
+            .with_context(|| format!("reading `podman image inspect` output for {reference}"))
     }
 
-    /// Pulls `reference`; the error names the registry, the reference and podman's cause.
-    pub fn pull(
+    fn pull(
         &self,
         reference: &str,
         auth_file: Option<&Path>,
@@ -243,8 +327,7 @@ impl Podman {
         Ok(())
     }
 
-    /// Builds an image tagged `tag`; the error carries the build's last lines.
-    pub fn build(&self, build: &BuildArgs<'_>, sink: LineSink<'_>) -> Result<()> {
+    fn build(&self, build: &BuildArgs<'_>, sink: LineSink<'_>) -> Result<()> {
         let mut args = vec![
             "build".to_owned(),
             format!("--tag={}", build.tag),
@@ -281,8 +364,7 @@ impl Podman {
         Ok(())
     }
 
-    /// Removes an image from local storage (all its names when given by reference).
-    pub fn remove_image(&self, reference: &str) -> Result<()> {
+    fn remove_image(&self, reference: &str) -> Result<()> {
         let args = ["rmi", "--force", "--", reference].map(String::from);
         let run = self
             .run("rmi", &args, self.short_timeout, None)
@@ -293,24 +375,18 @@ impl Podman {
         Ok(())
     }
 
-    /// Removes every container (running or not) that carries `label`
-    /// (`KEY=VALUE`); returns their IDs.
-    pub fn remove_labelled_containers(&self, label: &str) -> Result<Vec<String>> {
+    fn remove_labelled_containers(&self, label: &str) -> Result<Vec<String>> {
         let filter = format!("label={label}");
-        let args = ["ps", "-aq", "--filter", &filter].map(String::from);
+        let args = ["ps", "--all", "--format", "json", "--filter", &filter].map(String::from);
         let run = self
             .run("ps", &args, self.short_timeout, None)
             .map_err(|e| e.context(format!("looking for containers labelled {label}")))?;
         if !run.ok {
             bail!("looking for containers labelled {label}: {}", run.cause());
         }
-        let ids: Vec<String> = run
-            .stdout
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(str::to_owned)
-            .collect();
+        let ids = parse_container_ids(&run.stdout).with_context(|| {
+            format!("reading `podman ps` output for containers labelled {label}")
+        })?;
         if ids.is_empty() {
             return Ok(ids);
         }
@@ -327,8 +403,7 @@ impl Podman {
         Ok(ids)
     }
 
-    /// Mounts the image's root file system read-only; returns the path.
-    pub fn mount(&self, image_id: &str) -> Result<PathBuf> {
+    fn mount(&self, image_id: &str) -> Result<PathBuf> {
         let args = ["image", "mount", "--", image_id].map(String::from);
         let run = self
             .run("image mount", &args, self.short_timeout, None)
@@ -336,15 +411,10 @@ impl Podman {
         if !run.ok {
             bail!("mounting image {image_id}: {}", run.cause());
         }
-        let path = run.stdout.trim();
-        if path.is_empty() {
-            bail!("mounting image {image_id}: podman printed no mount point");
-        }
-        Ok(PathBuf::from(path))
+        parse_mount_point(&run.stdout).with_context(|| format!("mounting image {image_id}"))
     }
 
-    /// Unmounts an image mounted by [`Podman::mount`].
-    pub fn unmount(&self, image_id: &str) -> Result<()> {
+    fn unmount(&self, image_id: &str) -> Result<()> {
         let args = ["image", "unmount", "--", image_id].map(String::from);
         let run = self
             .run("image unmount", &args, self.short_timeout, None)
@@ -390,6 +460,341 @@ mod tests {
         assert_eq!(registry_of("localhost/x"), "localhost");
         assert_eq!(registry_of("acme/driver:1"), "docker.io");
         assert_eq!(registry_of("busybox"), "docker.io");
+    }
+
+    /// A capture of real podman output (`tests/fixtures/podman`).
+    fn fixture(name: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/podman")
+            .join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn lines(text: &str) -> Vec<String> {
+        text.lines().map(str::to_owned).collect()
+    }
+
+    const FIXTURES_ID: &str = "0cc8bc244ef36983d711db1b8980a7777b332da20996905bcbfdf3dbdd9f1a18";
+    const FIXTURES_DIGEST: &str =
+        "sha256:3a5e6cefe82ac23eaf9f5595e64a7e427fd2d3931bcede2b434599e9fbcdbfe4";
+    const BUILT_ID: &str = "0871b0daeed6a21b51a564f8b1eae7c046fb5307544e28a24a14be1ea1fdd8a4";
+
+    #[test]
+    fn a_pulled_image_is_read_from_podmans_inspect_output() {
+        let info = parse_image_inspect(&fixture("image-inspect-pulled.json"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(info.id, FIXTURES_ID);
+        assert_eq!(info.digest.as_deref(), Some(FIXTURES_DIGEST));
+        assert_eq!(info.identity(), FIXTURES_DIGEST);
+        assert_eq!(
+            info.labels.keys().collect::<Vec<_>>(),
+            ["io.buildah.version", "org.kvcd.base-stamp", "org.kvcd.test"]
+        );
+        assert_eq!(info.labels["org.kvcd.test"], "1");
+        assert!(!info.labels.contains_key(BUILT_LABEL));
+    }
+
+    #[test]
+    fn a_built_image_carries_kvcds_label() {
+        let info = parse_image_inspect(&fixture("image-inspect-built.json"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(info.id, BUILT_ID);
+        assert_eq!(info.labels[BUILT_LABEL], "simple-kmod");
+        assert_eq!(
+            info.identity(),
+            "sha256:7fda0e79024fb2b2bbed3f743d29d37997aafb97056b691b479b3806a48f639a"
+        );
+    }
+
+    #[test]
+    fn null_labels_are_no_labels() {
+        let json = fixture("image-inspect-no-labels.json");
+        assert!(
+            json.contains("\"Labels\": null"),
+            "the capture has null labels"
+        );
+        let info = parse_image_inspect(&json).unwrap().unwrap();
+        assert_eq!(
+            info.id,
+            "0ea3f1946d3f16fb05c5b7579fef20029e9b6d3a0946431f5bff09038b79c5f2"
+        );
+        assert!(info.labels.is_empty());
+    }
+
+    #[test]
+    fn of_two_images_the_last_is_taken() {
+        let info = parse_image_inspect(&fixture("image-inspect-two.json"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(info.id, BUILT_ID);
+    }
+
+    #[test]
+    fn a_missing_image_is_none_and_its_cause_is_recognised() {
+        assert_eq!(
+            parse_image_inspect(&fixture("image-inspect-missing.json")).unwrap(),
+            None
+        );
+        let cause = cause(
+            &lines(&fixture("image-inspect-missing.stderr")),
+            "exit status 125",
+        );
+        assert_eq!(
+            cause,
+            "inspecting object: localhost/kvcd-capture/nothere:1: image not known"
+        );
+        assert!(is_missing_image(&cause));
+        assert!(is_missing_image("no such image"));
+    }
+
+    #[test]
+    fn pull_failures_give_podmans_cause_and_are_not_a_missing_image() {
+        let c = cause(
+            &lines(&fixture("pull-unauthorized.stderr")),
+            "exit status 125",
+        );
+        assert_eq!(
+            c,
+            "initializing source docker://127.0.0.1:5732/kvcd/fixtures:6.1.0-57-amd64: reading manifest 6.1.0-57-amd64 in 127.0.0.1:5732/kvcd/fixtures: unauthorized: authentication required"
+        );
+        assert!(!is_missing_image(&c));
+        let c = cause(&lines(&fixture("pull-missing.stderr")), "exit status 125");
+        assert!(c.ends_with("manifest unknown: manifest unknown"), "{c}");
+        // A manifest the registry lacks is not an image missing from local storage.
+        assert!(!is_missing_image(&c));
+    }
+
+    /// The pulled capture with `edit` applied to its one image.
+    fn edited(edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&fixture("image-inspect-pulled.json")).unwrap();
+        edit(v[0].as_object_mut().unwrap());
+        v.to_string()
+    }
+
+    #[test]
+    fn missing_and_null_fields_of_an_image() {
+        let info = parse_image_inspect(&edited(|o| {
+            o.remove("Digest");
+            o.remove("Labels");
+        }))
+        .unwrap()
+        .unwrap();
+        assert_eq!((info.digest, info.labels.len()), (None, 0));
+        for digest in [serde_json::Value::Null, "".into()] {
+            let info = parse_image_inspect(&edited(|o| {
+                o.insert("Digest".into(), digest);
+            }))
+            .unwrap()
+            .unwrap();
+            assert_eq!(info.digest, None);
+            assert_eq!(info.identity(), format!("sha256:{FIXTURES_ID}"));
+        }
+        let e = parse_image_inspect(&edited(|o| {
+            o.remove("Id");
+        }))
+        .unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.starts_with("expected a JSON array of images, each an object with a string \"Id\"")
+                && msg.contains("missing field `Id`"),
+            "{msg}"
+        );
+        let e = parse_image_inspect(&edited(|o| {
+            o.insert("Id".into(), serde_json::Value::Null);
+        }))
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("invalid type: null, expected a string"),
+            "{e:#}"
+        );
+        let e = parse_image_inspect(&edited(|o| {
+            o.insert("Id".into(), "".into());
+        }))
+        .unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "expected an image ID in \"Id\" of image 1 of 1, found an empty string"
+        );
+    }
+
+    #[test]
+    fn output_that_is_not_an_image_list_names_what_was_expected() {
+        let whole = fixture("image-inspect-pulled.json");
+        for bad in [
+            "",
+            "{}",
+            "null",
+            "Error: something",
+            &whole[..whole.len() / 2],
+        ] {
+            let e = parse_image_inspect(bad).unwrap_err();
+            assert!(
+                format!("{e:#}").starts_with(
+                    "expected a JSON array of images, each an object with a string \"Id\" (and optionally \"Digest\" and \"Labels\"): "
+                ),
+                "{bad:?}: {e:#}"
+            );
+        }
+    }
+
+    #[test]
+    fn containers_are_read_from_podmans_ps_output() {
+        assert_eq!(
+            parse_container_ids(&fixture("ps-labelled.json")).unwrap(),
+            [
+                "9d10327e12c2f771aab5d1492f8fe20ec5a8899e773bd64f40f6dcbeb3c52e3f",
+                "32c81164c4507cb6890747c5467ec414259686bc6a5aff7a58c6d98b55a491ab"
+            ]
+        );
+        assert!(
+            parse_container_ids(&fixture("ps-none.json"))
+                .unwrap()
+                .is_empty()
+        );
+        assert!(parse_container_ids("null").unwrap().is_empty());
+        let e = parse_container_ids("[{\"Names\": [\"x\"]}]").unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with(
+                "expected a JSON array of containers, each an object with a string \"Id\": missing field `Id`"
+            ),
+            "{e:#}"
+        );
+        let e = parse_container_ids("[{\"Id\": \"abc\"}, {\"Id\": \" \"}]").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "expected a container ID in \"Id\" of container 2 of 2, found an empty string"
+        );
+        let e = parse_container_ids("9d10327e12c2\n32c81164c450\n").unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("expected a JSON array of containers"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn the_mount_point_is_what_podman_printed() {
+        assert_eq!(
+            parse_mount_point(&fixture("image-mount.stdout")).unwrap(),
+            Path::new(
+                "/tmp/podcap/root/vfs/dir/93700c50a8767181a570246e9d4425bc28f34b388fa365a601353e96aef54595"
+            )
+        );
+        assert_eq!(
+            parse_mount_point("\n").unwrap_err().to_string(),
+            "podman printed no mount point"
+        );
+        assert_eq!(
+            parse_mount_point("overlay\n").unwrap_err().to_string(),
+            "expected one absolute mount point, found \"overlay\""
+        );
+        assert_eq!(
+            parse_mount_point("/a\n/b\n").unwrap_err().to_string(),
+            "expected one absolute mount point, found \"/a\\n/b\""
+        );
+    }
+
+    /// A podman that answers from the captures: `script` is the body of a
+    /// shell `case "$*"`, run with `F` set to the fixture directory; every
+    /// call's arguments are appended to `calls.log`.
+    fn scripted(dir: &Path, script: &str) -> Podman {
+        let fake = dir.join("podman");
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\nF={}\necho \"$*\" >> {}\ncase \"$*\" in\n{script}\nesac\n",
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures/podman")
+                    .display(),
+                dir.join("calls.log").display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        Podman::new(&fake)
+    }
+
+    fn logged(dir: &Path) -> Vec<String> {
+        lines(&std::fs::read_to_string(dir.join("calls.log")).unwrap_or_default())
+    }
+
+    #[test]
+    fn inspect_reads_an_image_and_a_missing_one_from_podmans_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = scripted(
+            dir.path(),
+            "*nothere*) cat $F/image-inspect-missing.json; cat $F/image-inspect-missing.stderr >&2; exit 125 ;;\n\
+             *broken*) echo 'Error: database is locked' >&2; exit 125 ;;\n\
+             *) cat $F/image-inspect-pulled.json ;;",
+        );
+        let info = p
+            .inspect("127.0.0.1:5731/kvcd/fixtures:6.1.0-57-amd64")
+            .unwrap();
+        assert_eq!(info.unwrap().id, FIXTURES_ID);
+        assert_eq!(p.inspect("localhost/kvcd-capture/nothere:1").unwrap(), None);
+        let e = p.inspect("localhost/broken:1").unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "inspecting image localhost/broken:1: database is locked"
+        );
+        assert_eq!(p.calls(), 3);
+        assert_eq!(
+            logged(dir.path())[1],
+            "image inspect --format json -- localhost/kvcd-capture/nothere:1"
+        );
+    }
+
+    #[test]
+    fn labelled_containers_are_found_in_podmans_ps_output_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = scripted(
+            dir.path(),
+            "*label=org.kvcd.kvc-action=none*) cat $F/ps-none.json ;;\n\
+             ps*) cat $F/ps-labelled.json ;;\n\
+             rm*) ;;",
+        );
+        let ids = p
+            .remove_labelled_containers("org.kvcd.kvc-action=1234-simple-kmod-99")
+            .unwrap();
+        assert_eq!(ids.len(), 2);
+        assert!(
+            p.remove_labelled_containers("org.kvcd.kvc-action=none")
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            logged(dir.path()),
+            [
+                "ps --all --format json --filter label=org.kvcd.kvc-action=1234-simple-kmod-99"
+                    .to_owned(),
+                format!("rm --force --time 0 -- {} {}", ids[0], ids[1]),
+                "ps --all --format json --filter label=org.kvcd.kvc-action=none".to_owned(),
+            ]
+        );
+        assert_eq!(p.calls(), 3);
+    }
+
+    #[test]
+    fn mount_gives_the_path_podman_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = scripted(
+            dir.path(),
+            "*mount*--*0cc8*) cat $F/image-mount.stdout ;;\n*mount*) ;;",
+        );
+        let root = p.mount("0cc8bc244ef3").unwrap();
+        assert!(
+            root.ends_with(
+                "vfs/dir/93700c50a8767181a570246e9d4425bc28f34b388fa365a601353e96aef54595"
+            )
+        );
+        let e = p.mount("other").unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "mounting image other: podman printed no mount point"
+        );
     }
 
     #[test]

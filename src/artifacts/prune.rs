@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use serde::Serialize;
 
-use super::podman::Podman;
+use super::podman::ContainerTool;
 use crate::state::{Layout, index};
 
 /// Default number of kernels whose artifacts are kept per module config.
@@ -85,7 +85,7 @@ fn built_reference(image_dir: &Path) -> Option<String> {
 /// `keep = 0` removes every unprotected kernel (a config that no longer exists).
 pub fn prune_config(
     state_dir: &Path,
-    podman: Option<&Podman>,
+    podman: Option<&dyn ContainerTool>,
     config: &str,
     keep: usize,
     protect: &[&str],

@@ -16,10 +16,10 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Args;
 
 use super::PathArgs;
-use crate::artifacts::podman::Podman;
+use crate::artifacts::podman::{ContainerTool as _, Podman};
 use crate::config::{InstanceName, ModuleConfig, Source};
-use crate::hooks::kvc::{self, Action};
-use crate::kernel::{KernelRelease, TemplateVars, arch, expand};
+use crate::hooks::kvc::{self, KvcAction};
+use crate::kernel::{KernelRelease, TemplateVars, expand};
 use crate::state::{Layout, index};
 
 /// First lines of every shim; an existing file starting with them may be replaced.
@@ -82,7 +82,7 @@ pub(super) fn run(paths: &PathArgs, args: &WrapperArgs) -> Result<u8> {
         ),
         Source::KvcLibrary { libraries } => kvc::command(
             libraries,
-            Action::Wrapper,
+            KvcAction::Wrapper,
             module.name.as_str(),
             kernel.as_str(),
             podman,
@@ -134,12 +134,7 @@ fn image_reference(c: &ModuleConfig, state_dir: &Path, kernel: &KernelRelease) -
     let Source::Image(src) = &c.source else {
         bail!("module config {} has no [image]", c.name);
     };
-    let vars = TemplateVars {
-        kernel: kernel.clone(),
-        arch: arch(),
-        mod_name: c.name.to_string(),
-        mod_version: c.version.clone(),
-    };
+    let vars = TemplateVars::for_config(kernel, c.name.as_str(), c.version.as_deref());
     expand(&src.reference, &vars).with_context(|| format!("{}: key `image.ref`", c.file.display()))
 }
 

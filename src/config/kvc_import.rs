@@ -21,6 +21,7 @@ use std::sync::LazyLock;
 use regex::Regex;
 
 use super::InstanceName;
+use super::validate::is_git_url;
 use crate::kmod::ModName;
 
 /// Where KVC keeps its configs.
@@ -553,12 +554,6 @@ static REPO_COMPONENT: LazyLock<Option<Regex>> =
 
 fn valid_repo_component(s: &str) -> bool {
     REPO_COMPONENT.as_ref().is_some_and(|re| re.is_match(s))
-}
-
-fn is_git_url(s: &str) -> bool {
-    ["https://", "http://", "git://", "ssh://", "git@"]
-        .iter()
-        .any(|p| s.starts_with(p))
 }
 
 /// Converts the KVC config `text` (read from `source`) for instance `name`;

@@ -522,7 +522,7 @@ fn image_subdir(d: &mut Diag<'_>, key: &str, v: &S<String>, has_version: bool) -
 }
 
 /// True for what podman build takes as a remote context.
-fn is_git_url(s: &str) -> bool {
+pub(super) fn is_git_url(s: &str) -> bool {
     ["https://", "http://", "git://", "ssh://", "git@"]
         .iter()
         .any(|p| s.starts_with(p))
@@ -870,18 +870,61 @@ pub(super) fn module(
             return Err(d.errors);
         }
     };
+    // Each part reports into `d` in the order of this list.
+    let version = version(&mut d, raw.version.as_ref());
+    let modules = modules(&mut d, raw.modules.as_ref());
+    let after = after(&mut d, name, raw.after.as_ref());
+    let replace_in_tree = raw
+        .replace_in_tree
+        .as_ref()
+        .map(|l| mod_names(&mut d, "replace_in_tree", l))
+        .unwrap_or_default();
+    let kernel_match = kernel_match(&mut d, raw.kernel_match.as_ref());
+    let parameters = parameters(&mut d, raw.parameters.as_ref(), &modules);
+    let has_version = raw.version.is_some();
+    let source = source(&mut d, &raw, scope, has_version);
+    let hooks = module_hooks(&mut d, raw.hooks.as_ref(), source.as_ref(), has_version);
+    let ready = raw
+        .ready
+        .as_ref()
+        .and_then(|r| ready(&mut d, r, has_version));
 
-    let version = raw.version.as_ref().and_then(|v| {
-        let s = v.get_ref();
-        if let Err(msg) = crate::kernel::check_version(s) {
-            d.error(Some(v.span()), "version", msg);
-            None
-        } else {
-            Some(s.clone())
-        }
-    });
+    let Some(source) = source else {
+        return Err(d.errors);
+    };
+    d.finish(ModuleConfig {
+        name: name.clone(),
+        file: file.to_owned(),
+        digest: sha256_hex(text.as_bytes()),
+        description: raw.description.map(S::into_inner),
+        version,
+        modules,
+        after,
+        replace_in_tree,
+        kernel_match,
+        force_unload: raw.force_unload.unwrap_or(false),
+        parameters,
+        source,
+        hooks,
+        ready,
+    })
+}
 
-    let modules = match &raw.modules {
+/// `version`: a version string a module's `MODULE_VERSION` can be compared with.
+fn version(d: &mut Diag<'_>, v: Option<&S<String>>) -> Option<String> {
+    let v = v?;
+    let s = v.get_ref();
+    if let Err(msg) = crate::kernel::check_version(s) {
+        d.error(Some(v.span()), "version", msg);
+        None
+    } else {
+        Some(s.clone())
+    }
+}
+
+/// `modules`: required, at least one kernel module name.
+fn modules(d: &mut Diag<'_>, list: Option<&SList>) -> Vec<ModName> {
+    match list {
         None => {
             d.error(None, "modules", "missing: expected a list of kernel module names to load, e.g. modules = [\"simple-kmod\"]");
             Vec::new()
@@ -894,52 +937,56 @@ pub(super) fn module(
             );
             Vec::new()
         }
-        Some(list) => mod_names(&mut d, "modules", list),
-    };
+        Some(list) => mod_names(d, "modules", list),
+    }
+}
 
+/// `after`: other module config names, never this config's own.
+fn after(d: &mut Diag<'_>, name: &InstanceName, list: Option<&SList>) -> Vec<InstanceName> {
     let mut after = Vec::new();
-    if let Some(list) = &raw.after {
-        for item in list.get_ref() {
-            match InstanceName::parse(item.get_ref()) {
-                Ok(n) if n == *name => d.error(
-                    Some(item.span()),
-                    "after",
-                    "a module config cannot come after itself",
-                ),
-                Ok(n) => after.push(n),
-                Err(msg) => d.error(
-                    Some(item.span()),
-                    "after",
-                    format!("not a module config name: {msg}"),
-                ),
-            }
+    for item in list.map(S::get_ref).into_iter().flatten() {
+        match InstanceName::parse(item.get_ref()) {
+            Ok(n) if n == *name => d.error(
+                Some(item.span()),
+                "after",
+                "a module config cannot come after itself",
+            ),
+            Ok(n) => after.push(n),
+            Err(msg) => d.error(
+                Some(item.span()),
+                "after",
+                format!("not a module config name: {msg}"),
+            ),
         }
     }
+    after
+}
 
-    let replace_in_tree = raw
-        .replace_in_tree
-        .as_ref()
-        .map(|l| mod_names(&mut d, "replace_in_tree", l))
-        .unwrap_or_default();
+/// `kernel_match`: a regular expression.
+fn kernel_match(d: &mut Diag<'_>, v: Option<&S<String>>) -> Option<Regex> {
+    let v = v?;
+    match Regex::new(v.get_ref()) {
+        Ok(re) => Some(re),
+        Err(e) => {
+            d.error(
+                Some(v.span()),
+                "kernel_match",
+                format!("expected a regular expression: {e}"),
+            );
+            None
+        }
+    }
+}
 
-    let kernel_match = raw
-        .kernel_match
-        .as_ref()
-        .and_then(|v| match Regex::new(v.get_ref()) {
-            Ok(re) => Some(re),
-            Err(e) => {
-                d.error(
-                    Some(v.span()),
-                    "kernel_match",
-                    format!("expected a regular expression: {e}"),
-                );
-                None
-            }
-        });
-
+/// `[parameters]`: values for the modules this config loads (`modules`).
+fn parameters(
+    d: &mut Diag<'_>,
+    table: Option<&BTreeMap<S<String>, SList>>,
+    modules: &[ModName],
+) -> BTreeMap<ModName, Vec<String>> {
     let loaded: HashSet<&ModName> = modules.iter().collect();
     let mut parameters = BTreeMap::new();
-    for (module, values) in raw.parameters.iter().flatten() {
+    for (module, values) in table.into_iter().flatten() {
         let key = format!("parameters.{}", module.get_ref());
         let m = match ModName::parse(module.get_ref()) {
             Ok(m) => m,
@@ -964,14 +1011,22 @@ pub(super) fn module(
         }
         parameters.insert(m, vals);
     }
+    parameters
+}
 
-    let has_version = raw.version.is_some();
+/// The one artifact source: `[directory]`, `[image]` (with its `[build]`) or `hooks.kvc_library`.
+fn source(
+    d: &mut Diag<'_>,
+    raw: &RawModuleConfig,
+    scope: Scope,
+    has_version: bool,
+) -> Option<Source> {
     let kvc = raw
         .hooks
         .as_ref()
         .and_then(|h| h.get_ref().kvc_library.as_ref())
-        .map(|k| kvc_libraries(&mut d, k, scope));
-    let source = match (&raw.directory, &raw.image, kvc) {
+        .map(|k| kvc_libraries(d, k, scope));
+    match (&raw.directory, &raw.image, kvc) {
         (None, None, None) => {
             d.error(
                 None,
@@ -997,40 +1052,46 @@ pub(super) fn module(
             None
         }
         (None, None, Some(libraries)) => {
-            if let Some(b) = &raw.build {
-                d.error(
-                    Some(b.span()),
-                    "build",
-                    "[build] goes with an [image] source, not with a KVC library",
-                );
-            }
+            no_build(d, raw.build.as_ref(), "with a KVC library");
             libraries.map(|libraries| Source::KvcLibrary { libraries })
         }
         (Some(dir), None, None) => {
-            if let Some(b) = &raw.build {
-                d.error(
-                    Some(b.span()),
-                    "build",
-                    "[build] goes with an [image] source, not with [directory]",
-                );
-            }
+            no_build(d, raw.build.as_ref(), "with [directory]");
             match &dir.get_ref().path {
                 None => {
                     d.error(Some(dir.span()), "directory.path", "missing: expected the directory holding the .ko files, e.g. \"/usr/lib/kvcd/NAME/${KERNEL_FULL_VERSION}\"");
                     None
                 }
-                Some(p) => abs_template(&mut d, "directory.path", p, has_version)
+                Some(p) => abs_template(d, "directory.path", p, has_version)
                     .map(|path| Source::Directory { path }),
             }
         }
         (None, Some(img), None) => {
-            image_source(&mut d, img, raw.build.as_ref(), has_version).map(Source::Image)
+            image_source(d, img, raw.build.as_ref(), has_version).map(Source::Image)
         }
-    };
+    }
+}
+
+/// A `[build]` table where the source is not an image (`source` says which it is).
+fn no_build(d: &mut Diag<'_>, build: Option<&S<RawBuild>>, source: &str) {
+    if let Some(b) = build {
+        d.error(
+            Some(b.span()),
+            "build",
+            format!("[build] goes with an [image] source, not {source}"),
+        );
+    }
+}
+
+/// `[hooks]` with their defaults; a build hook needs an `[image]` source.
+fn module_hooks(
+    d: &mut Diag<'_>,
+    raw: Option<&S<RawHooks>>,
+    source: Option<&Source>,
+    has_version: bool,
+) -> Hooks {
     let hooks = raw
-        .hooks
-        .as_ref()
-        .map(|h| hooks(&mut d, h.get_ref(), has_version))
+        .map(|h| hooks(d, h.get_ref(), has_version))
         .unwrap_or_else(|| Hooks {
             timeout_seconds: DEFAULT_HOOK_TIMEOUT,
             build_timeout_seconds: DEFAULT_BUILD_TIMEOUT,
@@ -1043,30 +1104,7 @@ pub(super) fn module(
             "a build hook builds the [image]; this config has no [image]",
         );
     }
-    let ready = raw
-        .ready
-        .as_ref()
-        .and_then(|r| ready(&mut d, r, has_version));
-
-    let Some(source) = source else {
-        return Err(d.errors);
-    };
-    d.finish(ModuleConfig {
-        name: name.clone(),
-        file: file.to_owned(),
-        digest: sha256_hex(text.as_bytes()),
-        description: raw.description.map(S::into_inner),
-        version,
-        modules,
-        after,
-        replace_in_tree,
-        kernel_match,
-        force_unload: raw.force_unload.unwrap_or(false),
-        parameters,
-        source,
-        hooks,
-        ready,
-    })
+    hooks
 }
 
 /// Checks what spans files: `after` must name existing configs and form no

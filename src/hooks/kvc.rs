@@ -27,7 +27,7 @@ pub const RUN_LABEL_KEY: &str = "org.kvcd.kvc-action";
 
 /// A KVC action, as the dispatcher names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub enum KvcAction {
     /// `build_kmods`.
     Build,
     /// `load_kmods`.
@@ -38,13 +38,23 @@ pub enum Action {
     Wrapper,
 }
 
-impl Action {
+impl KvcAction {
     /// The action's name (`KVC_ACTION`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Build => "build",
             Self::Load => "load",
             Self::Unload => "unload",
+            Self::Wrapper => "wrapper",
+        }
+    }
+
+    /// The library function the action calls (`build_kmods`, `load_kmods`, `unload_kmods`, `wrapper`).
+    pub fn function(self) -> &'static str {
+        match self {
+            Self::Build => "build_kmods",
+            Self::Load => "load_kmods",
+            Self::Unload => "unload_kmods",
             Self::Wrapper => "wrapper",
         }
     }
@@ -111,7 +121,7 @@ pub fn existing_libraries(name: &str, roots: &[&Path]) -> Vec<PathBuf> {
 /// with `libraries` (sourced in order) and `args` (for `wrapper`).
 pub fn command(
     libraries: &[PathBuf],
-    action: Action,
+    action: KvcAction,
     name: &str,
     kernel: &str,
     runtime: &Path,
@@ -210,7 +220,7 @@ mod tests {
 
         let (code, o, _) = out(&mut command(
             &libs,
-            Action::Build,
+            KvcAction::Build,
             "simple-kmod",
             "6.1.0-1-amd64",
             rt,
@@ -222,7 +232,7 @@ mod tests {
         // The later library wins; helpers call the runtime with KVC's arguments.
         let (code, o, _) = out(&mut command(
             &libs,
-            Action::Load,
+            KvcAction::Load,
             "simple-kmod",
             "k",
             rt,
@@ -233,7 +243,7 @@ mod tests {
 
         let (code, _, e) = out(&mut command(
             &libs,
-            Action::Unload,
+            KvcAction::Unload,
             "simple-kmod",
             "k",
             rt,
@@ -245,7 +255,7 @@ mod tests {
         let args = vec!["tool".to_owned(), "a b".to_owned(), "$(id)".to_owned()];
         let (code, o, _) = out(&mut command(
             &libs,
-            Action::Wrapper,
+            KvcAction::Wrapper,
             "simple-kmod",
             "k",
             rt,
@@ -263,7 +273,7 @@ mod tests {
         let libs = vec![t.path().join("absent-lib.sh"), lib];
         let (code, o, _) = out(&mut command(
             &libs,
-            Action::Load,
+            KvcAction::Load,
             "x",
             "k",
             Path::new("podman"),
@@ -273,7 +283,7 @@ mod tests {
         let none = vec![t.path().join("absent-lib.sh")];
         let (code, _, e) = out(&mut command(
             &none,
-            Action::Load,
+            KvcAction::Load,
             "x",
             "k",
             Path::new("podman"),
@@ -295,7 +305,7 @@ mod tests {
         let libs = vec![lib];
         let (code, o, _) = out(&mut command(
             &libs,
-            Action::Load,
+            KvcAction::Load,
             "x",
             "k",
             Path::new("podman"),
@@ -304,7 +314,7 @@ mod tests {
         assert_eq!((code, o.as_str()), (1, ""));
         let (code, _, e) = out(&mut command(
             &libs,
-            Action::Build,
+            KvcAction::Build,
             "x",
             "k",
             Path::new("podman"),
@@ -326,7 +336,7 @@ mod tests {
         let log = CallLog::new().unwrap();
         let mut c = command(
             std::slice::from_ref(&lib),
-            Action::Build,
+            KvcAction::Build,
             "x",
             "k",
             Path::new("/bin/echo"),
@@ -348,7 +358,7 @@ mod tests {
         // With a label, kvc_c_run puts it on the container.
         let mut c = command(
             std::slice::from_ref(&lib),
-            Action::Build,
+            KvcAction::Build,
             "x",
             "k",
             Path::new("/bin/echo"),
@@ -365,7 +375,7 @@ mod tests {
         // Without a log nothing is counted and nothing fails.
         let (code, _, _) = out(&mut command(
             &[lib],
-            Action::Build,
+            KvcAction::Build,
             "x",
             "k",
             Path::new("/bin/echo"),
@@ -385,7 +395,7 @@ mod tests {
         .unwrap();
         let (code, o, e) = out(&mut command(
             &[lib],
-            Action::Build,
+            KvcAction::Build,
             "x",
             "k",
             Path::new("/bin/echo"),

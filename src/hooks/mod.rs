@@ -189,6 +189,48 @@ pub fn run_lines(
     Ok(status)
 }
 
+/// Which output streams a tail keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TailOf {
+    /// stderr only.
+    Stderr,
+    /// stdout and stderr, as they came.
+    Both,
+}
+
+/// A command run to its end or its timeout: how it ended, and its last lines.
+#[derive(Debug)]
+pub struct Ran {
+    /// The exit status, or why there is none.
+    pub result: Result<ExitStatus, RunError>,
+    /// The last lines of the streams kept, oldest first.
+    pub tail: Vec<String>,
+}
+
+/// [`run_lines`], keeping the last `keep` lines of the streams `of` as a tail.
+pub fn run_tailed(
+    cmd: Command,
+    timeout: Duration,
+    keep: usize,
+    of: TailOf,
+    on_line: &mut dyn FnMut(bool, &str),
+) -> Ran {
+    let mut tail: VecDeque<String> = VecDeque::with_capacity(keep);
+    let result = run_lines(cmd, timeout, &mut |is_stderr, line| {
+        on_line(is_stderr, &line);
+        if keep > 0 && (is_stderr || of == TailOf::Both) {
+            if tail.len() == keep {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+    });
+    Ran {
+        result,
+        tail: tail.into(),
+    }
+}
+
 /// Runs `cmd` as hook `hook`, with `timeout`, sending its output to `sink`.
 pub fn run(hook: &str, cmd: Command, timeout: Duration, sink: Sink<'_>) -> Result<(), HookError> {
     let program = cmd.get_program().to_string_lossy().into_owned();
@@ -198,23 +240,20 @@ pub fn run(hook: &str, cmd: Command, timeout: Duration, sink: Sink<'_>) -> Resul
         kind,
         stderr_tail,
     };
-    let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL);
-    let result = run_lines(cmd, timeout, &mut |is_stderr, line| {
-        sink(is_stderr, &line);
-        if is_stderr {
-            if tail.len() == TAIL {
-                tail.pop_front();
-            }
-            tail.push_back(line);
-        }
-    });
-    match result {
+    let ran = run_tailed(
+        cmd,
+        timeout,
+        TAIL,
+        TailOf::Stderr,
+        &mut |is_stderr, line| {
+            sink(is_stderr, line);
+        },
+    );
+    match ran.result {
         Err(RunError::Spawn(e)) => Err(err(HookErrorKind::Spawn(e.to_string()), Vec::new())),
-        Err(RunError::TimedOut) => {
-            Err(err(HookErrorKind::TimedOut(timeout.as_secs()), tail.into()))
-        }
+        Err(RunError::TimedOut) => Err(err(HookErrorKind::TimedOut(timeout.as_secs()), ran.tail)),
         Ok(status) if status.success() => Ok(()),
-        Ok(status) => Err(err(HookErrorKind::Failed(describe(status)), tail.into())),
+        Ok(status) => Err(err(HookErrorKind::Failed(describe(status)), ran.tail)),
     }
 }
 
@@ -263,6 +302,31 @@ mod tests {
         got.sort();
         assert_eq!(got, ["E:bad", "O:out"]);
         run("x", sh("exit 0"), Duration::from_secs(5), &|_, _| {}).unwrap();
+    }
+
+    #[test]
+    fn a_tail_keeps_the_last_lines_of_the_streams_asked_for() {
+        let script = "for i in 1 2 3 4 5; do echo out$i; echo err$i >&2; sleep 0.01; done";
+        let mut seen = 0;
+        let ran = run_tailed(
+            sh(script),
+            Duration::from_secs(5),
+            3,
+            TailOf::Stderr,
+            &mut |_, _| seen += 1,
+        );
+        assert!(ran.result.unwrap().success());
+        assert_eq!(seen, 10);
+        assert_eq!(ran.tail, ["err3", "err4", "err5"]);
+        // Both streams: stdout lines count too (the pause orders the two readers).
+        let ran = run_tailed(
+            sh("echo out1; echo out2; echo out3; sleep 0.3; echo err1 >&2"),
+            Duration::from_secs(5),
+            3,
+            TailOf::Both,
+            &mut |_, _| {},
+        );
+        assert_eq!(ran.tail, ["out2", "out3", "err1"]);
     }
 
     #[test]

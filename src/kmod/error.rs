@@ -10,7 +10,7 @@ use super::ModName;
 /// The operation that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Op {
+pub enum KmodOp {
     /// `init_module`/`finit_module`.
     Insert,
     /// `delete_module`.
@@ -47,7 +47,7 @@ pub enum KmodErrorKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct KmodError {
     /// What we tried.
-    pub op: Op,
+    pub op: KmodOp,
     /// The module.
     pub module: ModName,
     /// What it means.
@@ -58,18 +58,18 @@ pub struct KmodError {
 
 impl KmodError {
     /// Classifies `errno` for `op` on `module`.
-    pub fn new(op: Op, module: &ModName, errno: Errno) -> Self {
+    pub fn new(op: KmodOp, module: &ModName, errno: Errno) -> Self {
         use KmodErrorKind as K;
         let kind = match (op, errno) {
             (_, Errno::ENOSYS) => K::NotSupported,
             (_, Errno::EPERM) => K::NotPermitted,
-            (Op::Insert, Errno::EKEYREJECTED | Errno::ENOKEY) => K::SignatureRejected,
-            (Op::Insert, Errno::ENOEXEC) => K::BadFormat,
-            (Op::Insert, Errno::EEXIST) => K::AlreadyLoaded,
-            (Op::Insert, Errno::ENOENT) => K::UnknownSymbol,
-            (Op::Insert, Errno::EINVAL) => K::Invalid,
-            (Op::Remove, Errno::EAGAIN | Errno::EBUSY) => K::InUse,
-            (Op::Remove, Errno::ENOENT) => K::NotLoaded,
+            (KmodOp::Insert, Errno::EKEYREJECTED | Errno::ENOKEY) => K::SignatureRejected,
+            (KmodOp::Insert, Errno::ENOEXEC) => K::BadFormat,
+            (KmodOp::Insert, Errno::EEXIST) => K::AlreadyLoaded,
+            (KmodOp::Insert, Errno::ENOENT) => K::UnknownSymbol,
+            (KmodOp::Insert, Errno::EINVAL) => K::Invalid,
+            (KmodOp::Remove, Errno::EAGAIN | Errno::EBUSY) => K::InUse,
+            (KmodOp::Remove, Errno::ENOENT) => K::NotLoaded,
             _ => K::Other,
         };
         Self {
@@ -112,8 +112,8 @@ impl KmodError {
 impl fmt::Display for KmodError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let verb = match self.op {
-            Op::Insert => "inserting",
-            Op::Remove => "removing",
+            KmodOp::Insert => "inserting",
+            KmodOp::Remove => "removing",
         };
         write!(
             f,
@@ -134,7 +134,7 @@ mod tests {
     #[test]
     fn errno_meanings_name_the_module() {
         let m = ModName::parse("simple-kmod").unwrap();
-        let e = KmodError::new(Op::Insert, &m, Errno::EKEYREJECTED);
+        let e = KmodError::new(KmodOp::Insert, &m, Errno::EKEYREJECTED);
         assert_eq!(e.kind, KmodErrorKind::SignatureRejected);
         let s = e.to_string();
         assert!(
@@ -143,38 +143,38 @@ mod tests {
         );
         assert!(s.ends_with("(EKEYREJECTED)"), "{s}");
         assert_eq!(
-            KmodError::new(Op::Insert, &m, Errno::ENOSYS).kind,
+            KmodError::new(KmodOp::Insert, &m, Errno::ENOSYS).kind,
             KmodErrorKind::NotSupported
         );
         assert_eq!(
-            KmodError::new(Op::Insert, &m, Errno::EPERM).kind,
+            KmodError::new(KmodOp::Insert, &m, Errno::EPERM).kind,
             KmodErrorKind::NotPermitted
         );
         assert_eq!(
-            KmodError::new(Op::Insert, &m, Errno::ENOEXEC).kind,
+            KmodError::new(KmodOp::Insert, &m, Errno::ENOEXEC).kind,
             KmodErrorKind::BadFormat
         );
         assert_eq!(
-            KmodError::new(Op::Insert, &m, Errno::EEXIST).kind,
+            KmodError::new(KmodOp::Insert, &m, Errno::EEXIST).kind,
             KmodErrorKind::AlreadyLoaded
         );
         assert_eq!(
-            KmodError::new(Op::Remove, &m, Errno::EAGAIN).kind,
+            KmodError::new(KmodOp::Remove, &m, Errno::EAGAIN).kind,
             KmodErrorKind::InUse
         );
         assert_eq!(
-            KmodError::new(Op::Remove, &m, Errno::EBUSY).kind,
+            KmodError::new(KmodOp::Remove, &m, Errno::EBUSY).kind,
             KmodErrorKind::InUse
         );
         assert_eq!(
-            KmodError::new(Op::Remove, &m, Errno::ENOENT).kind,
+            KmodError::new(KmodOp::Remove, &m, Errno::ENOENT).kind,
             KmodErrorKind::NotLoaded
         );
         assert_eq!(
-            KmodError::new(Op::Insert, &m, Errno::ENOENT).kind,
+            KmodError::new(KmodOp::Insert, &m, Errno::ENOENT).kind,
             KmodErrorKind::UnknownSymbol
         );
-        let s = KmodError::new(Op::Remove, &m, Errno::EAGAIN).to_string();
+        let s = KmodError::new(KmodOp::Remove, &m, Errno::EAGAIN).to_string();
         assert_eq!(
             s,
             "removing module simple_kmod: the module is in use (EAGAIN)"

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
-pub use error::{KmodError, KmodErrorKind, Op};
+pub use error::{KmodError, KmodErrorKind, KmodOp};
 pub use name::ModName;
 pub use sys::InitState;
 
@@ -348,18 +348,18 @@ impl KernelModules for Libkmod {
         let m = self
             .ctx
             .by_path(&file.path)
-            .map_err(|e| KmodError::new(Op::Insert, &file.name, e))?;
+            .map_err(|e| KmodError::new(KmodOp::Insert, &file.name, e))?;
         m.insert(&params.join(" "))
-            .map_err(|e| KmodError::new(Op::Insert, &file.name, e))
+            .map_err(|e| KmodError::new(KmodOp::Insert, &file.name, e))
     }
 
     fn remove(&self, name: &ModName, force: bool) -> Result<(), KmodError> {
         let m = self
             .ctx
             .by_name(name.as_str())
-            .map_err(|e| KmodError::new(Op::Remove, name, e))?;
+            .map_err(|e| KmodError::new(KmodOp::Remove, name, e))?;
         m.remove(force)
-            .map_err(|e| KmodError::new(Op::Remove, name, e))
+            .map_err(|e| KmodError::new(KmodOp::Remove, name, e))
     }
 
     fn identity(&self, name: &ModName) -> ModuleIdentity {

@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result};
 use nix::errno::Errno;
 use serde::{Deserialize, Serialize};
 
-use super::error::{KmodError, Op};
+use super::error::{KmodError, KmodOp as Op};
 use super::{InitState, KernelModules, LiveModule, ModInfo, ModName, ModuleFile, ModuleIdentity};
 
 /// One live module of the simulated kernel.

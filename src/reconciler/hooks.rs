@@ -10,7 +10,7 @@ use tracing::info;
 use super::{Changes, Engine, Fail, Outcome, Record, State, Step, StepLog};
 use crate::config::{ModuleConfig, ReadyKind, Source};
 use crate::hooks::{self, kvc};
-use crate::kernel::{TemplateVars, arch, expand, expand_all};
+use crate::kernel::{TemplateVars, expand, expand_all};
 
 /// How often a ready check looks again.
 const READY_POLL: Duration = Duration::from_millis(200);
@@ -27,12 +27,7 @@ fn now_nanos() -> u128 {
 impl Engine<'_> {
     /// Template values for `c` on the target kernel.
     pub(super) fn vars(&self, c: &ModuleConfig) -> TemplateVars {
-        TemplateVars {
-            kernel: self.kernel.clone(),
-            arch: arch(),
-            mod_name: c.name.to_string(),
-            mod_version: c.version.clone(),
-        }
+        TemplateVars::for_config(&self.kernel, c.name.as_str(), c.version.as_deref())
     }
 
     /// The environment every hook gets: what it runs for.
@@ -190,18 +185,13 @@ impl Engine<'_> {
     fn kvc_action(
         &self,
         c: &ModuleConfig,
-        action: kvc::Action,
+        action: kvc::KvcAction,
         out: &mut Outcome,
     ) -> Result<(), Fail> {
         let Source::KvcLibrary { libraries } = &c.source else {
             return Err(Fail::at(Step::Kvc)(anyhow!("not a KVC library config")));
         };
-        let func = match action {
-            kvc::Action::Build => "build_kmods",
-            kvc::Action::Load => "load_kmods",
-            kvc::Action::Unload => "unload_kmods",
-            kvc::Action::Wrapper => "wrapper",
-        };
+        let func = action.function();
         // Counting is a report, not a reason to fail the action.
         let calls = match kvc::CallLog::new() {
             Ok(l) => Some(l),
@@ -284,7 +274,7 @@ impl Engine<'_> {
     /// KVC library mode, prepare: the library's build_kmods for the target kernel
     /// (as `kmods-via-containers build NAME KERNEL`); no load hooks run.
     pub(super) fn prepare_kvc(&self, c: &ModuleConfig, out: &mut Outcome) -> Result<(), Fail> {
-        self.kvc_action(c, kvc::Action::Build, out)?;
+        self.kvc_action(c, kvc::KvcAction::Build, out)?;
         self.log(
             out,
             Step::Kvc,
@@ -313,7 +303,7 @@ impl Engine<'_> {
     /// in-tree modules went out puts them back.
     pub(super) fn load_kvc(&self, c: &ModuleConfig, out: &mut Outcome) -> Result<(), Fail> {
         self.hook(c, "pre_load", c.hooks.pre_load.as_ref(), out)?;
-        self.kvc_action(c, kvc::Action::Build, out)?;
+        self.kvc_action(c, kvc::KvcAction::Build, out)?;
         let mut record = self.current_record(c, out)?;
         let mut changes = Changes::resuming(&record);
         let result = self.replace_and_load_kvc(c, out, &mut record, &mut changes);
@@ -347,7 +337,7 @@ impl Engine<'_> {
             }
             self.take_out_in_tree(r, out, record, changes)?;
         }
-        self.kvc_action(c, kvc::Action::Load, out)?;
+        self.kvc_action(c, kvc::KvcAction::Load, out)?;
         let missing = self.missing_modules(c, true)?;
         if !missing.is_empty() {
             return Err(Fail::at(Step::Kvc)(anyhow!(
@@ -372,7 +362,7 @@ impl Engine<'_> {
 
     /// KVC library mode: unload_kmods, then check the modules are gone.
     pub(super) fn unload_kvc(&self, c: &ModuleConfig, out: &mut Outcome) -> Result<(), Fail> {
-        self.kvc_action(c, kvc::Action::Unload, out)?;
+        self.kvc_action(c, kvc::KvcAction::Unload, out)?;
         let left = self.missing_modules(c, false)?;
         if !left.is_empty() {
             return Err(Fail(

@@ -22,7 +22,7 @@ use anyhow::{Context as _, Result, anyhow};
 use tracing::{info, warn};
 
 use crate::artifacts::image::{BuildHook, FetchRequest, ImageStore};
-use crate::artifacts::podman::Podman;
+use crate::artifacts::podman::{ContainerTool, Podman};
 use crate::artifacts::{RootLayout, directory, prune, verify};
 use crate::config::{ModuleConfig, Source};
 use crate::kernel::{KernelRelease, expand};
@@ -49,7 +49,7 @@ pub struct Engine<'a> {
     /// Runtime records.
     pub records: RecordStore,
     /// Podman, for image sources.
-    pub podman: Podman,
+    pub podman: Box<dyn ContainerTool>,
     /// Host directory for firmware from images (kvcd owns it).
     pub firmware_dir: PathBuf,
     /// Kernels whose artifacts are kept per module config, besides the running one.
@@ -127,7 +127,7 @@ impl<'a> Engine<'a> {
             },
             kernel: kernel.clone(),
             kmods,
-            podman: Podman::from_settings(settings),
+            podman: Box::new(Podman::from_settings(settings)),
             firmware_dir: settings.firmware_dir.clone(),
             keep_kernels: settings.keep_kernels,
             records: RecordStore::new(&settings.runtime_dir),
@@ -626,7 +626,7 @@ impl Engine<'_> {
             Source::Image(src) => {
                 let store = ImageStore {
                     state_dir: &self.layout.state_dir,
-                    podman: &self.podman,
+                    podman: &*self.podman,
                 };
                 let sink = |line: &str| {
                     info!(KVCD_MODULE = %name, KVCD_KERNEL = %self.kernel, KVCD_STEP = "fetch", "podman: {line}");
@@ -793,7 +793,7 @@ impl Engine<'_> {
         let protect = [self.kernel.as_str(), running.as_str()];
         match prune::prune_config(
             &self.layout.state_dir,
-            Some(&self.podman),
+            Some(&*self.podman),
             config.name.as_str(),
             self.keep_kernels,
             &protect,

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 use kvcd::kmod::{
-    InitState, KernelModules, KmodError, LiveModule, ModInfo, ModName, ModuleFile, ModuleIdentity,
-    Op,
+    InitState, KernelModules, KmodError, KmodOp, LiveModule, ModInfo, ModName, ModuleFile,
+    ModuleIdentity,
 };
 use nix::errno::Errno;
 
@@ -191,7 +191,7 @@ impl KernelModules for FakeKernel {
     }
 
     fn insert(&self, file: &ModuleFile, params: &[String]) -> Result<(), KmodError> {
-        let err = |e| KmodError::new(Op::Insert, &file.name, e);
+        let err = |e| KmodError::new(KmodOp::Insert, &file.name, e);
         if let Some((n, e)) = &*self.fail_insert.lock().unwrap() {
             if *n == file.name {
                 return Err(err(*e));
@@ -251,8 +251,8 @@ impl KernelModules for FakeKernel {
     fn remove(&self, name: &ModName, _force: bool) -> Result<(), KmodError> {
         let live = self.live(name).unwrap();
         match live {
-            None => Err(KmodError::new(Op::Remove, name, Errno::ENOENT)),
-            Some(l) if l.refcount > 0 => Err(KmodError::new(Op::Remove, name, Errno::EAGAIN)),
+            None => Err(KmodError::new(KmodOp::Remove, name, Errno::ENOENT)),
+            Some(l) if l.refcount > 0 => Err(KmodError::new(KmodOp::Remove, name, Errno::EAGAIN)),
             Some(_) => {
                 self.mods.lock().unwrap().remove(name);
                 self.log.lock().unwrap().push(format!("remove {name}"));

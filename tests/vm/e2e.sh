@@ -613,6 +613,7 @@ post_unload hooked 0"
     end
     scrub kvcd_param
 
+    crash_checks
     daemon_checks
 
     # Everything above cleaned up after itself: no fixture module and no
@@ -624,6 +625,90 @@ post_unload hooked 0"
     left=$(ls "$RUN/loaded" 2>/dev/null)
     [ -z "$left" ] || bad "records left: $left"
     end
+}
+
+# --- the kill -9 tier (normal kernel) -------------------------------------------------
+CRASH_RUN=/run/kvcd-crash
+CRASH_STATE=/var/lib/kvcd-crash
+CRASH_MODS="dummy kvcd_base kvcd_user crc8 kvcd_crc"
+
+# crash_apply [ARGS...]: kvcd apply on the crash config (failpoint from $FP).
+crash_apply() {
+    KVCD_FAILPOINTS=$FP kvcd --config-dir "$ALT/crash" apply "$@" crash >/tmp/crash.out 2>&1
+}
+
+# crash_state: what a run must leave the same: each module with its
+# srcversion and parameters, the record without its timestamp, leftovers.
+crash_state() {
+    for _m in $CRASH_MODS; do
+        if loaded "$_m"; then
+            echo "live $_m $(cat /sys/module/$_m/srcversion 2>/dev/null) $(ls /sys/module/$_m/parameters 2>/dev/null | tr '\n' ' ')"
+        fi
+    done
+    for _r in "$CRASH_RUN"/loaded/*.json; do
+        [ -e "$_r" ] && grep -v '"since"' "$_r"
+    done
+    find "$CRASH_RUN" "$CRASH_STATE" -name '*.tmp*' 2>/dev/null | sed 's/^/left /'
+    ls "$CRASH_STATE/mounts" 2>/dev/null | sed 's/^/mounted /'
+}
+
+# crash_points LOG: NAME#1 and NAME#LAST for each failpoint in LOG.
+crash_points() {
+    awk '{ c[$0]++ } END { for (k in c) { print k "#1"; if (c[k] > 1) print k "#" c[k] } }' "$1" | sort
+}
+
+# crash_kill POINT WANT WHAT: runs crash_apply (args in $ARGS) killed at
+# POINT, then $THEN, and compares the end state with WANT.
+crash_kill() {
+    FP=$1
+    crash_apply $ARGS
+    _rc=$?
+    FP=""
+    [ "$_rc" = 137 ] || { bad "$3 at $1: not killed there (exit $_rc): $(tail -n 3 /tmp/crash.out)"; return; }
+    crash_apply $THEN
+    _now=$(crash_state)
+    if [ "$_now" != "$2" ]; then
+        bad "$3 at $1 did not converge"
+        note "$3 at $1 ended as:"
+        note "$_now"
+        note "instead of:"
+        note "$2"
+    fi
+    CRASH_KILLS=$((CRASH_KILLS + 1))
+}
+
+crash_checks() {
+    begin "kill -9 at every failpoint (real kernel)"
+    FP=""
+    CRASH_KILLS=0
+    loaded dummy || modprobe dummy
+    rm -rf "$CRASH_RUN" "$CRASH_STATE"
+    base=$(crash_state)
+    KVCD_FAILPOINTS_LOG=/tmp/fp.load crash_apply
+    full=$(crash_state)
+    KVCD_FAILPOINTS_LOG=/tmp/fp.unload crash_apply --unload
+    if [ ! -s /tmp/fp.load ]; then
+        echo "KVCD-E2E: SKIP kill -9 tier: this kvcd was built without the failpoints feature"
+        end
+        return
+    fi
+    [ "$(crash_state)" = "$base" ] || bad "a clean load and unload did not restore the node"
+    for p in $(crash_points /tmp/fp.load); do
+        ARGS="" THEN=""; crash_kill "$p" "$full" "load, load"
+        crash_apply --unload
+        ARGS="" THEN="--unload"; crash_kill "$p" "$base" "load, unload"
+    done
+    for p in $(crash_points /tmp/fp.unload); do
+        crash_apply
+        ARGS="--unload" THEN="--unload"; crash_kill "$p" "$base" "unload, unload"
+    done
+    n=$(cat /tmp/fp.load /tmp/fp.unload | sort -u | wc -l)
+    note "$n failpoints, $CRASH_KILLS kills"
+    echo "KVCD-E2E: kill -9 tier: $n failpoints, $CRASH_KILLS kills"
+    [ "$n" -ge 30 ] || bad "only $n failpoints reached"
+    end
+    scrub kvcd_user kvcd_base kvcd_crc crc8 dummy
+    rm -rf "$CRASH_RUN" "$CRASH_STATE"
 }
 
 # --- the agent over D-Bus (normal kernel, after every `kvcd apply` check) ---------
