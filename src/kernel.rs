@@ -44,6 +44,9 @@ impl KernelRelease {
 
     /// The release of the running kernel (`uname -r`).
     pub fn running() -> Result<Self> {
+        if let Some(release) = crate::kmod::sim::release() {
+            return Self::parse(&release);
+        }
         let uts = nix::sys::utsname::uname().context("uname failed")?;
         let release = uts.release().to_string_lossy().into_owned();
         Self::parse(&release)

@@ -223,6 +223,99 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// `kvcd daemon` on a private bus, with a node's config and simulated kernel.
+struct Daemon {
+    child: std::process::Child,
+}
+
+impl Node {
+    /// Starts the daemon (killed at `kill_at`, if given) and waits until it answers.
+    fn daemon(&self, address: &str, kill_at: Option<&str>, log: Option<&Path>) -> Daemon {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kvcd"));
+        c.arg("--config-dir")
+            .arg(self.path("etc"))
+            .args(["daemon", "--bus-address", address])
+            .env("KVCD_SIM_KERNEL", self.path("kernel"))
+            .env("KVCD_LOG", "kvcd=debug")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("KVCD_FAILPOINTS")
+            .env_remove("KVCD_FAILPOINTS_LOG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(self.path("daemon.log")).unwrap());
+        if let Some(fp) = kill_at {
+            c.env("KVCD_FAILPOINTS", fp);
+        }
+        if let Some(l) = log {
+            c.env("KVCD_FAILPOINTS_LOG", l);
+        }
+        let mut child = c.spawn().unwrap();
+        for _ in 0..200 {
+            if child.try_wait().unwrap().is_some()
+                || self.kvcctl(address, &["list"]).status.success()
+            {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Daemon { child }
+    }
+
+    fn kvcctl(&self, address: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_kvcctl"))
+            .args(["--bus-address", address])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Daemon {
+    /// Waits (up to 60 s) for the daemon to end; its status.
+    fn wait(mut self) -> std::process::ExitStatus {
+        for _ in 0..600 {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        self.child.wait().unwrap()
+    }
+
+    /// SIGTERM, then wait.
+    fn stop(self) -> std::process::ExitStatus {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        self.wait()
+    }
+}
+
+/// A private system bus (scripts/dbus-bus) for as long as it lives.
+struct Bus {
+    dir: PathBuf,
+    address: String,
+}
+
+impl Bus {
+    fn start(dir: PathBuf) -> Self {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/dbus-bus");
+        let out = Command::new(&script).arg("start").arg(&dir).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        let address = format!("unix:path={}", dir.join("bus").display());
+        Self { dir, address }
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/dbus-bus");
+        let _ = Command::new(script).arg("stop").arg(&self.dir).output();
+    }
+}
+
 /// What one failpoint did: killed there, and whether the rerun converged.
 struct Row {
     point: String,
@@ -395,4 +488,95 @@ fn an_image_with_firmware_converges_after_a_kill_at_every_failpoint() {
     };
     let rows = run_tier(&s);
     report(&s, &rows, 20);
+}
+
+#[test]
+fn the_daemon_converges_after_a_kill_at_every_failpoint() {
+    if skip_without_failpoints() {
+        return;
+    }
+    let s = Scenario {
+        name: "stack",
+        config: format!(
+            "modules = [\"dummy\", \"kvcd_user\", \"kvcd_crc\"]\nreplace_in_tree = [\"dummy\"]\n[directory]\npath = \"@KO@\"\n{HOOKS}"
+        ),
+        refuse: &[],
+        load_code: 0,
+    };
+    let new_node = || {
+        let n = Node::new(&s);
+        fs::write(n.path("kernel/release"), &n.fx.kver).unwrap();
+        n
+    };
+    let bus_dir = tempfile::Builder::new()
+        .prefix("kvcd-crash-bus")
+        .tempdir()
+        .unwrap();
+    fs::set_permissions(
+        bus_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let bus = Bus::start(bus_dir.path().join("bus"));
+    let load = ["load", "--wait", "--timeout", "60", "stack"];
+    let unload = ["unload", "--wait", "--timeout", "60", "stack"];
+
+    // A clean run: what it reaches and where it ends.
+    let clean = new_node();
+    let before = clean.snapshot();
+    let log = clean.path("daemon-fp.log");
+    let d = clean.daemon(&bus.address, None, Some(&log));
+    let o = clean.kvcctl(&bus.address, &load);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    let loaded = clean.snapshot();
+    let o = clean.kvcctl(&bus.address, &unload);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(d.stop().success());
+    assert_eq!(clean.snapshot(), before);
+
+    let mut rows = Vec::new();
+    for point in reached(&log) {
+        let node = new_node();
+        let mut problems = Vec::new();
+        // Killed while starting or loading; started again, it loads as the admin asked.
+        let d = node.daemon(&bus.address, Some(&point), None);
+        let _ = node.kvcctl(&bus.address, &load);
+        let status = d.wait();
+        if status.signal() != Some(9) {
+            problems.push(format!("not killed there ({status})"));
+        }
+        let d = node.daemon(&bus.address, None, None);
+        let o = node.kvcctl(&bus.address, &load);
+        if code(&o) != 0 {
+            problems.push(format!("load after the restart: {}", text(&o)));
+        }
+        let got = node.snapshot();
+        if got != loaded {
+            problems.push(format!("ended as\n{got}instead of\n{loaded}"));
+        }
+        let o = node.kvcctl(&bus.address, &unload);
+        if code(&o) != 0 || node.snapshot() != before {
+            problems.push(format!(
+                "unload after the restart: {}{}",
+                text(&o),
+                node.snapshot()
+            ));
+        }
+        if !d.stop().success() {
+            problems.push("the restarted daemon did not stop cleanly".to_owned());
+        }
+        problems.extend(node.leftovers());
+        if !problems.is_empty() {
+            problems.push(format!(
+                "daemon log:\n{}",
+                fs::read_to_string(node.path("daemon.log")).unwrap_or_default()
+            ));
+        }
+        rows.push(Row {
+            point,
+            phase: "daemon, restart",
+            problems,
+        });
+    }
+    report(&s, &rows, 25);
 }

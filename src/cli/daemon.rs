@@ -133,6 +133,22 @@ async fn signals(handle: Handle) -> Result<()> {
     }
 }
 
+/// Converges from what a killed kvcd left, before the agent starts (on the blocking pool).
+async fn recover(settings: &crate::config::DaemonSettings, kernel: &KernelRelease, factory: &KmodsFactory) {
+    let (settings, kernel, factory) = (settings.clone(), kernel.clone(), factory.clone());
+    let done = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+        let kmods = factory()?;
+        let engine = crate::reconciler::Engine::from_settings(&settings, &kernel, &*kmods, None);
+        Ok(engine.recover(&crate::state::Layout::from_settings(&settings)))
+    })
+    .await;
+    match done {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => warn!("recovering after a stop: {e:#}"),
+        Err(e) => warn!("recovering after a stop: {e}"),
+    }
+}
+
 /// Runs the daemon until SIGTERM/SIGINT or until `stop` completes; `factory`
 /// gives the kernel seam (libkmod, or a fake in tests).
 pub async fn run(
@@ -142,6 +158,7 @@ pub async fn run(
 ) -> Result<()> {
     let settings = Config::load(&opts.dirs, &opts.overrides).daemon;
     let _lock = lock_state(&settings)?;
+    recover(&settings, &opts.kernel, &factory).await;
     let (agent, handle, status) = Agent::new(
         opts.dirs.clone(),
         opts.overrides.clone(),

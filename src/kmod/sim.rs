@@ -5,7 +5,8 @@
 //!
 //! `DIR/modules/NAME.json` is a live module (the file it came from, its
 //! parameters and dependencies, extra references); `DIR/firmware_path` is
-//! `firmware_class.path`; `DIR/refuse-insert` lists modules whose insert
+//! `firmware_class.path`; `DIR/release`, when present, is the running
+//! kernel's release (`uname -r`); `DIR/refuse-insert` lists modules whose insert
 //! fails as a module the kernel rejects would. It behaves as the kernel does where kvcd cares:
 //! an insert needs its dependencies live, a module in use is not removed.
 
@@ -18,6 +19,16 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{KmodError, KmodOp as Op};
 use super::{InitState, KernelModules, LiveModule, ModInfo, ModName, ModuleFile, ModuleIdentity};
+
+/// The release of the simulated kernel (`DIR/release`), when one runs.
+pub fn release() -> Option<String> {
+    if !cfg!(feature = "failpoints") {
+        return None;
+    }
+    let dir = std::env::var_os("KVCD_SIM_KERNEL")?;
+    let r = fs::read_to_string(Path::new(&dir).join("release")).ok()?;
+    Some(r.trim().to_owned())
+}
 
 /// One live module of the simulated kernel.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -630,11 +630,12 @@ post_unload hooked 0"
 # --- the kill -9 tier (normal kernel) -------------------------------------------------
 CRASH_RUN=/run/kvcd-crash
 CRASH_STATE=/var/lib/kvcd-crash
-CRASH_MODS="dummy kvcd_base kvcd_user crc8 kvcd_crc"
+CRASH_FW=/var/lib/kvcd-crash-firmware
+CRASH_MODS="dummy kvcd_base kvcd_user crc8 kvcd_crc kvcd_fw"
 
-# crash_apply [ARGS...]: kvcd apply on the crash config (failpoint from $FP).
+# crash_apply [ARGS...]: kvcd apply on the crash configs (failpoint from $FP).
 crash_apply() {
-    KVCD_FAILPOINTS=$FP kvcd --config-dir "$ALT/crash" apply "$@" crash >/tmp/crash.out 2>&1
+    KVCD_FAILPOINTS=$FP kvcd --config-dir "$ALT/crash" apply "$@" crash crashfw >/tmp/crash.out 2>&1
 }
 
 # crash_state: what a run must leave the same: each module with its
@@ -648,8 +649,10 @@ crash_state() {
     for _r in "$CRASH_RUN"/loaded/*.json; do
         [ -e "$_r" ] && grep -v '"since"' "$_r"
     done
-    find "$CRASH_RUN" "$CRASH_STATE" -name '*.tmp*' 2>/dev/null | sed 's/^/left /'
+    find "$CRASH_RUN" "$CRASH_STATE" "$CRASH_FW" -name '*.tmp*' 2>/dev/null | sed 's/^/left /'
     ls "$CRASH_STATE/mounts" 2>/dev/null | sed 's/^/mounted /'
+    find "$CRASH_FW" -type f 2>/dev/null | sort | sed 's/^/firmware /'
+    echo "firmware_class.path=$(cat /sys/module/firmware_class/parameters/path)"
 }
 
 # crash_points LOG: NAME#1 and NAME#LAST for each failpoint in LOG.
@@ -682,7 +685,7 @@ crash_checks() {
     FP=""
     CRASH_KILLS=0
     loaded dummy || modprobe dummy
-    rm -rf "$CRASH_RUN" "$CRASH_STATE"
+    rm -rf "$CRASH_RUN" "$CRASH_STATE/roots"
     base=$(crash_state)
     KVCD_FAILPOINTS_LOG=/tmp/fp.load crash_apply
     full=$(crash_state)
@@ -694,8 +697,11 @@ crash_checks() {
     fi
     [ "$(crash_state)" = "$base" ] || bad "a clean load and unload did not restore the node"
     for p in $(crash_points /tmp/fp.load); do
+        # Module trees are built again each time, so their steps are reached.
+        rm -rf "$CRASH_STATE/roots"
         ARGS="" THEN=""; crash_kill "$p" "$full" "load, load"
         crash_apply --unload
+        rm -rf "$CRASH_STATE/roots"
         ARGS="" THEN="--unload"; crash_kill "$p" "$base" "load, unload"
     done
     for p in $(crash_points /tmp/fp.unload); do
@@ -707,8 +713,8 @@ crash_checks() {
     echo "KVCD-E2E: kill -9 tier: $n failpoints, $CRASH_KILLS kills"
     [ "$n" -ge 30 ] || bad "only $n failpoints reached"
     end
-    scrub kvcd_user kvcd_base kvcd_crc crc8 dummy
-    rm -rf "$CRASH_RUN" "$CRASH_STATE"
+    scrub kvcd_fw kvcd_user kvcd_base kvcd_crc crc8 dummy
+    rm -rf "$CRASH_RUN" "$CRASH_STATE" "$CRASH_FW"
 }
 
 # --- the agent over D-Bus (normal kernel, after every `kvcd apply` check) ---------
