@@ -10,7 +10,7 @@ use zbus::Connection;
 use super::{EXIT_FAILED, EXIT_NO_DAEMON};
 use crate::dbus::BUS_NAME;
 use crate::dbus::proxy::{ManagerProxy, ModuleProxy};
-use crate::reconciler::status::{ModuleStatus, Phase};
+use crate::reconciler::status::{ModuleStatus, Status};
 
 /// Where the agent is.
 #[derive(Debug, Clone, Args)]
@@ -99,7 +99,7 @@ async fn module_status(
         .await?;
     Ok(ModuleStatus {
         name: m.name().await?,
-        state: Phase::parse(&m.state().await?).unwrap_or(Phase::Invalid),
+        state: Status::parse(&m.state().await?).unwrap_or(Status::Invalid),
         step: m.step().await?,
         error: m.error().await?,
         kernel: m.kernel().await?,
@@ -213,7 +213,7 @@ async fn run_async(bus: &BusArgs, cmd: &ClientCommand) -> Result<u8> {
             }
             let bad = mods
                 .iter()
-                .any(|m| matches!(m.state, Phase::Failed | Phase::Busy | Phase::Invalid));
+                .any(|m| matches!(m.state, Status::Failed | Status::Busy | Status::Invalid));
             Ok(if bad { EXIT_FAILED } else { 0 })
         }
         ClientCommand::Load(a) | ClientCommand::Unload(a) | ClientCommand::Reload(a) => {
@@ -232,10 +232,10 @@ async fn run_async(bus: &BusArgs, cmd: &ClientCommand) -> Result<u8> {
             let ok = if unloading {
                 matches!(
                     s.state,
-                    Phase::Inactive | Phase::Unsupported | Phase::Invalid
+                    Status::Inactive | Status::Unsupported | Status::Invalid
                 )
             } else {
-                matches!(s.state, Phase::Loaded | Phase::Unsupported)
+                matches!(s.state, Status::Loaded | Status::Unsupported)
             };
             if ok {
                 println!("{}: {}", s.name, s.state);

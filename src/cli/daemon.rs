@@ -141,9 +141,10 @@ pub async fn run(
     factory: KmodsFactory,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let settings = Config::load(&opts.dirs, &opts.overrides).daemon;
-    let _lock = lock_runtime(&settings.runtime_dir)?;
+    let config = Config::load(&opts.dirs, &opts.overrides);
+    let _lock = lock_runtime(&config.daemon.runtime_dir)?;
     let (agent, handle, status) = Agent::new(
+        config,
         opts.dirs.clone(),
         opts.overrides.clone(),
         opts.kernel.clone(),

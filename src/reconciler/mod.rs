@@ -10,6 +10,7 @@
 pub mod agent;
 mod firmware;
 mod hooks;
+pub mod machine;
 pub mod order;
 mod outcome;
 pub mod record;

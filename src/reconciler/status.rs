@@ -2,92 +2,18 @@
 //! `watch` channel that the D-Bus objects (and tests) read.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// Where a module config is in its life, as the agent reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    /// Not loaded by kvcd.
-    Inactive,
-    /// Getting the driver image (pull, build, extract).
-    Fetching,
-    /// Building the module tree and checking the files.
-    Verifying,
-    /// Taking out in-tree modules, inserting, hooks, ready check.
-    Loading,
-    /// Loaded and ready.
-    Loaded,
-    /// Removing modules.
-    Unloading,
-    /// A step failed (see `error`, `step`, `next_retry`).
-    Failed,
-    /// Unload refused: a module is in use.
-    Busy,
-    /// The running kernel does not match `kernel_match`.
-    Unsupported,
-    /// The config file is invalid and there is no earlier good one.
-    Invalid,
-}
-
-impl Phase {
-    /// The phase's name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Inactive => "inactive",
-            Self::Fetching => "fetching",
-            Self::Verifying => "verifying",
-            Self::Loading => "loading",
-            Self::Loaded => "loaded",
-            Self::Unloading => "unloading",
-            Self::Failed => "failed",
-            Self::Busy => "busy",
-            Self::Unsupported => "unsupported",
-            Self::Invalid => "invalid",
-        }
-    }
-
-    /// True when no operation is under way.
-    pub fn is_settled(self) -> bool {
-        !matches!(
-            self,
-            Self::Fetching | Self::Verifying | Self::Loading | Self::Unloading
-        )
-    }
-
-    /// Parses a phase name.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "inactive" => Self::Inactive,
-            "fetching" => Self::Fetching,
-            "verifying" => Self::Verifying,
-            "loading" => Self::Loading,
-            "loaded" => Self::Loaded,
-            "unloading" => Self::Unloading,
-            "failed" => Self::Failed,
-            "busy" => Self::Busy,
-            "unsupported" => Self::Unsupported,
-            "invalid" => Self::Invalid,
-            _ => return None,
-        })
-    }
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(self.as_str())
-    }
-}
+pub use super::machine::Status;
 
 /// One module config as the agent sees it (also the `kvcctl status --json` shape).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModuleStatus {
     /// Module config name.
     pub name: String,
-    /// Phase.
-    pub state: Phase,
+    /// Status.
+    pub state: Status,
     /// The step under way or that failed; empty when none.
     pub step: String,
     /// The last error; empty when none.
