@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Fixtures, SharedFake};
-use kvcd::cli::daemon::{DaemonOptions, run};
-use kvcd::config::Overrides;
+use kvcd::config::{Config, Overrides};
+use kvcd::daemon::{DaemonOptions, run};
 use kvcd::kernel::KernelRelease;
 use kvcd::kmod::KernelModules;
 use kvcd::reconciler::agent::KmodsFactory;
@@ -105,9 +105,10 @@ impl Node {
             bus_address: Some(self.address.clone()),
             kernel: KernelRelease::parse(&self.fx.kver).unwrap(),
         };
+        let config = Config::load(&opts.dirs, &opts.overrides);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         self.stop = Some(tx);
-        self.daemon = Some(self.rt.spawn(run(opts, factory, async move {
+        self.daemon = Some(self.rt.spawn(run(opts, config, factory, async move {
             let _ = rx.await;
         })));
         // Ready when the name is on the bus.
