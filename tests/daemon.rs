@@ -739,3 +739,73 @@ fn a_busy_reload_is_retried_as_a_reload_and_unload_on_stop_unloads() {
     node.stop();
     assert!(!node.fake.0.is_live("kvcd_param"));
 }
+
+/// Reads the pid a hook wrote to `file`, waiting for it.
+fn hook_pid(file: &Path) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(pid) = fs::read_to_string(file).unwrap_or_default().trim().parse() {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "the build hook did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Preparing another kernel takes one of `max_parallel`'s slots like any
+/// work, and stopping waits for it (up to `stop_timeout_seconds`).
+#[test]
+fn a_preparation_counts_as_work_and_stopping_waits_for_it() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let mut node = Node::new();
+    let toml = node.root.join("etc/kvcd.toml");
+    let text = fs::read_to_string(&toml).unwrap();
+    fs::write(
+        &toml,
+        format!("{text}max_parallel = 1\nstop_timeout_seconds = 2\n"),
+    )
+    .unwrap();
+    let pidfile = node.root.join("build.pid");
+    node.module("params", PARAM);
+    node.module(
+        "stuck",
+        &format!(
+            "modules = [\"kvcd_base\"]\n[image]\nref = \"localhost/kvcd-never-built:1\"\npull = \"never\"\n[hooks]\nbuild = [\"/bin/sh\", \"-c\", \"echo $$ > {}; exec sleep 300\"]\n",
+            pidfile.display()
+        ),
+    );
+    node.start();
+    assert_eq!(node.kvcctl(&["prepare", "6.1.0-99-amd64"]).0, 0);
+    let hook = hook_pid(&pidfile);
+    // The preparation holds the only slot: the load waits.
+    let (code, out, err) = node.kvcctl(&["load", "params"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("params: queued"), "{out}");
+    std::thread::sleep(Duration::from_secs(1));
+    let s = node.status("params");
+    assert_eq!(
+        (s["state"].as_str(), s["started_op"].as_u64()),
+        (Some("inactive"), Some(0)),
+        "{s}"
+    );
+    assert!(!node.fake.0.is_live("kvcd_param"));
+    // Once it ends, the load runs.
+    kill(Pid::from_raw(hook), Signal::SIGKILL).unwrap();
+    node.wait_until("params", |m| m.is_some_and(|m| m["state"] == "loaded"));
+    assert!(node.fake.0.is_live("kvcd_param"));
+
+    // Stopping while a preparation runs waits for it until the stop timeout.
+    fs::remove_file(&pidfile).unwrap();
+    assert_eq!(node.kvcctl(&["prepare", "6.1.0-99-amd64"]).0, 0);
+    let hook = hook_pid(&pidfile);
+    let stopping = Instant::now();
+    node.stop();
+    let waited = stopping.elapsed();
+    kill(Pid::from_raw(hook), Signal::SIGKILL).unwrap();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "stopped after {waited:?} without waiting for the preparation"
+    );
+}
