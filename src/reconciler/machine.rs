@@ -484,11 +484,19 @@ pub fn transition(m: &Module, ev: Event, ctx: &Ctx) -> Result<(Module, Vec<Effec
                 return Err(Refused::NotFound);
             }
             let no_config = || Refused::InvalidConfig(m.config_error.clone().unwrap_or_default());
-            match m.status {
-                Invalid => return Err(no_config()),
-                _ if m.digest.is_none() => return Err(no_config()),
-                Inactive | Fetching | Verifying | Loading | Loaded | Unloading | Failed | Busy
-                | Unsupported => {
+            match (m.status, m.digest.is_some()) {
+                // No good config (an unload of a removed one may still run).
+                (Invalid, _)
+                | (
+                    Inactive | Fetching | Verifying | Loading | Loaded | Unloading | Failed | Busy
+                    | Unsupported,
+                    false,
+                ) => return Err(no_config()),
+                (
+                    Inactive | Fetching | Verifying | Loading | Loaded | Unloading | Failed | Busy
+                    | Unsupported,
+                    true,
+                ) => {
                     n.wanted = true;
                     n.queue.retain(|(op, _)| *op != Op::Unload);
                     fx.push(Effect::SaveDesired);
@@ -551,15 +559,20 @@ pub fn transition(m: &Module, ev: Event, ctx: &Ctx) -> Result<(Module, Vec<Effec
         Event::ConfigInvalid { file, error } => {
             n.removed = false;
             n.config_file = file;
-            match m.status {
-                _ if m.digest.is_some() => {
+            match (m.status, m.digest.is_some()) {
+                (
+                    Inactive | Loaded | Failed | Busy | Unsupported | Invalid | Fetching
+                    | Verifying | Loading | Unloading,
+                    true,
+                ) => {
                     n.error = format!("invalid configuration, keeping the last good one: {error}");
                 }
-                Inactive | Loaded | Failed | Busy | Unsupported | Invalid => {
+                (Inactive | Loaded | Failed | Busy | Unsupported | Invalid, false) => {
                     n.set_status(Invalid, ctx.now);
                     n.error.clone_from(&error);
                 }
-                Fetching | Verifying | Loading | Unloading => n.error.clone_from(&error),
+                // Work under way (the unload of a removed config) settles it.
+                (Fetching | Verifying | Loading | Unloading, false) => n.error.clone_from(&error),
             }
             n.config_error = Some(error);
         }

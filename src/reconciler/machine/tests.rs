@@ -522,6 +522,23 @@ fn an_invalid_file_keeps_the_last_good_config_and_says_so() {
         transition(&m, Event::LoadRequested { seq: 7 }, &CTX).unwrap_err(),
         Refused::InvalidConfig("worse".into())
     );
+    // A removed config back as an invalid file while its unload runs: not loadable, settled by the unload.
+    let (m, _) = apply(&model(Unloading), Event::ConfigRemoved { seq: 7 });
+    let (m, _) = apply(
+        &m,
+        Event::ConfigInvalid {
+            file: "f.toml".into(),
+            error: "half".into(),
+        },
+    );
+    assert_eq!(
+        (m.status, m.removed, m.error.as_str()),
+        (Unloading, false, "half")
+    );
+    assert_eq!(
+        transition(&m, Event::ReloadRequested { seq: 8 }, &CTX).unwrap_err(),
+        Refused::InvalidConfig("half".into())
+    );
 }
 
 #[test]
