@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use super::machine::{self, Ctx, Effect, Module, Op, Ran, Refused, Status};
+use super::machine::{self, Ctx, Effect, Module, Operation, Ran, Refused, Status};
 use super::status::Snapshot;
 use super::{Engine, Outcome, RecordStore, Step, StepLog};
 use crate::config::{Config, DaemonSettings, ModuleConfig, Overrides};
@@ -74,7 +74,7 @@ enum Event {
     Progress(String, Step),
     Done {
         name: String,
-        op: Op,
+        op: Operation,
         seq: u64,
         ran: Ran,
         outcome: Box<Outcome>,
@@ -615,14 +615,14 @@ impl Agent {
             if !e.model.status.is_settled() {
                 continue;
             }
-            if op == Op::Unload {
+            if op == Operation::Unload {
                 // Unload dependents first.
                 let dependents = self.entries.values().any(|d| {
                     d.config
                         .as_ref()
                         .is_some_and(|c| c.after.iter().any(|a| a.as_str() == name))
                         && (!d.model.status.is_settled()
-                            || d.model.queue.iter().any(|(o, _)| *o == Op::Unload))
+                            || d.model.queue.iter().any(|(o, _)| *o == Operation::Unload))
                 });
                 if dependents {
                     continue;
@@ -657,7 +657,7 @@ impl Agent {
     }
 
     /// Runs operation `seq` on `name` on the blocking pool; [`Event::Done`] brings the outcome.
-    fn run_work(&mut self, name: &str, op: Op, seq: u64) {
+    fn run_work(&mut self, name: &str, op: Operation, seq: u64) {
         let Some(e) = self.entries.get(name) else {
             return;
         };
@@ -929,10 +929,10 @@ fn run_op(
     kernel: &KernelRelease,
     name: &str,
     config: Option<&ModuleConfig>,
-    op: Op,
+    op: Operation,
     tx: &mpsc::UnboundedSender<Event>,
 ) -> (Ran, Outcome) {
-    let ran = if op == Op::Unload {
+    let ran = if op == Operation::Unload {
         Ran::Unload
     } else {
         Ran::Load
@@ -949,9 +949,9 @@ fn run_op(
     };
     let engine = Engine::from_settings(settings, kernel, &*kmods, Some(&progress));
     match (op, config) {
-        (Op::Unload, c) => (Ran::Unload, engine.unload(name, c)),
-        (Op::Load, Some(c)) => (Ran::Load, engine.load(c)),
-        (Op::Reload, Some(c)) => {
+        (Operation::Unload, c) => (Ran::Unload, engine.unload(name, c)),
+        (Operation::Load, Some(c)) => (Ran::Load, engine.load(c)),
+        (Operation::Reload, Some(c)) => {
             let u = engine.unload(name, Some(c));
             if !u.state.is_ok() {
                 return (Ran::Unload, u);
@@ -966,7 +966,7 @@ fn run_op(
             let _ = std::fs::remove_file(index);
             (Ran::UnloadThenLoad, engine.load(c))
         }
-        (Op::Load | Op::Reload, None) => (
+        (Operation::Load | Operation::Reload, None) => (
             ran,
             Outcome::failed(
                 name,

@@ -93,7 +93,7 @@ impl fmt::Display for Status {
 
 /// An operation on a module config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
+pub enum Operation {
     /// Load it.
     Load,
     /// Unload it.
@@ -169,7 +169,7 @@ pub enum Event {
     /// The scheduler starts the queued operation `seq`.
     WorkStarted {
         /// The operation.
-        op: Op,
+        op: Operation,
         /// Its number.
         seq: u64,
     },
@@ -178,7 +178,7 @@ pub enum Event {
     /// The running operation finished.
     WorkDone {
         /// The operation.
-        op: Op,
+        op: Operation,
         /// Its number.
         seq: u64,
         /// What the engine ran.
@@ -225,9 +225,9 @@ pub enum Effect {
     /// Answer the request with this operation number.
     Answer(u64),
     /// Operation `seq` was queued (the agent's counter moves past it).
-    Queued(Op, u64),
+    Queued(Operation, u64),
     /// Run the operation on the blocking pool.
-    Run(Op, u64),
+    Run(Operation, u64),
     /// Fire [`Event::RetryDue`] after this delay.
     ArmRetry(Duration),
     /// Save which module configs are wanted (`RUNTIME/desired.json`).
@@ -296,9 +296,9 @@ pub struct Module {
     /// kvcd may have a runtime record for it.
     pub recorded: bool,
     /// Operations waiting to run, oldest first.
-    pub queue: VecDeque<(Op, u64)>,
+    pub queue: VecDeque<(Operation, u64)>,
     /// The operation a pending retry repeats.
-    pub retry: Option<Op>,
+    pub retry: Option<Operation>,
     /// Failed attempts in a row (drives the backoff).
     pub attempts: u32,
     /// When the pending retry fires (seconds since the epoch); 0 when none.
@@ -392,7 +392,7 @@ impl Module {
         }
     }
 
-    fn enqueue(&mut self, op: Op, seq: u64, fx: &mut Vec<Effect>) {
+    fn enqueue(&mut self, op: Operation, seq: u64, fx: &mut Vec<Effect>) {
         self.retry = None;
         self.next_retry = 0;
         self.queue.push_back((op, seq));
@@ -498,12 +498,20 @@ pub fn transition(m: &Module, ev: Event, ctx: &Ctx) -> Result<(Module, Vec<Effec
                     true,
                 ) => {
                     n.wanted = true;
-                    n.queue.retain(|(op, _)| *op != Op::Unload);
+                    n.queue.retain(|(op, _)| *op != Operation::Unload);
                     fx.push(Effect::SaveDesired);
                     if !reload && m.status == Loaded && n.idle() {
                         fx.push(Effect::Answer(m.completed_op));
                     } else {
-                        n.enqueue(if reload { Op::Reload } else { Op::Load }, seq, &mut fx);
+                        n.enqueue(
+                            if reload {
+                                Operation::Reload
+                            } else {
+                                Operation::Load
+                            },
+                            seq,
+                            &mut fx,
+                        );
                         fx.push(Effect::Answer(seq));
                     }
                 }
@@ -514,7 +522,7 @@ pub fn transition(m: &Module, ev: Event, ctx: &Ctx) -> Result<(Module, Vec<Effec
                 return Err(Refused::NotFound);
             }
             n.wanted = false;
-            n.queue.retain(|(op, _)| *op == Op::Unload);
+            n.queue.retain(|(op, _)| *op == Operation::Unload);
             fx.push(Effect::SaveDesired);
             match m.status {
                 Inactive | Invalid | Unsupported if n.queue.is_empty() => {
@@ -522,7 +530,7 @@ pub fn transition(m: &Module, ev: Event, ctx: &Ctx) -> Result<(Module, Vec<Effec
                 }
                 Inactive | Invalid | Unsupported | Fetching | Verifying | Loading | Loaded
                 | Unloading | Failed | Busy => {
-                    n.enqueue(Op::Unload, seq, &mut fx);
+                    n.enqueue(Operation::Unload, seq, &mut fx);
                     fx.push(Effect::Answer(seq));
                 }
             }
@@ -547,9 +555,9 @@ pub fn transition(m: &Module, ev: Event, ctx: &Ctx) -> Result<(Module, Vec<Effec
             if changed && n.wanted && !n.stopping {
                 // What is in the kernel is swapped; what had nothing loaded is loaded, unless work is under way.
                 match n.status {
-                    Loaded | Failed | Busy => n.enqueue(Op::Reload, seq, &mut fx),
+                    Loaded | Failed | Busy => n.enqueue(Operation::Reload, seq, &mut fx),
                     Inactive | Unsupported | Invalid if n.queue.is_empty() => {
-                        n.enqueue(Op::Load, seq, &mut fx);
+                        n.enqueue(Operation::Load, seq, &mut fx);
                     }
                     Inactive | Unsupported | Invalid | Fetching | Verifying | Loading
                     | Unloading => {}
@@ -591,7 +599,7 @@ pub fn transition(m: &Module, ev: Event, ctx: &Ctx) -> Result<(Module, Vec<Effec
                 Inactive | Unsupported | Invalid | Failed | Loaded | Busy | Fetching
                 | Verifying | Loading | Unloading => {
                     n.queue.clear();
-                    n.enqueue(Op::Unload, seq, &mut fx);
+                    n.enqueue(Operation::Unload, seq, &mut fx);
                 }
             }
         }
@@ -625,7 +633,7 @@ pub fn transition(m: &Module, ev: Event, ctx: &Ctx) -> Result<(Module, Vec<Effec
                 n.step.clear();
                 n.next_retry = 0;
                 n.set_status(
-                    if op == Op::Unload {
+                    if op == Operation::Unload {
                         Unloading
                     } else {
                         Verifying
@@ -680,8 +688,8 @@ pub fn transition(m: &Module, ev: Event, ctx: &Ctx) -> Result<(Module, Vec<Effec
                         n.error.clone_from(&err.message);
                         n.step = err.step.as_str().to_owned();
                         // Retry what the admin wants, with backoff.
-                        let wants_it =
-                            (n.wanted && op != Op::Unload) || (!n.wanted && op == Op::Unload);
+                        let wants_it = (n.wanted && op != Operation::Unload)
+                            || (!n.wanted && op == Operation::Unload);
                         if wants_it && !n.stopping && n.queue.is_empty() {
                             n.attempts = n.attempts.saturating_add(1);
                             n.retry = Some(op);
@@ -699,9 +707,9 @@ pub fn transition(m: &Module, ev: Event, ctx: &Ctx) -> Result<(Module, Vec<Effec
         Event::RetryDue { seq } => match (m.status, m.retry) {
             (Failed | Busy, Some(retry)) => {
                 let op = match (m.wanted, retry) {
-                    (true, Op::Reload) => Op::Reload,
-                    (true, Op::Load | Op::Unload) => Op::Load,
-                    (false, _) => Op::Unload,
+                    (true, Operation::Reload) => Operation::Reload,
+                    (true, Operation::Load | Operation::Unload) => Operation::Load,
+                    (false, _) => Operation::Unload,
                 };
                 n.enqueue(op, seq, &mut fx);
             }
@@ -719,7 +727,7 @@ pub fn transition(m: &Module, ev: Event, ctx: &Ctx) -> Result<(Module, Vec<Effec
             n.queue.clear();
             n.retry = None;
             match (m.status, unload_seq) {
-                (Loaded, Some(seq)) => n.enqueue(Op::Unload, seq, &mut fx),
+                (Loaded, Some(seq)) => n.enqueue(Operation::Unload, seq, &mut fx),
                 (
                     Loaded | Inactive | Fetching | Verifying | Loading | Unloading | Failed | Busy
                     | Unsupported | Invalid,

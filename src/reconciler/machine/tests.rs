@@ -56,14 +56,14 @@ fn model(status: Status) -> Module {
             m.recorded = true;
         }
         Failed => {
-            m.retry = Some(Op::Load);
+            m.retry = Some(Operation::Load);
             m.attempts = 1;
             m.next_retry = 50;
         }
         Busy => {
             m.owned = s(&["m"]);
             m.recorded = true;
-            m.retry = Some(Op::Reload);
+            m.retry = Some(Operation::Reload);
             m.attempts = 1;
             m.next_retry = 50;
         }
@@ -132,25 +132,25 @@ fn case(status: Status, e: E) -> (Module, Event) {
             live: Some((5, s(&["m"]))),
         },
         E::Waiting => {
-            m.queue.push_back((Op::Load, 7));
+            m.queue.push_back((Operation::Load, 7));
             Event::Waiting { on: s(&["first"]) }
         }
         E::Started => {
-            m.queue.push_back((Op::Load, 7));
+            m.queue.push_back((Operation::Load, 7));
             Event::WorkStarted {
-                op: Op::Load,
+                op: Operation::Load,
                 seq: 7,
             }
         }
         E::Progress => Event::StepProgress(Step::Fetch),
         E::DoneOk => Event::WorkDone {
-            op: Op::Load,
+            op: Operation::Load,
             seq: 4,
             ran: Ran::Load,
             outcome: outcome(State::Loaded, None, &[("m", Action::Inserted)]),
         },
         E::DoneFailed => Event::WorkDone {
-            op: Op::Load,
+            op: Operation::Load,
             seq: 4,
             ran: Ran::Load,
             outcome: outcome(State::Failed, Some(Step::Verify), &[]),
@@ -189,10 +189,10 @@ const FORGET: Effect = Effect::Forget;
 const A3: Effect = Effect::Answer(3);
 const A7: Effect = Effect::Answer(7);
 
-const LOAD: Effect = Effect::Queued(Op::Load, 7);
-const UNLOAD: Effect = Effect::Queued(Op::Unload, 7);
-const RELOAD: Effect = Effect::Queued(Op::Reload, 7);
-const RUN: Effect = Effect::Run(Op::Load, 7);
+const LOAD: Effect = Effect::Queued(Operation::Load, 7);
+const UNLOAD: Effect = Effect::Queued(Operation::Unload, 7);
+const RELOAD: Effect = Effect::Queued(Operation::Reload, 7);
+const RUN: Effect = Effect::Run(Operation::Load, 7);
 const ARM: Effect = Effect::ArmRetry(Duration::from_secs(5));
 
 /// Every status × every event, written out.
@@ -402,18 +402,18 @@ fn a_request_for_a_removed_config_is_not_found_and_removal_is_not_repeated() {
     let (m, fx) = apply(
         &m,
         Event::WorkStarted {
-            op: Op::Unload,
+            op: Operation::Unload,
             seq: 7,
         },
     );
     assert_eq!(
         (m.status, fx),
-        (Unloading, vec![Effect::Run(Op::Unload, 7)])
+        (Unloading, vec![Effect::Run(Operation::Unload, 7)])
     );
     let (m, fx) = apply(
         &m,
         Event::WorkDone {
-            op: Op::Unload,
+            op: Operation::Unload,
             seq: 7,
             ran: Ran::Unload,
             outcome: outcome(State::Inactive, None, &[("m", Action::Removed)]),
@@ -439,7 +439,7 @@ fn a_file_back_after_removal_is_known_again_but_not_wanted() {
     assert!(!m.removed && !m.wanted);
     assert_eq!(m.config_file, "g.toml");
     // The unload queued at removal still runs.
-    assert_eq!(m.queue, [(Op::Unload, 7)]);
+    assert_eq!(m.queue, [(Operation::Unload, 7)]);
 }
 
 #[test]
@@ -462,7 +462,7 @@ fn an_unchanged_or_unwanted_config_is_not_followed() {
     assert!(apply(&unwanted, changed.clone()).1.is_empty());
     // Inactive with work queued already: nothing more.
     let mut queued = model(Inactive);
-    queued.queue.push_back((Op::Load, 6));
+    queued.queue.push_back((Operation::Load, 6));
     assert!(apply(&queued, changed.clone()).1.is_empty());
     // Stopping: nothing is started.
     let (stopping, _) = apply(&model(Loaded), Event::Shutdown { unload_seq: None });
@@ -489,7 +489,7 @@ fn an_invalid_file_keeps_the_last_good_config_and_says_so() {
     let (m, _) = apply(
         &m,
         Event::WorkDone {
-            op: Op::Load,
+            op: Operation::Load,
             seq: 4,
             ran: Ran::Load,
             outcome: outcome(State::Loaded, None, &[]),
@@ -545,7 +545,7 @@ fn an_invalid_file_keeps_the_last_good_config_and_says_so() {
 fn failures_back_off_and_success_resets_the_count() {
     let mut m = model(Verifying);
     let failed = || Event::WorkDone {
-        op: Op::Load,
+        op: Operation::Load,
         seq: 4,
         ran: Ran::Load,
         outcome: outcome(State::Failed, Some(Step::Insert), &[]),
@@ -554,7 +554,7 @@ fn failures_back_off_and_success_resets_the_count() {
     assert_eq!(fx, [Effect::ArmRetry(Duration::from_secs(5))]);
     assert_eq!(
         (n.attempts, n.retry, n.next_retry),
-        (1, Some(Op::Load), 105)
+        (1, Some(Operation::Load), 105)
     );
     assert_eq!(
         (n.step.as_str(), n.error.as_str()),
@@ -563,7 +563,7 @@ fn failures_back_off_and_success_resets_the_count() {
     assert_eq!(n.completed_op, 4);
     // The retry queues a load, which clears the pending retry.
     let (n, fx) = apply(&n, Event::RetryDue { seq: 8 });
-    assert_eq!(fx, [Effect::Queued(Op::Load, 8)]);
+    assert_eq!(fx, [Effect::Queued(Operation::Load, 8)]);
     assert_eq!((n.retry, n.next_retry), (None, 0));
     // An unwanted module whose load failed is not retried.
     m.wanted = false;
@@ -575,7 +575,7 @@ fn failures_back_off_and_success_resets_the_count() {
     let (u, fx) = apply(
         &u,
         Event::WorkDone {
-            op: Op::Unload,
+            op: Operation::Unload,
             seq: 4,
             ran: Ran::Unload,
             outcome: outcome(State::Busy, Some(Step::Remove), &[]),
@@ -585,7 +585,7 @@ fn failures_back_off_and_success_resets_the_count() {
     assert_eq!(u.owned, ["m"]);
     assert_eq!(
         apply(&u, Event::RetryDue { seq: 9 }).1,
-        [Effect::Queued(Op::Unload, 9)]
+        [Effect::Queued(Operation::Unload, 9)]
     );
     // Success resets the attempts.
     let mut ok = model(Loading);
@@ -593,7 +593,7 @@ fn failures_back_off_and_success_resets_the_count() {
     let (ok, _) = apply(
         &ok,
         Event::WorkDone {
-            op: Op::Load,
+            op: Operation::Load,
             seq: 4,
             ran: Ran::Load,
             outcome: outcome(State::Loaded, None, &[]),
@@ -605,7 +605,7 @@ fn failures_back_off_and_success_resets_the_count() {
 #[test]
 fn no_retry_while_stopping_or_with_work_queued() {
     let done = Event::WorkDone {
-        op: Op::Load,
+        op: Operation::Load,
         seq: 4,
         ran: Ran::Load,
         outcome: outcome(State::Failed, Some(Step::Fetch), &[]),
@@ -613,14 +613,14 @@ fn no_retry_while_stopping_or_with_work_queued() {
     let (stopping, _) = apply(&model(Fetching), Event::Shutdown { unload_seq: None });
     assert!(apply(&stopping, done.clone()).1.is_empty());
     let mut queued = model(Fetching);
-    queued.queue.push_back((Op::Unload, 9));
+    queued.queue.push_back((Operation::Unload, 9));
     assert!(apply(&queued, done).1.is_empty());
 }
 
 #[test]
 fn shutdown_drops_queued_work_and_retries_once() {
     let mut m = model(Failed);
-    m.queue.push_back((Op::Load, 6));
+    m.queue.push_back((Operation::Load, 6));
     let (n, fx) = apply(
         &m,
         Event::Shutdown {
@@ -638,14 +638,14 @@ fn shutdown_drops_queued_work_and_retries_once() {
 #[test]
 fn requests_replace_queued_work_of_the_other_kind() {
     let mut m = model(Loading);
-    m.queue.push_back((Op::Unload, 5));
+    m.queue.push_back((Operation::Unload, 5));
     let (m, _) = apply(&m, Event::LoadRequested { seq: 6 });
-    assert_eq!(m.queue, [(Op::Load, 6)]);
+    assert_eq!(m.queue, [(Operation::Load, 6)]);
     let (m, _) = apply(&m, Event::UnloadRequested { seq: 7 });
-    assert_eq!(m.queue, [(Op::Unload, 7)]);
+    assert_eq!(m.queue, [(Operation::Unload, 7)]);
     // A loaded module with an unload queued is loaded already: no new load.
     let mut l = model(Loaded);
-    l.queue.push_back((Op::Unload, 5));
+    l.queue.push_back((Operation::Unload, 5));
     let (l, fx) = apply(&l, Event::LoadRequested { seq: 6 });
     assert_eq!(fx, [Effect::SaveDesired, Effect::Answer(3)]);
     assert!(l.queue.is_empty() && l.wanted);
@@ -654,13 +654,13 @@ fn requests_replace_queued_work_of_the_other_kind() {
 #[test]
 fn work_starts_only_as_the_front_of_the_queue() {
     let mut m = model(Inactive);
-    m.queue.push_back((Op::Load, 6));
-    m.queue.push_back((Op::Reload, 7));
+    m.queue.push_back((Operation::Load, 6));
+    m.queue.push_back((Operation::Reload, 7));
     assert!(matches!(
         transition(
             &m,
             Event::WorkStarted {
-                op: Op::Reload,
+                op: Operation::Reload,
                 seq: 7
             },
             &CTX
@@ -672,19 +672,19 @@ fn work_starts_only_as_the_front_of_the_queue() {
     let (n, _) = apply(
         &m,
         Event::WorkStarted {
-            op: Op::Load,
+            op: Operation::Load,
             seq: 6,
         },
     );
-    assert_eq!(n.queue, [(Op::Reload, 7)]);
+    assert_eq!(n.queue, [(Operation::Reload, 7)]);
     assert_eq!((n.started_op, n.error.as_str(), n.next_retry), (6, "", 0));
     assert_eq!(n.since, 100, "since moves with the status");
     let mut u = model(Loaded);
-    u.queue.push_back((Op::Unload, 6));
+    u.queue.push_back((Operation::Unload, 6));
     let (u, _) = apply(
         &u,
         Event::WorkStarted {
-            op: Op::Unload,
+            op: Operation::Unload,
             seq: 6,
         },
     );
@@ -736,7 +736,10 @@ fn adoption_takes_the_record_time_and_modules() {
     );
     assert_eq!(n.status, Inactive);
     let (_, fx) = apply(&n, Event::ConfigRemoved { seq: 7 });
-    assert_eq!(fx, [Effect::SaveDesired, Effect::Queued(Op::Unload, 7)]);
+    assert_eq!(
+        fx,
+        [Effect::SaveDesired, Effect::Queued(Operation::Unload, 7)]
+    );
 }
 
 #[test]
