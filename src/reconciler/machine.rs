@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use super::outcome::{Action, Outcome, State, Step};
 use super::status::ModuleStatus;
+use Status::{
+    Busy, Failed, Fetching, Inactive, Invalid, Loaded, Loading, Unloading, Unsupported, Verifying,
+};
 
 /// Where a module config is in its life: the one status kvcd publishes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -318,7 +321,7 @@ impl Module {
     /// A module config seen for the first time, `inactive` or `invalid`.
     pub fn new(file: String, config: ConfigRead, wanted: bool, now: u64) -> Self {
         let mut m = Self {
-            status: Status::Inactive,
+            status: Inactive,
             since: now,
             step: String::new(),
             error: String::new(),
@@ -346,7 +349,7 @@ impl Module {
                 m.configured = modules;
             }
             Err(error) => {
-                m.status = Status::Invalid;
+                m.status = Invalid;
                 m.error.clone_from(&error);
                 m.config_error = Some(error);
             }
@@ -361,7 +364,7 @@ impl Module {
 
     /// The published status of module config `name` on `kernel`.
     pub fn published(&self, name: &str, kernel: &str) -> ModuleStatus {
-        let loaded_modules = if self.status == Status::Loaded && self.owned.is_empty() {
+        let loaded_modules = if self.status == Loaded && self.owned.is_empty() {
             // Nothing inserted by kvcd itself (a KVC library): the configured names.
             self.configured.clone()
         } else {
@@ -403,22 +406,22 @@ impl Module {
 /// The status a finished engine run leaves.
 fn settled(state: State) -> Status {
     match state {
-        State::Loaded => Status::Loaded,
-        State::Inactive | State::Prepared => Status::Inactive,
-        State::Unsupported => Status::Unsupported,
-        State::Failed => Status::Failed,
-        State::Busy => Status::Busy,
+        State::Loaded => Loaded,
+        State::Inactive | State::Prepared => Inactive,
+        State::Unsupported => Unsupported,
+        State::Failed => Failed,
+        State::Busy => Busy,
     }
 }
 
 /// The status a step of running work shows.
 fn working(step: Step, current: Status) -> Status {
     match step {
-        Step::Fetch => Status::Fetching,
-        Step::Resolve | Step::Depmod | Step::Verify => Status::Verifying,
-        Step::Remove | Step::Restore => Status::Unloading,
-        _ if current == Status::Unloading => Status::Unloading,
-        _ => Status::Loading,
+        Step::Fetch => Fetching,
+        Step::Resolve | Step::Depmod | Step::Verify => Verifying,
+        Step::Remove | Step::Restore => Unloading,
+        _ if current == Unloading => Unloading,
+        _ => Loading,
     }
 }
 
@@ -465,278 +468,370 @@ pub fn owned_after(before: &[String], ran: Ran, o: &Outcome) -> Vec<String> {
 }
 
 /// Applies `ev` to `m`: the next model and what the agent must do, or why the event is refused.
-#[allow(clippy::too_many_lines)]
 pub fn transition(m: &Module, ev: Event, ctx: &Ctx) -> Result<(Module, Vec<Effect>), Refused> {
-    use Status::{
-        Busy, Failed, Fetching, Inactive, Invalid, Loaded, Loading, Unloading, Unsupported,
-        Verifying,
-    };
-    let mut n = m.clone();
-    let mut fx = Vec::new();
-    let not_now = Refused::NotNow {
-        status: m.status,
+    let mut t = Transition {
+        m,
+        n: m.clone(),
+        fx: Vec::new(),
+        ctx,
         event: ev.name(),
     };
     match ev {
-        Event::LoadRequested { seq } | Event::ReloadRequested { seq } => {
-            let reload = matches!(ev, Event::ReloadRequested { .. });
-            if m.removed {
-                return Err(Refused::NotFound);
-            }
-            let no_config = || Refused::InvalidConfig(m.config_error.clone().unwrap_or_default());
-            match (m.status, m.digest.is_some()) {
-                // No good config (an unload of a removed one may still run).
-                (Invalid, _)
-                | (
-                    Inactive | Fetching | Verifying | Loading | Loaded | Unloading | Failed | Busy
-                    | Unsupported,
-                    false,
-                ) => return Err(no_config()),
-                (
-                    Inactive | Fetching | Verifying | Loading | Loaded | Unloading | Failed | Busy
-                    | Unsupported,
-                    true,
-                ) => {
-                    n.wanted = true;
-                    n.queue.retain(|(op, _)| *op != Operation::Unload);
-                    fx.push(Effect::SaveDesired);
-                    if !reload && m.status == Loaded && n.idle() {
-                        fx.push(Effect::Answer(m.completed_op));
-                    } else {
-                        n.enqueue(
-                            if reload {
-                                Operation::Reload
-                            } else {
-                                Operation::Load
-                            },
-                            seq,
-                            &mut fx,
-                        );
-                        fx.push(Effect::Answer(seq));
-                    }
-                }
-            }
-        }
-        Event::UnloadRequested { seq } => {
-            if m.removed {
-                return Err(Refused::NotFound);
-            }
-            n.wanted = false;
-            n.queue.retain(|(op, _)| *op == Operation::Unload);
-            fx.push(Effect::SaveDesired);
-            match m.status {
-                Inactive | Invalid | Unsupported if n.queue.is_empty() => {
-                    fx.push(Effect::Answer(m.completed_op));
-                }
-                Inactive | Invalid | Unsupported | Fetching | Verifying | Loading | Loaded
-                | Unloading | Failed | Busy => {
-                    n.enqueue(Operation::Unload, seq, &mut fx);
-                    fx.push(Effect::Answer(seq));
-                }
-            }
-        }
+        Event::LoadRequested { seq } => t.load_requested(seq, Operation::Load),
+        Event::ReloadRequested { seq } => t.load_requested(seq, Operation::Reload),
+        Event::UnloadRequested { seq } => t.unload_requested(seq),
         Event::ConfigChanged {
             file,
             digest,
             modules,
             seq,
         } => {
-            n.removed = false;
-            n.config_file = file;
-            let changed = m.digest.as_deref() != Some(digest.as_str());
-            n.digest = Some(digest);
-            n.configured = modules;
-            if n.config_error.take().is_some() {
-                n.error.clear();
-                if m.status == Invalid {
-                    n.set_status(Inactive, ctx.now);
-                }
-            }
-            if changed && n.wanted && !n.stopping {
-                // What is in the kernel is swapped; what had nothing loaded is loaded, unless work is under way.
-                match n.status {
-                    Loaded | Failed | Busy => n.enqueue(Operation::Reload, seq, &mut fx),
-                    Inactive | Unsupported | Invalid if n.queue.is_empty() => {
-                        n.enqueue(Operation::Load, seq, &mut fx);
-                    }
-                    Inactive | Unsupported | Invalid | Fetching | Verifying | Loading
-                    | Unloading => {}
-                }
-            }
+            t.config_changed(file, digest, modules, seq);
+            Ok(())
         }
         Event::ConfigInvalid { file, error } => {
-            n.removed = false;
-            n.config_file = file;
-            match (m.status, m.digest.is_some()) {
-                (
-                    Inactive | Loaded | Failed | Busy | Unsupported | Invalid | Fetching
-                    | Verifying | Loading | Unloading,
-                    true,
-                ) => {
-                    n.error = format!("invalid configuration, keeping the last good one: {error}");
-                }
-                (Inactive | Loaded | Failed | Busy | Unsupported | Invalid, false) => {
-                    n.set_status(Invalid, ctx.now);
-                    n.error.clone_from(&error);
-                }
-                // Work under way (the unload of a removed config) settles it.
-                (Fetching | Verifying | Loading | Unloading, false) => n.error.clone_from(&error),
-            }
-            n.config_error = Some(error);
+            t.config_invalid(file, error);
+            Ok(())
         }
-        Event::ConfigRemoved { seq } => {
-            if m.removed {
-                return Err(Refused::NotFound);
-            }
-            n.removed = true;
-            n.wanted = false;
-            n.digest = None;
-            n.configured.clear();
-            fx.push(Effect::SaveDesired);
-            let holds = m.recorded || !m.owned.is_empty();
-            match m.status {
-                Inactive | Unsupported | Invalid | Failed if !holds => fx.push(Effect::Forget),
-                Inactive | Unsupported | Invalid | Failed | Loaded | Busy | Fetching
-                | Verifying | Loading | Unloading => {
-                    n.queue.clear();
-                    n.enqueue(Operation::Unload, seq, &mut fx);
-                }
-            }
-        }
-        Event::Restored { recorded, live } => match m.status {
-            Inactive => {
-                n.recorded = recorded;
-                if let Some((since, owned)) = live {
-                    n.set_status(Loaded, ctx.now);
-                    n.since = since;
-                    n.owned = owned;
-                }
-            }
-            Invalid if live.is_none() => n.recorded = recorded,
-            Invalid | Fetching | Verifying | Loading | Loaded | Unloading | Failed | Busy
-            | Unsupported => return Err(not_now),
-        },
-        Event::Waiting { on } => match m.status {
-            Inactive | Loaded | Failed | Busy | Unsupported | Invalid if !m.queue.is_empty() => {
-                n.step = format!("waiting for {}", on.join(", "));
-            }
-            Inactive | Loaded | Failed | Busy | Unsupported | Invalid | Fetching | Verifying
-            | Loading | Unloading => return Err(not_now),
-        },
-        Event::WorkStarted { op, seq } => match m.status {
-            Inactive | Loaded | Failed | Busy | Unsupported | Invalid
-                if m.queue.front() == Some(&(op, seq)) =>
-            {
-                n.queue.pop_front();
-                n.started_op = seq;
-                n.error.clear();
-                n.step.clear();
-                n.next_retry = 0;
-                n.set_status(
-                    if op == Operation::Unload {
-                        Unloading
-                    } else {
-                        Verifying
-                    },
-                    ctx.now,
-                );
-                fx.push(Effect::Run(op, seq));
-            }
-            Inactive | Loaded | Failed | Busy | Unsupported | Invalid | Fetching | Verifying
-            | Loading | Unloading => return Err(not_now),
-        },
-        Event::StepProgress(step) => match m.status {
-            Fetching | Verifying | Loading | Unloading => {
-                n.set_status(working(step, m.status), ctx.now);
-                n.step = step.as_str().to_owned();
-            }
-            Inactive | Loaded | Failed | Busy | Unsupported | Invalid => return Err(not_now),
-        },
+        Event::ConfigRemoved { seq } => t.config_removed(seq),
+        Event::Restored { recorded, live } => t.restored(recorded, live),
+        Event::Waiting { on } => t.waiting(&on),
+        Event::WorkStarted { op, seq } => t.work_started(op, seq),
+        Event::StepProgress(step) => t.step_progress(step),
         Event::WorkDone {
             op,
             seq,
             ran,
             outcome,
-        } => match m.status {
+        } => t.work_done(op, seq, ran, &outcome),
+        Event::RetryDue { seq } => t.retry_due(seq),
+        Event::Shutdown { unload_seq } => t.shutdown(unload_seq),
+    }?;
+    Ok((t.n, t.fx))
+}
+
+/// One transition under way: the model before (`m`), after (`n`) and the effects so far.
+struct Transition<'a> {
+    m: &'a Module,
+    n: Module,
+    fx: Vec<Effect>,
+    ctx: &'a Ctx,
+    event: &'static str,
+}
+
+impl Transition<'_> {
+    fn not_now(&self) -> Result<(), Refused> {
+        Err(Refused::NotNow {
+            status: self.m.status,
+            event: self.event,
+        })
+    }
+
+    fn set_status(&mut self, status: Status) {
+        self.n.set_status(status, self.ctx.now);
+    }
+
+    fn enqueue(&mut self, op: Operation, seq: u64) {
+        self.n.enqueue(op, seq, &mut self.fx);
+    }
+
+    /// Load or reload: wanted from now on; answered at once when loaded and idle.
+    fn load_requested(&mut self, seq: u64, op: Operation) -> Result<(), Refused> {
+        let m = self.m;
+        if m.removed {
+            return Err(Refused::NotFound);
+        }
+        match (m.status, m.digest.is_some()) {
+            // No good config (an unload of a removed one may still run).
+            (Invalid, _)
+            | (
+                Inactive | Fetching | Verifying | Loading | Loaded | Unloading | Failed | Busy
+                | Unsupported,
+                false,
+            ) => Err(Refused::InvalidConfig(
+                m.config_error.clone().unwrap_or_default(),
+            )),
+            (
+                Inactive | Fetching | Verifying | Loading | Loaded | Unloading | Failed | Busy
+                | Unsupported,
+                true,
+            ) => {
+                self.n.wanted = true;
+                self.n.queue.retain(|(o, _)| *o != Operation::Unload);
+                self.fx.push(Effect::SaveDesired);
+                if op == Operation::Load && m.status == Loaded && self.n.idle() {
+                    self.fx.push(Effect::Answer(m.completed_op));
+                } else {
+                    self.enqueue(op, seq);
+                    self.fx.push(Effect::Answer(seq));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Unload: unwanted from now on; answered at once when nothing is loaded or under way.
+    fn unload_requested(&mut self, seq: u64) -> Result<(), Refused> {
+        let m = self.m;
+        if m.removed {
+            return Err(Refused::NotFound);
+        }
+        self.n.wanted = false;
+        self.n.queue.retain(|(o, _)| *o == Operation::Unload);
+        self.fx.push(Effect::SaveDesired);
+        match m.status {
+            Inactive | Invalid | Unsupported if self.n.queue.is_empty() => {
+                self.fx.push(Effect::Answer(m.completed_op));
+            }
+            Inactive | Invalid | Unsupported | Fetching | Verifying | Loading | Loaded
+            | Unloading | Failed | Busy => {
+                self.enqueue(Operation::Unload, seq);
+                self.fx.push(Effect::Answer(seq));
+            }
+        }
+        Ok(())
+    }
+
+    /// A valid file: taken from every status; a change of a wanted config is followed.
+    fn config_changed(&mut self, file: String, digest: String, modules: Vec<String>, seq: u64) {
+        let m = self.m;
+        self.n.removed = false;
+        self.n.config_file = file;
+        let changed = m.digest.as_deref() != Some(digest.as_str());
+        self.n.digest = Some(digest);
+        self.n.configured = modules;
+        if self.n.config_error.take().is_some() {
+            self.n.error.clear();
+            if m.status == Invalid {
+                self.set_status(Inactive);
+            }
+        }
+        if changed && self.n.wanted && !self.n.stopping {
+            // What is in the kernel is swapped; what had nothing loaded is loaded, unless work is under way.
+            match self.n.status {
+                Loaded | Failed | Busy => self.enqueue(Operation::Reload, seq),
+                Inactive | Unsupported | Invalid if self.n.queue.is_empty() => {
+                    self.enqueue(Operation::Load, seq);
+                }
+                Inactive | Unsupported | Invalid | Fetching | Verifying | Loading | Unloading => {}
+            }
+        }
+    }
+
+    /// An invalid file: the last good config stays; without one, the config is invalid.
+    fn config_invalid(&mut self, file: String, error: String) {
+        self.n.removed = false;
+        self.n.config_file = file;
+        match (self.m.status, self.m.digest.is_some()) {
+            (
+                Inactive | Loaded | Failed | Busy | Unsupported | Invalid | Fetching | Verifying
+                | Loading | Unloading,
+                true,
+            ) => {
+                self.n.error = format!("invalid configuration, keeping the last good one: {error}");
+            }
+            (Inactive | Loaded | Failed | Busy | Unsupported | Invalid, false) => {
+                self.set_status(Invalid);
+                self.n.error.clone_from(&error);
+            }
+            // Work under way (the unload of a removed config) settles it.
+            (Fetching | Verifying | Loading | Unloading, false) => self.n.error.clone_from(&error),
+        }
+        self.n.config_error = Some(error);
+    }
+
+    /// The file is gone: unload what may be loaded, forget the rest.
+    fn config_removed(&mut self, seq: u64) -> Result<(), Refused> {
+        let m = self.m;
+        if m.removed {
+            return Err(Refused::NotFound);
+        }
+        self.n.removed = true;
+        self.n.wanted = false;
+        self.n.digest = None;
+        self.n.configured.clear();
+        self.fx.push(Effect::SaveDesired);
+        let holds = m.recorded || !m.owned.is_empty();
+        match m.status {
+            Inactive | Unsupported | Invalid | Failed if !holds => self.fx.push(Effect::Forget),
+            Inactive | Unsupported | Invalid | Failed | Loaded | Busy | Fetching | Verifying
+            | Loading | Unloading => {
+                self.n.queue.clear();
+                self.enqueue(Operation::Unload, seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// Start-up: adopt what is live as recorded; remember a record for a later removal.
+    fn restored(
+        &mut self,
+        recorded: bool,
+        live: Option<(u64, Vec<String>)>,
+    ) -> Result<(), Refused> {
+        match self.m.status {
+            Inactive => {
+                self.n.recorded = recorded;
+                if let Some((since, owned)) = live {
+                    self.set_status(Loaded);
+                    self.n.since = since;
+                    self.n.owned = owned;
+                }
+                Ok(())
+            }
+            Invalid if live.is_none() => {
+                self.n.recorded = recorded;
+                Ok(())
+            }
+            Invalid | Fetching | Verifying | Loading | Loaded | Unloading | Failed | Busy
+            | Unsupported => self.not_now(),
+        }
+    }
+
+    /// The queued operation waits for predecessors.
+    fn waiting(&mut self, on: &[String]) -> Result<(), Refused> {
+        match self.m.status {
+            Inactive | Loaded | Failed | Busy | Unsupported | Invalid
+                if !self.m.queue.is_empty() =>
+            {
+                self.n.step = format!("waiting for {}", on.join(", "));
+                Ok(())
+            }
+            Inactive | Loaded | Failed | Busy | Unsupported | Invalid | Fetching | Verifying
+            | Loading | Unloading => self.not_now(),
+        }
+    }
+
+    /// The front of the queue starts, when nothing runs.
+    fn work_started(&mut self, op: Operation, seq: u64) -> Result<(), Refused> {
+        match self.m.status {
+            Inactive | Loaded | Failed | Busy | Unsupported | Invalid
+                if self.m.queue.front() == Some(&(op, seq)) =>
+            {
+                self.n.queue.pop_front();
+                self.n.started_op = seq;
+                self.n.error.clear();
+                self.n.step.clear();
+                self.n.next_retry = 0;
+                self.set_status(if op == Operation::Unload {
+                    Unloading
+                } else {
+                    Verifying
+                });
+                self.fx.push(Effect::Run(op, seq));
+                Ok(())
+            }
+            Inactive | Loaded | Failed | Busy | Unsupported | Invalid | Fetching | Verifying
+            | Loading | Unloading => self.not_now(),
+        }
+    }
+
+    /// Running work reached `step`.
+    fn step_progress(&mut self, step: Step) -> Result<(), Refused> {
+        match self.m.status {
             Fetching | Verifying | Loading | Unloading => {
-                n.completed_op = seq;
-                if let Some(i) = &outcome.image {
-                    n.image.clone_from(&i.reference);
-                    n.image_digest.clone_from(&i.digest);
-                }
-                let status = settled(outcome.state);
-                n.set_status(status, ctx.now);
-                n.owned = owned_after(&m.owned, ran, &outcome);
-                n.recorded = match (ran, outcome.state) {
-                    (Ran::Unload, State::Inactive) => false,
-                    (_, State::Loaded) => true,
-                    _ => m.recorded || !n.owned.is_empty(),
-                };
-                match &outcome.error {
-                    None => {
-                        n.error = m
-                            .config_error
-                            .as_ref()
-                            .map(|e| {
-                                format!("invalid configuration, keeping the last good one: {e}")
-                            })
-                            .unwrap_or_default();
-                        n.step.clear();
-                        n.attempts = 0;
-                    }
-                    Some(err) => {
-                        n.error.clone_from(&err.message);
-                        n.step = err.step.as_str().to_owned();
-                        // Retry what the admin wants, with backoff.
-                        let wants_it = (n.wanted && op != Operation::Unload)
-                            || (!n.wanted && op == Operation::Unload);
-                        if wants_it && !n.stopping && n.queue.is_empty() {
-                            n.attempts = n.attempts.saturating_add(1);
-                            n.retry = Some(op);
-                            n.next_retry = ctx.now + ctx.retry_delay.as_secs().max(1);
-                            fx.push(Effect::ArmRetry(ctx.retry_delay));
-                        }
-                    }
-                }
-                if n.removed && n.queue.is_empty() && status == Inactive {
-                    fx.push(Effect::Forget);
+                self.set_status(working(step, self.m.status));
+                self.n.step = step.as_str().to_owned();
+                Ok(())
+            }
+            Inactive | Loaded | Failed | Busy | Unsupported | Invalid => self.not_now(),
+        }
+    }
+
+    /// Running work finished: the engine's result decides the status; a failure is retried with backoff.
+    fn work_done(
+        &mut self,
+        op: Operation,
+        seq: u64,
+        ran: Ran,
+        outcome: &Outcome,
+    ) -> Result<(), Refused> {
+        match self.m.status {
+            Fetching | Verifying | Loading | Unloading => {}
+            Inactive | Loaded | Failed | Busy | Unsupported | Invalid => return self.not_now(),
+        }
+        let (m, n, ctx) = (self.m, &mut self.n, self.ctx);
+        n.completed_op = seq;
+        if let Some(i) = &outcome.image {
+            n.image.clone_from(&i.reference);
+            n.image_digest.clone_from(&i.digest);
+        }
+        let status = settled(outcome.state);
+        n.set_status(status, ctx.now);
+        n.owned = owned_after(&m.owned, ran, outcome);
+        n.recorded = match (ran, outcome.state) {
+            (Ran::Unload, State::Inactive) => false,
+            (_, State::Loaded) => true,
+            _ => m.recorded || !n.owned.is_empty(),
+        };
+        match &outcome.error {
+            None => {
+                n.error = m
+                    .config_error
+                    .as_ref()
+                    .map(|e| format!("invalid configuration, keeping the last good one: {e}"))
+                    .unwrap_or_default();
+                n.step.clear();
+                n.attempts = 0;
+            }
+            Some(err) => {
+                n.error.clone_from(&err.message);
+                n.step = err.step.as_str().to_owned();
+                // Retry what the admin wants.
+                let wants_it =
+                    (n.wanted && op != Operation::Unload) || (!n.wanted && op == Operation::Unload);
+                if wants_it && !n.stopping && n.queue.is_empty() {
+                    n.attempts = n.attempts.saturating_add(1);
+                    n.retry = Some(op);
+                    n.next_retry = ctx.now + ctx.retry_delay.as_secs().max(1);
+                    self.fx.push(Effect::ArmRetry(ctx.retry_delay));
                 }
             }
-            Inactive | Loaded | Failed | Busy | Unsupported | Invalid => return Err(not_now),
-        },
-        Event::RetryDue { seq } => match (m.status, m.retry) {
+        }
+        if self.n.removed && self.n.queue.is_empty() && status == Inactive {
+            self.fx.push(Effect::Forget);
+        }
+        Ok(())
+    }
+
+    /// The retry timer fired: queue what the admin wants now (a reload stays a reload).
+    fn retry_due(&mut self, seq: u64) -> Result<(), Refused> {
+        match (self.m.status, self.m.retry) {
             (Failed | Busy, Some(retry)) => {
-                let op = match (m.wanted, retry) {
+                let op = match (self.m.wanted, retry) {
                     (true, Operation::Reload) => Operation::Reload,
                     (true, Operation::Load | Operation::Unload) => Operation::Load,
                     (false, _) => Operation::Unload,
                 };
-                n.enqueue(op, seq, &mut fx);
+                self.enqueue(op, seq);
+                Ok(())
             }
             (
                 Failed | Busy | Inactive | Fetching | Verifying | Loading | Loaded | Unloading
                 | Unsupported | Invalid,
                 _,
-            ) => return Err(not_now),
-        },
-        Event::Shutdown { unload_seq } => {
-            if m.stopping {
-                return Err(not_now);
-            }
-            n.stopping = true;
-            n.queue.clear();
-            n.retry = None;
-            match (m.status, unload_seq) {
-                (Loaded, Some(seq)) => n.enqueue(Operation::Unload, seq, &mut fx),
-                (
-                    Loaded | Inactive | Fetching | Verifying | Loading | Unloading | Failed | Busy
-                    | Unsupported | Invalid,
-                    _,
-                ) => {}
-            }
+            ) => self.not_now(),
         }
     }
-    Ok((n, fx))
+
+    /// Stopping: nothing queued or retried; what is loaded is unloaded when asked.
+    fn shutdown(&mut self, unload_seq: Option<u64>) -> Result<(), Refused> {
+        if self.m.stopping {
+            return self.not_now();
+        }
+        self.n.stopping = true;
+        self.n.queue.clear();
+        self.n.retry = None;
+        match (self.m.status, unload_seq) {
+            (Loaded, Some(seq)) => self.enqueue(Operation::Unload, seq),
+            (
+                Loaded | Inactive | Fetching | Verifying | Loading | Unloading | Failed | Busy
+                | Unsupported | Invalid,
+                _,
+            ) => {}
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
