@@ -367,9 +367,6 @@ impl Agent {
                 .as_ref()
                 .map(|c| (c.digest.clone(), module_names(c)))
                 .map_err(|errs| crate::config::join_errors(errs));
-            if let Err(msg) = &read {
-                warn!(KVCD_MODULE = %name, "invalid configuration: {msg}");
-            }
             let good = me.result.ok();
             let Some(e) = self.entries.get_mut(&name) else {
                 let model = Module::new(file, read, desired.contains(&name), now);
@@ -391,7 +388,10 @@ impl Agent {
                     modules,
                     seq: self.next_seq(),
                 },
-                Err(error) => machine::Event::ConfigInvalid { file, error },
+                Err(error) => {
+                    warn!(KVCD_MODULE = %name, "invalid configuration: {error}");
+                    machine::Event::ConfigInvalid { file, error }
+                }
             };
             let before = self.seq;
             match self.apply(&name, ev) {
