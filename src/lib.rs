@@ -7,6 +7,7 @@
 pub mod artifacts;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod dbus;
 pub mod failpoint;
 pub mod hooks;

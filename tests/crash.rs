@@ -302,7 +302,11 @@ struct Bus {
 impl Bus {
     fn start(dir: PathBuf) -> Self {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/dbus-bus");
-        let out = Command::new(&script).arg("start").arg(&dir).output().unwrap();
+        let out = Command::new(&script)
+            .arg("start")
+            .arg(&dir)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{}", text(&out));
         let address = format!("unix:path={}", dir.join("bus").display());
         Self { dir, address }

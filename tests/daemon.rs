@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Fixtures, SharedFake};
-use kvcd::cli::daemon::{DaemonOptions, run};
-use kvcd::config::Overrides;
+use kvcd::config::{Config, Overrides};
+use kvcd::daemon::{DaemonOptions, run};
 use kvcd::kernel::KernelRelease;
 use kvcd::kmod::KernelModules;
 use kvcd::reconciler::agent::KmodsFactory;
@@ -105,9 +105,10 @@ impl Node {
             bus_address: Some(self.address.clone()),
             kernel: KernelRelease::parse(&self.fx.kver).unwrap(),
         };
+        let config = Config::load(&opts.dirs, &opts.overrides);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         self.stop = Some(tx);
-        self.daemon = Some(self.rt.spawn(run(opts, factory, async move {
+        self.daemon = Some(self.rt.spawn(run(opts, config, factory, async move {
             let _ = rx.await;
         })));
         // Ready when the name is on the bus.
@@ -737,4 +738,74 @@ fn a_busy_reload_is_retried_as_a_reload_and_unload_on_stop_unloads() {
     // unload_on_stop = true: stopping the agent unloads what it loaded.
     node.stop();
     assert!(!node.fake.0.is_live("kvcd_param"));
+}
+
+/// Reads the pid a hook wrote to `file`, waiting for it.
+fn hook_pid(file: &Path) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(pid) = fs::read_to_string(file).unwrap_or_default().trim().parse() {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "the build hook did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Preparing another kernel takes one of `max_parallel`'s slots like any
+/// work, and stopping waits for it (up to `stop_timeout_seconds`).
+#[test]
+fn a_preparation_counts_as_work_and_stopping_waits_for_it() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let mut node = Node::new();
+    let toml = node.root.join("etc/kvcd.toml");
+    let text = fs::read_to_string(&toml).unwrap();
+    fs::write(
+        &toml,
+        format!("{text}max_parallel = 1\nstop_timeout_seconds = 2\n"),
+    )
+    .unwrap();
+    let pidfile = node.root.join("build.pid");
+    node.module("params", PARAM);
+    node.module(
+        "stuck",
+        &format!(
+            "modules = [\"kvcd_base\"]\n[image]\nref = \"localhost/kvcd-never-built:1\"\npull = \"never\"\n[hooks]\nbuild = [\"/bin/sh\", \"-c\", \"echo $$ > {}; exec sleep 300\"]\n",
+            pidfile.display()
+        ),
+    );
+    node.start();
+    assert_eq!(node.kvcctl(&["prepare", "6.1.0-99-amd64"]).0, 0);
+    let hook = hook_pid(&pidfile);
+    // The preparation holds the only slot: the load waits.
+    let (code, out, err) = node.kvcctl(&["load", "params"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("params: queued"), "{out}");
+    std::thread::sleep(Duration::from_secs(1));
+    let s = node.status("params");
+    assert_eq!(
+        (s["state"].as_str(), s["started_op"].as_u64()),
+        (Some("inactive"), Some(0)),
+        "{s}"
+    );
+    assert!(!node.fake.0.is_live("kvcd_param"));
+    // Once it ends, the load runs.
+    kill(Pid::from_raw(hook), Signal::SIGKILL).unwrap();
+    node.wait_until("params", |m| m.is_some_and(|m| m["state"] == "loaded"));
+    assert!(node.fake.0.is_live("kvcd_param"));
+
+    // Stopping while a preparation runs waits for it until the stop timeout.
+    fs::remove_file(&pidfile).unwrap();
+    assert_eq!(node.kvcctl(&["prepare", "6.1.0-99-amd64"]).0, 0);
+    let hook = hook_pid(&pidfile);
+    let stopping = Instant::now();
+    node.stop();
+    let waited = stopping.elapsed();
+    kill(Pid::from_raw(hook), Signal::SIGKILL).unwrap();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "stopped after {waited:?} without waiting for the preparation"
+    );
 }

@@ -1,8 +1,6 @@
 //! `kvcd apply` (one reconcile in the foreground, without D-Bus) and
 //! `kvcd prepare-next` (artifacts for installed kernels that are not running).
 
-use std::collections::BTreeMap;
-
 use anyhow::Result;
 use clap::Args;
 
@@ -51,18 +49,6 @@ fn print_step(name: &str, s: &StepLog) {
     println!("{name}: {}: {}", s.step.as_str(), s.detail);
 }
 
-/// Each valid module config's `after` list.
-fn after_map(config: &Config) -> BTreeMap<String, Vec<String>> {
-    config
-        .modules
-        .iter()
-        .filter_map(|(n, e)| {
-            let c = e.result.as_ref().ok()?;
-            Some((n.clone(), c.after.iter().map(ToString::to_string).collect()))
-        })
-        .collect()
-}
-
 fn print_outcome(o: &Outcome) {
     match &o.error {
         None => println!("{}: {}", o.name, o.state),
@@ -102,7 +88,7 @@ pub(super) fn run(paths: &PathArgs, args: &ApplyArgs) -> Result<u8> {
         }
     }
 
-    let mut names = order::load_order(&args.names, &after_map(&config));
+    let mut names = order::load_order(&args.names, &config.after_map());
     if args.unload {
         names.reverse();
     }
@@ -163,7 +149,7 @@ pub(super) fn prepare_next(paths: &PathArgs, args: &PrepareNextArgs) -> Result<u
         args.names.clone()
     };
     // A config built on another's image (its `after`) is prepared after it.
-    let names = order::load_order(&names, &after_map(&config));
+    let names = order::load_order(&names, &config.after_map());
     if kernels.is_empty() && !args.json {
         println!(
             "prepare-next: no installed kernel besides the running {running} in {}",

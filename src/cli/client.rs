@@ -6,11 +6,13 @@ use anyhow::{Context as _, Result, anyhow};
 use clap::{Args, Subcommand};
 use futures_util::StreamExt as _;
 use zbus::Connection;
+use zbus::fdo::PropertiesProxy;
+use zbus::names::InterfaceName;
 
 use super::{EXIT_FAILED, EXIT_NO_DAEMON};
-use crate::dbus::BUS_NAME;
-use crate::dbus::proxy::{ManagerProxy, ModuleProxy};
-use crate::reconciler::status::{ModuleStatus, Phase};
+use crate::dbus::proxy::ManagerProxy;
+use crate::dbus::{BUS_NAME, MODULE_INTERFACE};
+use crate::reconciler::status::{ModuleStatus, Status};
 
 /// Where the agent is.
 #[derive(Debug, Clone, Args)]
@@ -89,30 +91,27 @@ async fn connect(bus: &BusArgs) -> Result<Connection> {
     Ok(conn)
 }
 
+/// The properties of the module object at `path`.
+async fn module_properties<'a>(
+    conn: &Connection,
+    path: &zbus::zvariant::OwnedObjectPath,
+) -> Result<PropertiesProxy<'a>> {
+    Ok(PropertiesProxy::builder(conn)
+        .destination(BUS_NAME)?
+        .path(path.clone())?
+        .build()
+        .await?)
+}
+
 async fn module_status(
     conn: &Connection,
     path: &zbus::zvariant::OwnedObjectPath,
 ) -> Result<ModuleStatus> {
-    let m = ModuleProxy::builder(conn)
-        .path(path.clone())?
-        .build()
+    let props = module_properties(conn, path)
+        .await?
+        .get_all(InterfaceName::from_static_str_unchecked(MODULE_INTERFACE))
         .await?;
-    Ok(ModuleStatus {
-        name: m.name().await?,
-        state: Phase::parse(&m.state().await?).unwrap_or(Phase::Invalid),
-        step: m.step().await?,
-        error: m.error().await?,
-        kernel: m.kernel().await?,
-        image: m.image().await?,
-        image_digest: m.image_digest().await?,
-        loaded_modules: m.loaded_modules().await?,
-        since: m.since().await?,
-        next_retry: m.next_retry().await?,
-        config_file: m.config_file().await?,
-        wanted: m.wanted().await?,
-        started_op: m.started_op().await?,
-        completed_op: m.completed_op().await?,
-    })
+    crate::dbus::module_status(props)
 }
 
 fn print_table(mods: &[ModuleStatus]) {
@@ -144,11 +143,10 @@ async fn wait_for(
     timeout: u64,
     unloading: bool,
 ) -> Result<ModuleStatus> {
-    let m = ModuleProxy::builder(conn)
-        .path(path.clone())?
-        .build()
+    let mut changes = module_properties(conn, path)
+        .await?
+        .receive_properties_changed()
         .await?;
-    let mut changes = m.receive_completed_op_changed().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
     loop {
         let s = module_status(conn, path).await?;
@@ -213,7 +211,7 @@ async fn run_async(bus: &BusArgs, cmd: &ClientCommand) -> Result<u8> {
             }
             let bad = mods
                 .iter()
-                .any(|m| matches!(m.state, Phase::Failed | Phase::Busy | Phase::Invalid));
+                .any(|m| matches!(m.state, Status::Failed | Status::Busy | Status::Invalid));
             Ok(if bad { EXIT_FAILED } else { 0 })
         }
         ClientCommand::Load(a) | ClientCommand::Unload(a) | ClientCommand::Reload(a) => {
@@ -232,10 +230,10 @@ async fn run_async(bus: &BusArgs, cmd: &ClientCommand) -> Result<u8> {
             let ok = if unloading {
                 matches!(
                     s.state,
-                    Phase::Inactive | Phase::Unsupported | Phase::Invalid
+                    Status::Inactive | Status::Unsupported | Status::Invalid
                 )
             } else {
-                matches!(s.state, Phase::Loaded | Phase::Unsupported)
+                matches!(s.state, Status::Loaded | Status::Unsupported)
             };
             if ok {
                 println!("{}: {}", s.name, s.state);

@@ -449,6 +449,15 @@ impl Config {
         out
     }
 
+    /// Each valid module config's `after` list, by name (see [`after_map`]).
+    pub fn after_map(&self) -> BTreeMap<String, Vec<String>> {
+        after_map(
+            self.modules
+                .iter()
+                .filter_map(|(n, e)| Some((n.as_str(), e.result.as_ref().ok()?))),
+        )
+    }
+
     /// The validated module config named `name`.
     pub fn module(&self, name: &str) -> Result<&ModuleConfig, ModuleLookupError> {
         match self.modules.get(name) {
@@ -462,6 +471,21 @@ impl Config {
             }) => Err(ModuleLookupError::Invalid(errs.clone())),
         }
     }
+}
+
+/// The `after` list of each of `configs`, by name: the ordering graph of module configs.
+pub fn after_map<'a>(
+    configs: impl IntoIterator<Item = (&'a str, &'a ModuleConfig)>,
+) -> BTreeMap<String, Vec<String>> {
+    configs
+        .into_iter()
+        .map(|(n, c)| {
+            (
+                n.to_owned(),
+                c.after.iter().map(ToString::to_string).collect(),
+            )
+        })
+        .collect()
 }
 
 /// Several errors on one line, `; `-separated.

@@ -1111,13 +1111,11 @@ fn module_hooks(
 /// cycle, and every kernel module has one owner (see [`ownership`]).
 pub(super) fn cross_check(modules: &mut BTreeMap<String, ModuleEntry>, scope: Scope) {
     let known: BTreeSet<String> = modules.keys().cloned().collect();
-    let graph: BTreeMap<String, Vec<String>> = modules
-        .iter()
-        .filter_map(|(n, e)| {
-            let c = e.result.as_ref().ok()?;
-            Some((n.clone(), c.after.iter().map(ToString::to_string).collect()))
-        })
-        .collect();
+    let graph = super::after_map(
+        modules
+            .iter()
+            .filter_map(|(n, e)| Some((n.as_str(), e.result.as_ref().ok()?))),
+    );
     let mut errors: BTreeMap<String, Vec<ConfigError>> = BTreeMap::new();
     for (name, entry) in modules.iter() {
         let Ok(cfg) = &entry.result else { continue };

@@ -8,17 +8,21 @@
 
 pub mod proxy;
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
 
 use tokio::sync::watch;
 use zbus::message::Header;
+use zbus::names::InterfaceName;
 use zbus::object_server::SignalEmitter;
-use zbus::zvariant::OwnedObjectPath;
+use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 use zbus::{Connection, ObjectServer, interface};
 
 use crate::reconciler::agent::{AgentError, Handle, Request};
-use crate::reconciler::status::{ModuleStatus, Snapshot};
+use crate::reconciler::status::{ModuleStatus, Snapshot, Wire, module_status_fields};
 
 /// The bus name kvcd owns.
 pub const BUS_NAME: &str = "org.kvcd.Kvcd1";
@@ -205,131 +209,78 @@ impl Manager {
     }
 }
 
+/// The interface of the module objects.
+pub const MODULE_INTERFACE: &str = "org.kvcd.Kvcd1.Module";
+
 struct ModuleObject {
     s: ModuleStatus,
 }
 
-#[interface(name = "org.kvcd.Kvcd1.Module")]
-impl ModuleObject {
-    /// Module config name.
-    #[zbus(property)]
-    fn name(&self) -> String {
-        self.s.name.clone()
-    }
-    /// inactive, fetching, verifying, loading, loaded, unloading, failed, busy, unsupported or invalid.
-    #[zbus(property)]
-    fn state(&self) -> String {
-        self.s.state.to_string()
-    }
-    /// The step under way or that failed.
-    #[zbus(property)]
-    fn step(&self) -> String {
-        self.s.step.clone()
-    }
-    /// The last error; empty when none.
-    #[zbus(property)]
-    fn error(&self) -> String {
-        self.s.error.clone()
-    }
-    /// The kernel.
-    #[zbus(property)]
-    fn kernel(&self) -> String {
-        self.s.kernel.clone()
-    }
-    /// Driver image reference; empty for other sources.
-    #[zbus(property)]
-    fn image(&self) -> String {
-        self.s.image.clone()
-    }
-    /// Driver image digest.
-    #[zbus(property)]
-    fn image_digest(&self) -> String {
-        self.s.image_digest.clone()
-    }
-    /// Modules loaded for this config.
-    #[zbus(property)]
-    fn loaded_modules(&self) -> Vec<String> {
-        self.s.loaded_modules.clone()
-    }
-    /// Seconds since the epoch when the state last changed.
-    #[zbus(property)]
-    fn since(&self) -> u64 {
-        self.s.since
-    }
-    /// Seconds since the epoch of the next retry; 0 when none.
-    #[zbus(property)]
-    fn next_retry(&self) -> u64 {
-        self.s.next_retry
-    }
-    /// The config file in effect.
-    #[zbus(property)]
-    fn config_file(&self) -> String {
-        self.s.config_file.clone()
-    }
-    /// True when the admin wants it loaded.
-    #[zbus(property)]
-    fn wanted(&self) -> bool {
-        self.s.wanted
-    }
-    /// Number of the last operation started.
-    #[zbus(property)]
-    fn started_op(&self) -> u64 {
-        self.s.started_op
-    }
-    /// Number of the last operation finished.
-    #[zbus(property)]
-    fn completed_op(&self) -> u64 {
-        self.s.completed_op
-    }
-}
+/// Generates, from the one list of status fields, the module object's
+/// properties, the values of those that changed, and the client's reading.
+macro_rules! module_properties {
+    ($( $(#[$doc:meta])* $field:ident : $ty:ty => $wire:ty, $prop:literal; )*) => {
+        #[interface(name = "org.kvcd.Kvcd1.Module")]
+        impl ModuleObject {
+            $(
+                $(#[$doc])*
+                #[zbus(property)]
+                fn $field(&self) -> $wire {
+                    Wire::<$wire>::to_wire(&self.s.$field)
+                }
+            )*
+        }
 
-/// Emits `PropertiesChanged` for every property that differs between `old` and `new`.
+        /// The D-Bus property names of a module object, in field order.
+        pub const MODULE_PROPERTIES: &[&str] = &[$($prop),*];
+
+        /// The properties whose values differ between `old` and `new`, with their new values.
+        fn changed_properties(old: &ModuleStatus, new: &ModuleStatus) -> HashMap<&'static str, Value<'static>> {
+            let mut changed = HashMap::new();
+            $(
+                if old.$field != new.$field {
+                    changed.insert($prop, Value::from(Wire::<$wire>::to_wire(&new.$field)));
+                }
+            )*
+            changed
+        }
+
+        /// A module object's status from its properties (as `GetAll` returns them).
+        pub fn module_status(mut props: HashMap<String, OwnedValue>) -> anyhow::Result<ModuleStatus> {
+            Ok(ModuleStatus {
+                $(
+                    $field: {
+                        let v = props
+                            .remove($prop)
+                            .with_context(|| format!("the module object has no property {}", $prop))?;
+                        let w = <$wire>::try_from(v)
+                            .with_context(|| format!("property {}", $prop))?;
+                        Wire::<$wire>::from_wire(w)
+                    },
+                )*
+            })
+        }
+    };
+}
+module_status_fields!(module_properties);
+
+/// Emits one `PropertiesChanged` with every property that differs between `old` and `new`.
 async fn emit_changes(
-    obj: &ModuleObject,
     old: &ModuleStatus,
+    new: &ModuleStatus,
     e: &SignalEmitter<'_>,
 ) -> zbus::Result<()> {
-    let new = &obj.s;
-    if old.state != new.state {
-        obj.state_changed(e).await?;
+    let changed = changed_properties(old, new);
+    if changed.is_empty() {
+        return Ok(());
     }
-    if old.step != new.step {
-        obj.step_changed(e).await?;
-    }
-    if old.error != new.error {
-        obj.error_changed(e).await?;
-    }
-    if old.kernel != new.kernel {
-        obj.kernel_changed(e).await?;
-    }
-    if old.image != new.image {
-        obj.image_changed(e).await?;
-    }
-    if old.image_digest != new.image_digest {
-        obj.image_digest_changed(e).await?;
-    }
-    if old.loaded_modules != new.loaded_modules {
-        obj.loaded_modules_changed(e).await?;
-    }
-    if old.since != new.since {
-        obj.since_changed(e).await?;
-    }
-    if old.next_retry != new.next_retry {
-        obj.next_retry_changed(e).await?;
-    }
-    if old.config_file != new.config_file {
-        obj.config_file_changed(e).await?;
-    }
-    if old.wanted != new.wanted {
-        obj.wanted_changed(e).await?;
-    }
-    if old.started_op != new.started_op {
-        obj.started_op_changed(e).await?;
-    }
-    if old.completed_op != new.completed_op {
-        obj.completed_op_changed(e).await?;
-    }
-    Ok(())
+    zbus::fdo::Properties::properties_changed(
+        e,
+        InterfaceName::from_static_str_unchecked(MODULE_INTERFACE),
+        changed,
+        Cow::Borrowed(&[]),
+    )
+    .await
 }
 
 async fn sync(
@@ -347,9 +298,8 @@ async fn sync(
             }
             Some(old) if old != st => {
                 let iface = server.interface::<_, ModuleObject>(&path).await?;
-                let mut obj = iface.get_mut().await;
-                obj.s = st.clone();
-                emit_changes(&obj, old, iface.signal_emitter()).await?;
+                iface.get_mut().await.s = st.clone();
+                emit_changes(old, st, iface.signal_emitter()).await?;
             }
             Some(_) => {}
         }
@@ -416,7 +366,74 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
-    use super::module_path;
+    use std::collections::HashMap;
+
+    use zbus::zvariant::OwnedValue;
+
+    use super::{MODULE_PROPERTIES, changed_properties, module_path, module_status};
+    use crate::reconciler::status::{ModuleStatus, Status};
+
+    fn status(n: u64) -> ModuleStatus {
+        ModuleStatus {
+            name: format!("name{n}"),
+            state: if n == 0 {
+                Status::Inactive
+            } else {
+                Status::Loaded
+            },
+            step: format!("step{n}"),
+            error: format!("error{n}"),
+            kernel: format!("kernel{n}"),
+            image: format!("image{n}"),
+            image_digest: format!("digest{n}"),
+            loaded_modules: vec![format!("m{n}")],
+            since: n + 10,
+            next_retry: n + 20,
+            config_file: format!("file{n}"),
+            wanted: n != 0,
+            started_op: n + 30,
+            completed_op: n + 40,
+        }
+    }
+
+    #[test]
+    fn every_field_travels_as_its_property_and_back() {
+        let (old, new) = (status(0), status(1));
+        let changed = changed_properties(&old, &new);
+        let mut names: Vec<&str> = changed.keys().copied().collect();
+        names.sort_unstable();
+        let mut all = MODULE_PROPERTIES.to_vec();
+        all.sort_unstable();
+        assert_eq!(names, all);
+        assert_eq!(MODULE_PROPERTIES.len(), 14);
+        let props: HashMap<String, OwnedValue> = changed
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), OwnedValue::try_from(v).unwrap()))
+            .collect();
+        assert_eq!(module_status(props.clone()).unwrap(), new);
+        // A property missing is named.
+        let mut short = props;
+        short.remove("ImageDigest");
+        let err = module_status(short).unwrap_err().to_string();
+        assert!(err.contains("ImageDigest"), "{err}");
+    }
+
+    #[test]
+    fn only_changed_properties_are_signalled() {
+        let old = status(1);
+        let mut new = old.clone();
+        new.completed_op += 1;
+        new.state = Status::Failed;
+        let changed = changed_properties(&old, &new);
+        let mut names: Vec<&str> = changed.keys().copied().collect();
+        names.sort_unstable();
+        assert_eq!(names, ["CompletedOp", "State"]);
+        assert_eq!(
+            changed["State"],
+            zbus::zvariant::Value::from("failed".to_owned())
+        );
+        assert!(changed_properties(&old, &old).is_empty());
+    }
 
     #[test]
     fn module_paths_escape_like_systemd() {

@@ -1,4 +1,6 @@
-//! Client side of kvcd's D-Bus API (used by `kvcctl`).
+//! Client side of kvcd's D-Bus API (used by `kvcctl`). Module objects are
+//! read with `GetAll` and [`super::module_status`], from the same list of
+//! fields the daemon serves.
 
 use zbus::proxy;
 use zbus::zvariant::OwnedObjectPath;
@@ -34,54 +36,4 @@ pub trait Manager {
     /// Problems outside the module configs.
     #[zbus(property)]
     fn errors(&self) -> zbus::Result<Vec<String>>;
-}
-
-/// `org.kvcd.Kvcd1.Module`.
-#[proxy(
-    interface = "org.kvcd.Kvcd1.Module",
-    default_service = "org.kvcd.Kvcd1"
-)]
-pub trait Module {
-    /// Module config name.
-    #[zbus(property)]
-    fn name(&self) -> zbus::Result<String>;
-    /// State.
-    #[zbus(property)]
-    fn state(&self) -> zbus::Result<String>;
-    /// Step.
-    #[zbus(property)]
-    fn step(&self) -> zbus::Result<String>;
-    /// Error.
-    #[zbus(property)]
-    fn error(&self) -> zbus::Result<String>;
-    /// Kernel.
-    #[zbus(property)]
-    fn kernel(&self) -> zbus::Result<String>;
-    /// Image.
-    #[zbus(property)]
-    fn image(&self) -> zbus::Result<String>;
-    /// Image digest.
-    #[zbus(property)]
-    fn image_digest(&self) -> zbus::Result<String>;
-    /// Loaded modules.
-    #[zbus(property)]
-    fn loaded_modules(&self) -> zbus::Result<Vec<String>>;
-    /// Since.
-    #[zbus(property)]
-    fn since(&self) -> zbus::Result<u64>;
-    /// Next retry.
-    #[zbus(property)]
-    fn next_retry(&self) -> zbus::Result<u64>;
-    /// Config file.
-    #[zbus(property)]
-    fn config_file(&self) -> zbus::Result<String>;
-    /// Wanted.
-    #[zbus(property)]
-    fn wanted(&self) -> zbus::Result<bool>;
-    /// Last operation started.
-    #[zbus(property)]
-    fn started_op(&self) -> zbus::Result<u64>;
-    /// Last operation finished.
-    #[zbus(property)]
-    fn completed_op(&self) -> zbus::Result<u64>;
 }

@@ -1,28 +1,38 @@
 //! The agent behind `kvcd daemon`: one task owns all state. Events come in
 //! (requests from D-Bus, config changes, signals, retry timers, progress and
-//! results of work); blocking work (libkmod, podman, hooks) runs on the
-//! blocking pool, at most `max_parallel` at a time, with `after` ordering
-//! respected; every change is published as a [`Snapshot`] on a `watch`
-//! channel. What the admin wants loaded is kept in `RUNTIME/desired.json`, so
-//! a restarted agent converges to it, adopting what is already loaded
-//! without inserting it again.
+//! results of work) and move each module config's [`machine::Module`]; the
+//! agent executes the effects the machine names (queue and run work, arm a
+//! retry, save the desired state, forget a config) and publishes the status
+//! derived from the models as a [`Snapshot`] on a `watch` channel.
+//!
+//! Nothing blocks the loop: work (libkmod, podman, hooks), preparing other
+//! kernels, reading the configuration, the runtime records and
+//! `RUNTIME/desired.json`, and saving it, all run on the blocking pool. Work
+//! and preparations share `max_parallel` and `after` ordering is respected.
+//! What the admin wants loaded is kept in `desired.json`, so a restarted
+//! agent converges to it, adopting what is already loaded without inserting
+//! it again.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
-use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{info, warn};
 
-use super::status::{ModuleStatus, Phase, Snapshot};
-use super::{Engine, Outcome, RecordStore, State, Step, StepLog};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use super::machine::{self, Ctx, Effect, Module, Operation, Ran, Refused, Status};
+use super::status::Snapshot;
+use super::{Engine, Outcome, RecordStore, Step, StepLog};
 use crate::config::{Config, DaemonSettings, ModuleConfig, Overrides};
 use crate::kernel::KernelRelease;
 use crate::kmod::KernelModules;
-use crate::util::{unix_now, write_atomic};
+use crate::state::desired;
+use crate::util::unix_now;
 
 /// Makes a handle to the running kernel's modules for one piece of work.
 pub type KmodsFactory = Arc<dyn Fn() -> Result<Box<dyn KernelModules>> + Send + Sync>;
@@ -56,18 +66,21 @@ pub enum Request {
     Prepare(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
-    Load,
-    Unload,
-    Reload,
-}
+type Reply = oneshot::Sender<Result<u64, AgentError>>;
 
 enum Event {
-    Request(Request, oneshot::Sender<Result<u64, AgentError>>),
+    Request(Request, Reply),
     ConfigChanged,
+    ConfigRead(Box<Config>),
     Progress(String, Step),
-    Done(String, Op, u64, Box<Outcome>),
+    Done {
+        name: String,
+        op: Operation,
+        seq: u64,
+        ran: Ran,
+        outcome: Box<Outcome>,
+    },
+    Prepared,
     Ping(oneshot::Sender<()>),
     Shutdown,
 }
@@ -112,26 +125,74 @@ impl Handle {
     }
 }
 
-/// `RUNTIME/desired.json`.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Desired {
-    wanted: BTreeSet<String>,
+/// Reads `desired.json` (blocking); empty when absent or unreadable (said in the log).
+fn read_desired(path: &std::path::Path) -> BTreeSet<String> {
+    match desired::read(path) {
+        Ok(d) => d.wanted,
+        Err(e) => {
+            warn!("{e:#}; starting with nothing wanted");
+            BTreeSet::new()
+        }
+    }
+}
+
+/// Saves `desired.json` on the blocking pool, newest state last.
+struct DesiredStore {
+    path: PathBuf,
+    /// The generation last written (a save older than it is skipped).
+    written: Arc<Mutex<u64>>,
+    generation: u64,
+    saves: JoinSet<()>,
+}
+
+impl DesiredStore {
+    fn new(layout: &crate::state::Layout) -> Self {
+        Self {
+            path: layout.desired(),
+            written: Arc::new(Mutex::new(0)),
+            generation: 0,
+            saves: JoinSet::new(),
+        }
+    }
+
+    fn save(&mut self, wanted: BTreeSet<String>) {
+        while self.saves.try_join_next().is_some() {}
+        self.generation += 1;
+        let generation = self.generation;
+        let (path, written) = (self.path.clone(), self.written.clone());
+        self.saves.spawn_blocking(move || {
+            let mut last = written
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *last > generation {
+                return;
+            }
+            let result = desired::write(&path, &desired::Desired { wanted });
+            match result {
+                Ok(()) => *last = generation,
+                Err(e) => warn!("cannot save desired state: {e:#}"),
+            }
+        });
+    }
+
+    /// Waits for the saves under way.
+    async fn flush(&mut self) {
+        while self.saves.join_next().await.is_some() {}
+    }
 }
 
 struct Entry {
+    model: Module,
     /// The last good config.
     config: Option<ModuleConfig>,
-    /// Why the current file is not used, when it is invalid.
-    config_error: Option<String>,
-    status: ModuleStatus,
-    queue: VecDeque<(Op, u64)>,
-    running: bool,
-    attempts: u32,
+    /// When the retry the model waits for fires.
     retry_at: Option<Instant>,
-    /// The operation a retry repeats (a reload that met a busy module is retried as a reload).
-    retry_op: Op,
-    /// The file is gone: unload (if needed), then forget it.
-    removed: bool,
+}
+
+/// What start-up found on disk and in the kernel for one module config.
+struct Found {
+    recorded: bool,
+    live: Option<(u64, Vec<String>)>,
 }
 
 /// The agent. Build it with [`Agent::new`], run it with [`Agent::run`].
@@ -141,13 +202,26 @@ pub struct Agent {
     settings: DaemonSettings,
     kernel: KernelRelease,
     factory: KmodsFactory,
+    /// The configuration read at start-up, applied when the loop starts.
+    initial: Option<Config>,
     entries: BTreeMap<String, Entry>,
     errors: Vec<String>,
     tx: mpsc::UnboundedSender<Event>,
     rx: mpsc::UnboundedReceiver<Event>,
     status: watch::Sender<Arc<Snapshot>>,
     seq: u64,
+    /// Work and preparations under way.
     running: usize,
+    /// Kernels waiting to be prepared.
+    prepares: VecDeque<KernelRelease>,
+    /// Tells preparations under way to stop after the config at hand.
+    cancel: Arc<AtomicBool>,
+    /// Replies to `ReloadConfig`, sent once the configuration is read and applied.
+    reload_replies: Vec<Reply>,
+    /// A read of the configuration is under way; `Some(true)` when another must follow it.
+    reading: Option<bool>,
+    desired: DesiredStore,
+    save_needed: bool,
     /// Set once the agent is stopping: when it stops waiting for running steps.
     stop_deadline: Option<Instant>,
     ready: bool,
@@ -163,8 +237,10 @@ impl std::fmt::Debug for Agent {
 }
 
 impl Agent {
-    /// An agent over the configuration in `dirs`, for the running `kernel`.
+    /// An agent over `config` (read from `dirs`, and read from them again on
+    /// every reload), for the running `kernel`.
     pub fn new(
+        config: Config,
         dirs: Vec<PathBuf>,
         overrides: Overrides,
         kernel: KernelRelease,
@@ -172,13 +248,15 @@ impl Agent {
     ) -> (Self, Handle, watch::Receiver<Arc<Snapshot>>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let (status, status_rx) = watch::channel(Arc::new(Snapshot::default()));
-        let settings = Config::load(&dirs, &overrides).daemon;
+        let settings = config.daemon.clone();
         let agent = Self {
             dirs,
             overrides,
+            desired: DesiredStore::new(&crate::state::Layout::from_settings(&settings)),
             settings,
             kernel,
             factory,
+            initial: Some(config),
             entries: BTreeMap::new(),
             errors: Vec::new(),
             tx: tx.clone(),
@@ -186,6 +264,11 @@ impl Agent {
             status,
             seq: 0,
             running: 0,
+            prepares: VecDeque::new(),
+            cancel: Arc::new(AtomicBool::new(false)),
+            reload_replies: Vec::new(),
+            reading: None,
+            save_needed: false,
             stop_deadline: None,
             ready: false,
             last_summary: String::new(),
@@ -193,237 +276,246 @@ impl Agent {
         (agent, Handle { tx }, status_rx)
     }
 
-    fn records(&self) -> RecordStore {
-        RecordStore::new(&self.settings.runtime_dir)
-    }
-
-    fn desired_path(&self) -> PathBuf {
-        self.settings.runtime_dir.join("desired.json")
-    }
-
-    fn save_desired(&self) {
-        let d = Desired {
-            wanted: self
-                .entries
-                .iter()
-                .filter(|(_, e)| e.status.wanted)
-                .map(|(n, _)| n.clone())
-                .collect(),
+    /// Applies `ev` to the model of `name` and executes the effects; returns the answer to a request.
+    fn apply(&mut self, name: &str, ev: machine::Event) -> Result<Option<u64>, Refused> {
+        let (base, max) = (
+            self.settings.retry_base_seconds,
+            self.settings.retry_max_seconds,
+        );
+        let Some(e) = self.entries.get_mut(name) else {
+            return Err(Refused::NotFound);
         };
-        if let Ok(data) = serde_json::to_vec_pretty(&d) {
-            if let Err(e) = write_atomic(&self.desired_path(), &data) {
-                warn!("cannot save desired state: {e:#}");
-            }
-        }
-    }
-
-    fn load_desired(&self) -> BTreeSet<String> {
-        std::fs::read(self.desired_path())
-            .ok()
-            .and_then(|d| serde_json::from_slice::<Desired>(&d).ok())
-            .map(|d| d.wanted)
-            .unwrap_or_default()
-    }
-
-    fn new_status(&self, name: &str, file: String, wanted: bool) -> ModuleStatus {
-        ModuleStatus {
-            name: name.to_owned(),
-            state: Phase::Inactive,
-            step: String::new(),
-            error: String::new(),
-            kernel: self.kernel.to_string(),
-            image: String::new(),
-            image_digest: String::new(),
-            loaded_modules: Vec::new(),
-            since: unix_now(),
-            next_retry: 0,
-            config_file: file,
-            wanted,
-            started_op: 0,
-            completed_op: 0,
-        }
-    }
-
-    fn set_phase(status: &mut ModuleStatus, phase: Phase) {
-        if status.state != phase {
-            status.state = phase;
-            status.since = unix_now();
-        }
-    }
-
-    fn enqueue(&mut self, name: &str, op: Op) -> u64 {
-        self.seq += 1;
-        let seq = self.seq;
-        if let Some(e) = self.entries.get_mut(name) {
+        let ctx = Ctx {
+            now: unix_now(),
+            retry_delay: backoff(base, max, e.model.attempts),
+        };
+        let what = ev.name();
+        let (model, effects) = machine::transition(&e.model, ev, &ctx)?;
+        e.model = model;
+        if e.model.retry.is_none() {
             e.retry_at = None;
-            e.status.next_retry = 0;
-            e.queue.push_back((op, seq));
         }
-        seq
-    }
-
-    /// Reads the configuration again and works out what changed.
-    fn reload_config(&mut self, desired: Option<&BTreeSet<String>>) {
-        let config = Config::load(&self.dirs, &self.overrides);
-        self.settings = config.daemon.clone();
-        self.errors = config.errors.iter().map(ToString::to_string).collect();
-        let mut seen = BTreeSet::new();
-        for (name, me) in &config.modules {
-            seen.insert(name.clone());
-            let file = me.file.display().to_string();
-            let wanted = desired.is_some_and(|d| d.contains(name));
-            if !self.entries.contains_key(name) {
-                let mut status = self.new_status(name, file.clone(), wanted);
-                let (cfg, err) = match &me.result {
-                    Ok(c) => (Some(c.clone()), None),
-                    Err(errs) => {
-                        let msg = crate::config::join_errors(errs);
-                        Self::set_phase(&mut status, Phase::Invalid);
-                        status.error.clone_from(&msg);
-                        (None, Some(msg))
+        debug!(KVCD_MODULE = %name, "{what}: {} {effects:?}", e.model.status);
+        let mut answer = None;
+        for fx in effects {
+            match fx {
+                Effect::Answer(seq) => answer = Some(seq),
+                Effect::Queued(_, seq) => self.seq = self.seq.max(seq),
+                Effect::Run(op, seq) => self.run_work(name, op, seq),
+                Effect::ArmRetry(delay) => {
+                    if let Some(e) = self.entries.get_mut(name) {
+                        e.retry_at = Some(Instant::now() + delay);
                     }
-                };
-                self.entries.insert(
-                    name.clone(),
-                    Entry {
-                        config: cfg,
-                        config_error: err,
-                        status,
-                        queue: VecDeque::new(),
-                        running: false,
-                        attempts: 0,
-                        retry_at: None,
-                        retry_op: Op::Load,
-                        removed: false,
-                    },
-                );
-                continue;
-            }
-            let mut follow = None;
-            if let Some(e) = self.entries.get_mut(name) {
-                e.removed = false;
-                e.status.config_file = file;
-                match &me.result {
-                    Ok(c) => {
-                        let changed = e.config.as_ref().is_none_or(|old| old.digest != c.digest);
-                        e.config = Some(c.clone());
-                        if e.config_error.take().is_some() {
-                            e.status.error.clear();
-                            if e.status.state == Phase::Invalid {
-                                Self::set_phase(&mut e.status, Phase::Inactive);
-                            }
-                        }
-                        if changed && e.status.wanted {
-                            info!(KVCD_MODULE = %name, "configuration changed");
-                            follow =
-                                follow_change(e.status.state, e.running || !e.queue.is_empty());
-                        }
-                    }
-                    Err(errs) => {
-                        let msg = crate::config::join_errors(errs);
-                        warn!(KVCD_MODULE = %name, "invalid configuration: {msg}");
-                        if e.config.is_some() {
-                            e.status.error =
-                                format!("invalid configuration, keeping the last good one: {msg}");
-                        } else {
-                            Self::set_phase(&mut e.status, Phase::Invalid);
-                            e.status.error.clone_from(&msg);
-                        }
-                        e.config_error = Some(msg);
-                    }
+                    info!(KVCD_MODULE = %name, "retrying in {}s", delay.as_secs());
+                }
+                Effect::SaveDesired => self.save_needed = true,
+                Effect::Forget => {
+                    self.entries.remove(name);
                 }
             }
-            if let Some(op) = follow {
-                self.enqueue(name, op);
+        }
+        Ok(answer)
+    }
+
+    /// The number the next queued operation gets.
+    fn next_seq(&self) -> u64 {
+        self.seq + 1
+    }
+
+    /// Reads the configuration on the blocking pool; [`Event::ConfigRead`] brings it back.
+    fn read_config(&mut self) {
+        if let Some(again) = self.reading.as_mut() {
+            *again = true;
+            return;
+        }
+        self.reading = Some(false);
+        let (dirs, overrides, tx) = (self.dirs.clone(), self.overrides.clone(), self.tx.clone());
+        tokio::task::spawn_blocking(move || {
+            let config = Config::load(&dirs, &overrides);
+            let _ = tx.send(Event::ConfigRead(Box::new(config)));
+        });
+    }
+
+    /// A configuration was read: apply it, read again if asked meanwhile, else answer who waited.
+    fn config_read(&mut self, config: Config) {
+        self.apply_config(config, &BTreeSet::new());
+        let again = self.reading.take().unwrap_or(false);
+        if again {
+            self.read_config();
+        } else {
+            for reply in self.reload_replies.drain(..) {
+                let _ = reply.send(Ok(self.seq));
+            }
+        }
+    }
+
+    /// Works out what changed in `config`; new configs are wanted when `desired` names them.
+    fn apply_config(&mut self, config: Config, desired: &BTreeSet<String>) {
+        self.settings = config.daemon.clone();
+        self.errors = config.errors.iter().map(ToString::to_string).collect();
+        let now = unix_now();
+        let present: BTreeSet<String> = config.modules.keys().cloned().collect();
+        for (name, me) in config.modules {
+            let file = me.file.display().to_string();
+            let read = me
+                .result
+                .as_ref()
+                .map(|c| (c.digest.clone(), module_names(c)))
+                .map_err(|errs| crate::config::join_errors(errs));
+            let good = me.result.ok();
+            let Some(e) = self.entries.get_mut(&name) else {
+                let model = Module::new(file, read, desired.contains(&name), now);
+                let entry = Entry {
+                    model,
+                    config: good,
+                    retry_at: None,
+                };
+                self.entries.insert(name, entry);
+                continue;
+            };
+            if good.is_some() {
+                e.config.clone_from(&good);
+            }
+            let ev = match read {
+                Ok((digest, modules)) => machine::Event::ConfigChanged {
+                    file,
+                    digest,
+                    modules,
+                    seq: self.next_seq(),
+                },
+                Err(error) => {
+                    warn!(KVCD_MODULE = %name, "invalid configuration: {error}");
+                    machine::Event::ConfigInvalid { file, error }
+                }
+            };
+            let before = self.seq;
+            match self.apply(&name, ev) {
+                Ok(_) if self.seq > before => info!(KVCD_MODULE = %name, "configuration changed"),
+                Ok(_) => {}
+                Err(r) => warn!(KVCD_MODULE = %name, "configuration not taken: {r}"),
             }
         }
         let gone: Vec<String> = self
             .entries
-            .keys()
-            .filter(|n| !seen.contains(*n))
-            .cloned()
+            .iter()
+            .filter(|(n, e)| !e.model.removed && !present.contains(*n))
+            .map(|(n, _)| n.clone())
             .collect();
         for name in gone {
-            let loaded = self.records().get(&name).ok().flatten().is_some();
             if let Some(e) = self.entries.get_mut(&name) {
-                e.removed = true;
-                e.status.wanted = false;
                 e.config = None;
             }
-            if loaded {
-                info!(KVCD_MODULE = %name, "configuration removed; unloading");
-                self.enqueue(&name, Op::Unload);
-            } else if !self.entries.get(&name).is_some_and(|e| e.running) {
-                self.entries.remove(&name);
+            let ev = machine::Event::ConfigRemoved {
+                seq: self.next_seq(),
+            };
+            match self.apply(&name, ev) {
+                Ok(_) if self.entries.contains_key(&name) => {
+                    info!(KVCD_MODULE = %name, "configuration removed; unloading");
+                }
+                Ok(_) => info!(KVCD_MODULE = %name, "configuration removed"),
+                Err(r) => warn!(KVCD_MODULE = %name, "removal not taken: {r}"),
             }
         }
-        self.save_desired();
+        self.save_needed = true;
     }
 
-    /// Start-up: desired state from the runtime dir, the truth from the kernel.
-    fn restore(&mut self) {
-        let kmods = match (self.factory)() {
-            Ok(k) => k,
+    /// Start-up: the configuration read before, the desired state from the
+    /// runtime dir, the truth from the records and the kernel (read on the
+    /// blocking pool).
+    async fn start_up(&mut self) {
+        let Some(config) = self.initial.take() else {
+            return;
+        };
+        let configs: Vec<ModuleConfig> = config
+            .modules
+            .values()
+            .filter_map(|e| e.result.as_ref().ok().cloned())
+            .collect();
+        let names: Vec<String> = config.modules.keys().cloned().collect();
+        let path = self.desired.path.clone();
+        let (factory, runtime_dir, kernel) = (
+            self.factory.clone(),
+            self.settings.runtime_dir.clone(),
+            self.kernel.clone(),
+        );
+        let survey = tokio::task::spawn_blocking(move || {
+            let desired = read_desired(&path);
+            let found = survey(&factory, &runtime_dir, &kernel, &names, &configs);
+            (desired, found)
+        })
+        .await;
+        let (desired, found) = match survey {
+            Ok(r) => r,
             Err(e) => {
-                warn!("cannot read the kernel's modules: {e:#}");
-                return;
+                warn!("start-up survey failed: {e}");
+                (BTreeSet::new(), None)
             }
         };
-        let records = self.records();
-        let names: Vec<String> = self.entries.keys().cloned().collect();
-        for name in names {
-            let record = records
-                .get(&name)
-                .ok()
-                .flatten()
-                .filter(|r| r.kernel == self.kernel.as_str());
-            let Some(e) = self.entries.get_mut(&name) else {
-                continue;
+        self.apply_config(config, &desired);
+        let Some(found) = found else { return };
+        for (name, f) in found {
+            let adopted = f.live.is_some();
+            let ev = machine::Event::Restored {
+                recorded: f.recorded,
+                live: f.live,
             };
-            let Some(c) = e.config.clone() else { continue };
-            let live = record.as_ref().is_some_and(|r| {
-                r.config_digest == c.digest
-                    && c.modules
-                        .iter()
-                        .all(|m| matches!(kmods.live(m), Ok(Some(_))))
-                    && super::live_as_recorded(kmods.as_ref(), r)
-            });
-            if live {
-                let r = record.as_ref();
-                Self::set_phase(&mut e.status, Phase::Loaded);
-                e.status.since = r.map_or(e.status.since, |r| r.since);
-                e.status.loaded_modules = loaded_names(r, &c);
+            if let Err(r) = self.apply(&name, ev) {
+                warn!(KVCD_MODULE = %name, "start-up state not taken: {r}");
+                continue;
+            }
+            if adopted {
                 info!(KVCD_MODULE = %name, "adopted: already loaded by kvcd");
-            } else if e.status.wanted {
-                self.enqueue(&name, Op::Load);
+            } else if self
+                .entries
+                .get(&name)
+                .is_some_and(|e| e.model.wanted && e.config.is_some())
+            {
+                let ev = machine::Event::LoadRequested {
+                    seq: self.next_seq(),
+                };
+                if let Err(r) = self.apply(&name, ev) {
+                    warn!(KVCD_MODULE = %name, "cannot load: {r}");
+                }
             }
         }
     }
 
     fn handle(&mut self, ev: Event) {
         match ev {
-            Event::Request(req, reply) => {
-                let r = self.request(&req);
-                let _ = reply.send(r);
-            }
-            Event::ConfigChanged => {
-                let desired = self.load_desired();
-                self.reload_config(Some(&desired));
-            }
+            Event::Request(req, reply) => self.request(req, reply),
+            Event::ConfigChanged => self.read_config(),
+            Event::ConfigRead(config) => self.config_read(*config),
             Event::Progress(name, step) => {
-                if let Some(e) = self.entries.get_mut(&name) {
-                    let phase = match step {
-                        Step::Fetch => Phase::Fetching,
-                        Step::Resolve | Step::Depmod | Step::Verify => Phase::Verifying,
-                        Step::Remove | Step::Restore => Phase::Unloading,
-                        _ if e.status.state == Phase::Unloading => Phase::Unloading,
-                        _ => Phase::Loading,
-                    };
-                    Self::set_phase(&mut e.status, phase);
-                    e.status.step = step.as_str().to_owned();
+                if let Err(r) = self.apply(&name, machine::Event::StepProgress(step)) {
+                    debug!(KVCD_MODULE = %name, "progress not taken: {r}");
                 }
             }
-            Event::Done(name, op, seq, outcome) => self.done(&name, op, seq, &outcome),
+            Event::Done {
+                name,
+                op,
+                seq,
+                ran,
+                outcome,
+            } => {
+                self.running = self.running.saturating_sub(1);
+                let ev = machine::Event::WorkDone {
+                    op,
+                    seq,
+                    ran,
+                    outcome,
+                };
+                match self.apply(&name, ev) {
+                    Ok(_) => {
+                        let state = self
+                            .entries
+                            .get(&name)
+                            .map_or(Status::Inactive, |e| e.model.status);
+                        info!(KVCD_MODULE = %name, "{op:?} finished: {state}");
+                    }
+                    Err(r) => warn!(KVCD_MODULE = %name, "result of {op:?} not taken: {r}"),
+                }
+            }
+            Event::Prepared => self.running = self.running.saturating_sub(1),
             Event::Ping(reply) => {
                 let _ = reply.send(());
             }
@@ -431,93 +523,39 @@ impl Agent {
         }
     }
 
-    fn request(&mut self, req: &Request) -> Result<u64, AgentError> {
+    fn request(&mut self, req: Request, reply: Reply) {
         if self.shutting_down() {
-            return Err(AgentError::ShuttingDown);
+            let _ = reply.send(Err(AgentError::ShuttingDown));
+            return;
         }
-        let name = match &req {
+        let seq = self.next_seq();
+        let (name, ev) = match req {
             Request::ReloadConfig => {
-                let desired = self.load_desired();
-                self.reload_config(Some(&desired));
-                return Ok(self.seq);
+                self.reload_replies.push(reply);
+                self.read_config();
+                return;
             }
-            Request::Prepare(kernel) => return self.prepare(kernel),
-            Request::Load(n) | Request::Unload(n) | Request::Reload(n) => n.clone(),
+            Request::Prepare(kernel) => {
+                let r = KernelRelease::parse(&kernel)
+                    .map(|k| {
+                        self.prepares.push_back(k);
+                        self.seq
+                    })
+                    .map_err(|e| AgentError::InvalidConfig(format!("{e:#}")));
+                let _ = reply.send(r);
+                return;
+            }
+            Request::Load(n) => (n, machine::Event::LoadRequested { seq }),
+            Request::Unload(n) => (n, machine::Event::UnloadRequested { seq }),
+            Request::Reload(n) => (n, machine::Event::ReloadRequested { seq }),
         };
-        let e = self
-            .entries
-            .get_mut(&name)
-            .filter(|e| !e.removed)
-            .ok_or_else(|| AgentError::NotFound(name.clone()))?;
-        match req {
-            Request::Load(_) | Request::Reload(_) => {
-                if e.config.is_none() {
-                    return Err(AgentError::InvalidConfig(
-                        e.config_error.clone().unwrap_or_default(),
-                    ));
-                }
-                e.status.wanted = true;
-                e.queue.retain(|(op, _)| *op != Op::Unload);
-                let idle = !e.running && e.queue.is_empty();
-                let current = e.status.completed_op;
-                let is_loaded = e.status.state == Phase::Loaded;
-                self.save_desired();
-                if matches!(req, Request::Load(_)) && idle && is_loaded {
-                    return Ok(current);
-                }
-                let op = if matches!(req, Request::Reload(_)) {
-                    Op::Reload
-                } else {
-                    Op::Load
-                };
-                Ok(self.enqueue(&name, op))
-            }
-            Request::Unload(_) => {
-                e.status.wanted = false;
-                e.queue.retain(|(op, _)| *op == Op::Unload);
-                let idle = !e.running && e.queue.is_empty();
-                let current = e.status.completed_op;
-                let inactive = matches!(
-                    e.status.state,
-                    Phase::Inactive | Phase::Invalid | Phase::Unsupported
-                );
-                self.save_desired();
-                if idle && inactive {
-                    return Ok(current);
-                }
-                Ok(self.enqueue(&name, Op::Unload))
-            }
-            Request::ReloadConfig | Request::Prepare(_) => Ok(self.seq),
-        }
-    }
-
-    fn prepare(&mut self, kernel: &str) -> Result<u64, AgentError> {
-        let kernel = KernelRelease::parse(kernel)
-            .map_err(|e| AgentError::InvalidConfig(format!("{e:#}")))?;
-        // In `after` order: a config may build on another's image.
-        let configs: Vec<ModuleConfig> = self
-            .ordered()
-            .iter()
-            .filter_map(|n| self.entries.get(n)?.config.clone())
-            .collect();
-        let factory = self.factory.clone();
-        let settings = self.settings.clone();
-        tokio::task::spawn_blocking(move || {
-            let Ok(kmods) = factory() else { return };
-            let engine = Engine::from_settings(&settings, &kernel, &*kmods, None);
-            for c in &configs {
-                let o = engine.prepare(c);
-                match &o.error {
-                    None => {
-                        info!(KVCD_MODULE = %o.name, KVCD_KERNEL = %kernel, "prepare: {}", o.state)
-                    }
-                    Some(e) => {
-                        warn!(KVCD_MODULE = %o.name, KVCD_KERNEL = %kernel, "prepare failed at {}: {}", e.step.as_str(), e.message)
-                    }
-                }
-            }
-        });
-        Ok(self.seq)
+        let r = match self.apply(&name, ev) {
+            Ok(answer) => Ok(answer.unwrap_or(self.seq)),
+            Err(Refused::NotFound) => Err(AgentError::NotFound(name)),
+            Err(Refused::InvalidConfig(msg)) => Err(AgentError::InvalidConfig(msg)),
+            Err(r @ Refused::NotNow { .. }) => Err(AgentError::InvalidConfig(r.to_string())),
+        };
+        let _ = reply.send(r);
     }
 
     /// True once SIGTERM (or a stop request) has come.
@@ -533,19 +571,14 @@ impl Agent {
         }
         self.stop_deadline =
             Some(Instant::now() + Duration::from_secs(self.settings.stop_timeout_seconds));
-        for e in self.entries.values_mut() {
-            e.queue.clear();
-            e.retry_at = None;
-        }
-        if self.settings.unload_on_stop {
-            let loaded: Vec<String> = self
-                .entries
-                .iter()
-                .filter(|(_, e)| e.status.state == Phase::Loaded)
-                .map(|(n, _)| n.clone())
-                .collect();
-            for n in loaded {
-                self.enqueue(&n, Op::Unload);
+        self.prepares.clear();
+        self.cancel.store(true, Ordering::Relaxed);
+        let unload = self.settings.unload_on_stop;
+        let names: Vec<String> = self.entries.keys().cloned().collect();
+        for name in names {
+            let unload_seq = unload.then(|| self.next_seq());
+            if let Err(r) = self.apply(&name, machine::Event::Shutdown { unload_seq }) {
+                warn!(KVCD_MODULE = %name, "shutdown not taken: {r}");
             }
         }
     }
@@ -553,99 +586,76 @@ impl Agent {
     /// Names in `after` order: predecessors first.
     fn ordered(&self) -> Vec<String> {
         let names: Vec<String> = self.entries.keys().cloned().collect();
-        let after: BTreeMap<String, Vec<String>> = self
-            .entries
-            .iter()
-            .filter_map(|(n, e)| {
-                Some((
-                    n.clone(),
-                    e.config
-                        .as_ref()?
-                        .after
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect(),
-                ))
-            })
-            .collect();
+        let after = crate::config::after_map(
+            self.entries
+                .iter()
+                .filter_map(|(n, e)| Some((n.as_str(), e.config.as_ref()?))),
+        );
         super::order::load_order(&names, &after)
     }
 
-    /// Starts queued work whose turn it is.
+    /// Starts queued work whose turn it is, then preparations, up to `max_parallel`.
     fn schedule(&mut self) {
-        let order = self.ordered();
         let max = self.settings.max_parallel.max(1);
-        let mut starts = Vec::new();
-        for name in &order {
-            if self.running + starts.len() >= max {
-                break;
+        for name in self.ordered() {
+            if self.running >= max {
+                return;
             }
-            let Some(e) = self.entries.get(name) else {
+            let Some(e) = self.entries.get(&name) else {
                 continue;
             };
-            let Some(&(op, seq)) = e.queue.front() else {
+            let Some(&(op, seq)) = e.model.queue.front() else {
                 continue;
             };
-            if e.running {
+            if !e.model.status.is_settled() {
                 continue;
             }
-            if op != Op::Unload {
-                // Wait for predecessors the admin wants loaded.
-                let waiting: Vec<String> = e
-                    .config
-                    .as_ref()
-                    .map(|c| c.after.iter().map(ToString::to_string).collect::<Vec<_>>())
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|p| {
-                        self.entries
-                            .get(p)
-                            .is_some_and(|pe| pe.status.wanted && pe.status.state != Phase::Loaded)
-                    })
-                    .collect();
-                if !waiting.is_empty() {
-                    if let Some(e) = self.entries.get_mut(name) {
-                        e.status.step = format!("waiting for {}", waiting.join(", "));
-                    }
-                    continue;
-                }
-            } else {
+            if op == Operation::Unload {
                 // Unload dependents first.
-                let dependents = self.entries.iter().any(|(_, d)| {
+                let dependents = self.entries.values().any(|d| {
                     d.config
                         .as_ref()
                         .is_some_and(|c| c.after.iter().any(|a| a.as_str() == name))
-                        && (d.running || d.queue.iter().any(|(o, _)| *o == Op::Unload))
+                        && (!d.model.status.is_settled()
+                            || d.model.queue.iter().any(|(o, _)| *o == Operation::Unload))
                 });
                 if dependents {
                     continue;
                 }
+            } else {
+                // Wait for predecessors the admin wants loaded.
+                let waiting: Vec<String> = e
+                    .config
+                    .iter()
+                    .flat_map(|c| c.after.iter().map(ToString::to_string))
+                    .filter(|p| {
+                        self.entries
+                            .get(p)
+                            .is_some_and(|pe| pe.model.wanted && pe.model.status != Status::Loaded)
+                    })
+                    .collect();
+                if !waiting.is_empty() {
+                    let _ = self.apply(&name, machine::Event::Waiting { on: waiting });
+                    continue;
+                }
             }
-            starts.push((name.clone(), op, seq));
+            if let Err(r) = self.apply(&name, machine::Event::WorkStarted { op, seq }) {
+                warn!(KVCD_MODULE = %name, "cannot start {op:?}: {r}");
+            }
         }
-        for (name, op, seq) in starts {
-            self.start(&name, op, seq);
+        while self.running < max {
+            let Some(kernel) = self.prepares.pop_front() else {
+                break;
+            };
+            self.run_prepare(kernel);
         }
     }
 
-    fn start(&mut self, name: &str, op: Op, seq: u64) {
-        let Some(e) = self.entries.get_mut(name) else {
+    /// Runs operation `seq` on `name` on the blocking pool; [`Event::Done`] brings the outcome.
+    fn run_work(&mut self, name: &str, op: Operation, seq: u64) {
+        let Some(e) = self.entries.get(name) else {
             return;
         };
-        e.queue.pop_front();
-        e.running = true;
-        e.status.started_op = seq;
-        e.status.error.clear();
-        e.status.step.clear();
-        e.status.next_retry = 0;
-        Self::set_phase(
-            &mut e.status,
-            if op == Op::Unload {
-                Phase::Unloading
-            } else {
-                Phase::Verifying
-            },
-        );
         self.running += 1;
         let config = e.config.clone();
         let name = name.to_owned();
@@ -655,7 +665,7 @@ impl Agent {
         let tx = self.tx.clone();
         info!(KVCD_MODULE = %name, "starting {op:?} (operation {seq})");
         tokio::task::spawn_blocking(move || {
-            let outcome = run_op(
+            let (ran, outcome) = run_op(
                 &factory,
                 &settings,
                 &kernel,
@@ -664,95 +674,57 @@ impl Agent {
                 op,
                 &tx,
             );
-            let _ = tx.send(Event::Done(name, op, seq, Box::new(outcome)));
+            let _ = tx.send(Event::Done {
+                name,
+                op,
+                seq,
+                ran,
+                outcome: Box::new(outcome),
+            });
         });
     }
 
-    fn done(&mut self, name: &str, op: Op, seq: u64, outcome: &Outcome) {
-        self.running = self.running.saturating_sub(1);
-        let record = self.records().get(name).ok().flatten();
-        let (base, max) = (
-            self.settings.retry_base_seconds,
-            self.settings.retry_max_seconds,
+    /// Fetches and verifies every valid config for `kernel` on the blocking
+    /// pool, counted like any work; stopping ends it after the config at hand.
+    fn run_prepare(&mut self, kernel: KernelRelease) {
+        // In `after` order: a config may build on another's image.
+        let configs: Vec<ModuleConfig> = self
+            .ordered()
+            .iter()
+            .filter_map(|n| self.entries.get(n)?.config.clone())
+            .collect();
+        self.running += 1;
+        let (factory, settings, tx, cancel) = (
+            self.factory.clone(),
+            self.settings.clone(),
+            self.tx.clone(),
+            self.cancel.clone(),
         );
-        let shutting_down = self.shutting_down();
-        let Some(e) = self.entries.get_mut(name) else {
-            return;
-        };
-        e.running = false;
-        e.status.completed_op = seq;
-        if let Some(i) = &outcome.image {
-            e.status.image.clone_from(&i.reference);
-            e.status.image_digest.clone_from(&i.digest);
-        }
-        let phase = match outcome.state {
-            State::Loaded => Phase::Loaded,
-            State::Inactive | State::Prepared => Phase::Inactive,
-            State::Unsupported => Phase::Unsupported,
-            State::Failed => Phase::Failed,
-            State::Busy => Phase::Busy,
-        };
-        Self::set_phase(&mut e.status, phase);
-        e.status.loaded_modules = match (phase, &e.config) {
-            (Phase::Loaded, Some(c)) => loaded_names(record.as_ref(), c),
-            _ => record
-                .as_ref()
-                .map(|r| r.inserted.iter().map(|o| o.name.to_string()).collect())
-                .unwrap_or_default(),
-        };
-        match &outcome.error {
-            None => {
-                e.status.error.clone_from(
-                    &e.config_error
-                        .clone()
-                        .map(|m| format!("invalid configuration, keeping the last good one: {m}"))
-                        .unwrap_or_default(),
-                );
-                e.status.step.clear();
-                e.attempts = 0;
-            }
-            Some(err) => {
-                e.status.error.clone_from(&err.message);
-                e.status.step = err.step.as_str().to_owned();
-                // Retry what the admin wants, with capped exponential backoff and jitter.
-                let wants_it =
-                    (e.status.wanted && op != Op::Unload) || (!e.status.wanted && op == Op::Unload);
-                if wants_it && !shutting_down && e.queue.is_empty() {
-                    let delay = backoff(base, max, e.attempts);
-                    e.attempts = e.attempts.saturating_add(1);
-                    e.retry_at = Some(Instant::now() + delay);
-                    e.retry_op = op;
-                    e.status.next_retry = unix_now() + delay.as_secs().max(1);
-                    info!(KVCD_MODULE = %name, "retrying in {}s", delay.as_secs());
-                }
-            }
-        }
-        info!(KVCD_MODULE = %name, "{op:?} finished: {}", e.status.state);
-        if e.removed && e.queue.is_empty() && matches!(e.status.state, Phase::Inactive) {
-            self.entries.remove(name);
-        }
+        info!(KVCD_KERNEL = %kernel, "preparing {} module config(s)", configs.len());
+        tokio::task::spawn_blocking(move || {
+            prepare(&factory, &settings, &kernel, &configs, &cancel);
+            let _ = tx.send(Event::Prepared);
+        });
     }
 
     fn fire_retries(&mut self) {
         let now = Instant::now();
-        let due: Vec<(String, Op)> = self
+        let due: Vec<String> = self
             .entries
             .iter()
             .filter(|(_, e)| e.retry_at.is_some_and(|t| t <= now))
-            .map(|(n, e)| {
-                let op = match (e.status.wanted, e.retry_op) {
-                    (true, Op::Reload) => Op::Reload,
-                    (true, _) => Op::Load,
-                    (false, _) => Op::Unload,
-                };
-                (n.clone(), op)
-            })
+            .map(|(n, _)| n.clone())
             .collect();
-        for (n, op) in due {
-            if let Some(e) = self.entries.get_mut(&n) {
+        for name in due {
+            if let Some(e) = self.entries.get_mut(&name) {
                 e.retry_at = None;
             }
-            self.enqueue(&n, op);
+            let ev = machine::Event::RetryDue {
+                seq: self.next_seq(),
+            };
+            if let Err(r) = self.apply(&name, ev) {
+                warn!(KVCD_MODULE = %name, "retry not taken: {r}");
+            }
         }
     }
 
@@ -763,7 +735,7 @@ impl Agent {
             modules: self
                 .entries
                 .iter()
-                .map(|(n, e)| (n.clone(), e.status.clone()))
+                .map(|(n, e)| (n.clone(), e.model.published(n, self.kernel.as_str())))
                 .collect(),
             errors: self.errors.clone(),
         }
@@ -786,19 +758,33 @@ impl Agent {
         }
     }
 
+    fn save_desired(&mut self) {
+        if !std::mem::take(&mut self.save_needed) {
+            return;
+        }
+        let wanted = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.model.wanted)
+            .map(|(n, _)| n.clone())
+            .collect();
+        self.desired.save(wanted);
+    }
+
     fn idle(&self) -> bool {
-        self.running == 0 && self.entries.values().all(|e| e.queue.is_empty())
+        self.running == 0
+            && self.prepares.is_empty()
+            && self.entries.values().all(|e| e.model.queue.is_empty())
     }
 
     /// Runs until shut down. `notify` receives sd_notify messages (READY=1, STATUS=…, STOPPING=1).
     pub async fn run(mut self, notify: &mut (dyn FnMut(&str) + Send)) -> Result<()> {
-        let desired = self.load_desired();
-        self.reload_config(Some(&desired));
-        self.restore();
+        self.start_up().await;
         loop {
             if !self.shutting_down() || self.settings.unload_on_stop {
                 self.schedule();
             }
+            self.save_desired();
             self.publish(notify);
             if !self.ready && self.idle() {
                 self.ready = true;
@@ -815,12 +801,12 @@ impl Agent {
                 let left: Vec<&str> = self
                     .entries
                     .iter()
-                    .filter(|(_, e)| e.running)
+                    .filter(|(_, e)| !e.model.status.is_settled())
                     .map(|(n, _)| n.as_str())
                     .collect();
                 warn!(
                     "stop timeout: exiting with {} step(s) still running ({}); they are abandoned",
-                    left.len(),
+                    self.running,
                     left.join(", ")
                 );
                 break;
@@ -846,32 +832,71 @@ impl Agent {
                 None => break,
             }
         }
+        self.desired.flush().await;
         notify("STOPPING=1");
         info!("stopped");
         Ok(())
     }
 }
 
-/// What a changed config of a wanted module calls for in `state`: what is
-/// in the kernel is swapped; one that had nothing loaded (unsupported, say,
-/// by a `kernel_match` that now includes the kernel) is loaded, unless work
-/// is already under way or queued for it.
-fn follow_change(state: Phase, busy: bool) -> Option<Op> {
-    match state {
-        Phase::Loaded | Phase::Failed | Phase::Busy => Some(Op::Reload),
-        Phase::Unsupported | Phase::Inactive | Phase::Invalid if !busy => Some(Op::Load),
-        _ => None,
-    }
+/// The names of the modules a config loads.
+fn module_names(c: &ModuleConfig) -> Vec<String> {
+    c.modules.iter().map(ToString::to_string).collect()
 }
 
-/// The module names to show as loaded: what kvcd inserted, or the configured ones (KVC libraries).
-fn loaded_names(record: Option<&super::Record>, c: &ModuleConfig) -> Vec<String> {
-    match record {
-        Some(r) if !r.inserted.is_empty() => {
-            r.inserted.iter().map(|o| o.name.to_string()).collect()
+/// Reads what kvcd left for each of `names` (runtime records) and whether
+/// each of `configs` is live as recorded. `None` when the kernel cannot be read.
+fn survey(
+    factory: &KmodsFactory,
+    runtime_dir: &std::path::Path,
+    kernel: &KernelRelease,
+    names: &[String],
+    configs: &[ModuleConfig],
+) -> Option<BTreeMap<String, Found>> {
+    let kmods = match factory() {
+        Ok(k) => k,
+        Err(e) => {
+            warn!("cannot read the kernel's modules: {e:#}");
+            return None;
         }
-        _ => c.modules.iter().map(ToString::to_string).collect(),
+    };
+    let records = RecordStore::new(runtime_dir);
+    let mut found = BTreeMap::new();
+    for name in names {
+        let record = match records.get(name) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(KVCD_MODULE = %name, "{e:#}");
+                None
+            }
+        };
+        let config = configs.iter().find(|c| c.name.as_str() == name);
+        let live = match (&record, config) {
+            (Some(r), Some(c))
+                if r.kernel == kernel.as_str()
+                    && r.complete
+                    && r.config_digest == c.digest
+                    && c.modules
+                        .iter()
+                        .all(|m| matches!(kmods.live(m), Ok(Some(_))))
+                    && super::live_as_recorded(kmods.as_ref(), r) =>
+            {
+                Some((
+                    r.since,
+                    r.inserted.iter().map(|o| o.name.to_string()).collect(),
+                ))
+            }
+            _ => None,
+        };
+        found.insert(
+            name.clone(),
+            Found {
+                recorded: record.is_some(),
+                live,
+            },
+        );
     }
+    Some(found)
 }
 
 /// `base * 2^attempts`, capped at `max`, with ±20 % jitter.
@@ -893,65 +918,98 @@ fn backoff(base: u64, max: u64, attempts: u32) -> Duration {
     Duration::from_millis(millis - spread + offset)
 }
 
+/// Runs one operation (blocking); says what the engine ran and its outcome.
 fn run_op(
     factory: &KmodsFactory,
     settings: &DaemonSettings,
     kernel: &KernelRelease,
     name: &str,
     config: Option<&ModuleConfig>,
-    op: Op,
+    op: Operation,
     tx: &mpsc::UnboundedSender<Event>,
-) -> Outcome {
+) -> (Ran, Outcome) {
+    let ran = if op == Operation::Unload {
+        Ran::Unload
+    } else {
+        Ran::Load
+    };
     let kmods = match factory() {
         Ok(k) => k,
-        Err(e) => return Outcome::failed(name, kernel, Step::Config, format!("{e:#}")),
+        Err(e) => {
+            let o = Outcome::failed(name, kernel, Step::Config, format!("{e:#}"));
+            return (ran, o);
+        }
     };
     let progress = |n: &str, s: &StepLog| {
         let _ = tx.send(Event::Progress(n.to_owned(), s.step));
     };
     let engine = Engine::from_settings(settings, kernel, &*kmods, Some(&progress));
     match (op, config) {
-        (Op::Unload, c) => engine.unload(name, c),
-        (Op::Load, Some(c)) => engine.load(c),
-        (Op::Reload, Some(c)) => {
+        (Operation::Unload, c) => (Ran::Unload, engine.unload(name, c)),
+        (Operation::Load, Some(c)) => (Ran::Load, engine.load(c)),
+        (Operation::Reload, Some(c)) => {
             let u = engine.unload(name, Some(c));
             if !u.state.is_ok() {
-                return u;
+                return (Ran::Unload, u);
             }
             // Fetch again: forget which extraction is current for this kernel.
-            let index = settings
-                .state_dir
-                .join("images")
-                .join(name)
-                .join(kernel.as_str())
-                .join("index.json");
-            let _ = std::fs::remove_file(index);
-            engine.load(c)
+            let dir = crate::state::Layout::image_dir(&settings.state_dir, name, kernel.as_str());
+            if let Err(e) = crate::state::index::forget(&dir) {
+                warn!(KVCD_MODULE = %name, "{e:#}");
+            }
+            (Ran::UnloadThenLoad, engine.load(c))
         }
-        (_, None) => Outcome::failed(
-            name,
-            kernel,
-            Step::Config,
-            "no valid configuration".to_owned(),
+        (Operation::Load | Operation::Reload, None) => (
+            ran,
+            Outcome::failed(
+                name,
+                kernel,
+                Step::Config,
+                "no valid configuration".to_owned(),
+            ),
         ),
+    }
+}
+
+/// Prepares `configs` for `kernel` (blocking), logging each result; stops when `cancel` is set.
+fn prepare(
+    factory: &KmodsFactory,
+    settings: &DaemonSettings,
+    kernel: &KernelRelease,
+    configs: &[ModuleConfig],
+    cancel: &AtomicBool,
+) {
+    let kmods = match factory() {
+        Ok(k) => k,
+        Err(e) => {
+            warn!(KVCD_KERNEL = %kernel, "prepare: cannot read the kernel's modules: {e:#}");
+            return;
+        }
+    };
+    let engine = Engine::from_settings(settings, kernel, &*kmods, None);
+    for c in configs {
+        if cancel.load(Ordering::Relaxed) {
+            info!(KVCD_KERNEL = %kernel, "prepare stopped: kvcd is stopping");
+            return;
+        }
+        let o = engine.prepare(c);
+        match &o.error {
+            None => info!(KVCD_MODULE = %o.name, KVCD_KERNEL = %kernel, "prepare: {}", o.state),
+            Some(e) => warn!(
+                KVCD_MODULE = %o.name,
+                KVCD_KERNEL = %kernel,
+                "prepare failed at {}: {}",
+                e.step.as_str(),
+                e.message
+            ),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Op, Phase, backoff, follow_change};
+    use super::backoff;
     use std::time::Duration;
-
-    #[test]
-    fn a_changed_config_is_followed_from_every_resting_state() {
-        assert_eq!(follow_change(Phase::Loaded, false), Some(Op::Reload));
-        assert_eq!(follow_change(Phase::Failed, false), Some(Op::Reload));
-        assert_eq!(follow_change(Phase::Busy, false), Some(Op::Reload));
-        assert_eq!(follow_change(Phase::Unsupported, false), Some(Op::Load));
-        assert_eq!(follow_change(Phase::Inactive, false), Some(Op::Load));
-        assert_eq!(follow_change(Phase::Unsupported, true), None);
-        assert_eq!(follow_change(Phase::Unloading, false), None);
-    }
 
     #[test]
     fn backoff_doubles_caps_and_jitters_within_a_fifth() {

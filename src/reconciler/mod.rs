@@ -11,6 +11,7 @@ pub mod agent;
 mod firmware;
 mod hooks;
 mod intent;
+pub mod machine;
 pub mod order;
 mod outcome;
 pub mod status;
@@ -193,6 +194,7 @@ impl Engine<'_> {
             Err(Fail(step, err, state)) => {
                 self.fail(&mut out, step, &err, state);
                 let problems = self.roll_back(&mut out, &changes, &mut record);
+                out.held = Some(held(&record));
                 if !problems.is_empty() {
                     if let Some(e) = &mut out.error {
                         e.message = format!(
@@ -203,6 +205,9 @@ impl Engine<'_> {
                     }
                 }
             }
+        }
+        if out.held.is_none() {
+            out.held = Some(held(&record));
         }
         out
     }
@@ -1145,6 +1150,13 @@ impl Engine<'_> {
             Ok(()) => out.state = State::Inactive,
             Err(Fail(step, err, state)) => self.fail(&mut out, step, &err, state),
         }
+        if config.is_none_or(|c| !matches!(c.source, Source::KvcLibrary { .. })) {
+            out.held = self
+                .records
+                .get(name)
+                .ok()
+                .map(|r| r.as_ref().map(held).unwrap_or_default());
+        }
         out
     }
 
@@ -1286,6 +1298,11 @@ pub(crate) fn live_as_recorded(kmods: &dyn KernelModules, record: &Record) -> bo
             Err(_) => true,
         }
     })
+}
+
+/// The modules a record says kvcd holds.
+fn held(record: &Record) -> Vec<String> {
+    record.inserted.iter().map(|o| o.name.to_string()).collect()
 }
 
 /// Fails naming the in-tree modules the record still says are out, if any.

@@ -184,6 +184,10 @@ pub struct Outcome {
     /// True when the image in use was built on this node.
     #[serde(skip)]
     pub(crate) built_image: bool,
+    /// The modules kvcd holds for this config after the run, from its record
+    /// (none when the run did not say, as for a KVC library).
+    #[serde(skip)]
+    pub held: Option<Vec<String>>,
     /// Everything that happened, in order.
     pub steps: Vec<StepLog>,
 }
@@ -209,6 +213,7 @@ impl Outcome {
             artifacts: None,
             podman_calls: 0,
             built_image: false,
+            held: None,
             steps: Vec::new(),
         }
     }

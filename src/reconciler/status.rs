@@ -2,116 +2,88 @@
 //! `watch` channel that the D-Bus objects (and tests) read.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// Where a module config is in its life, as the agent reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    /// Not loaded by kvcd.
-    Inactive,
-    /// Getting the driver image (pull, build, extract).
-    Fetching,
-    /// Building the module tree and checking the files.
-    Verifying,
-    /// Taking out in-tree modules, inserting, hooks, ready check.
-    Loading,
-    /// Loaded and ready.
-    Loaded,
-    /// Removing modules.
-    Unloading,
-    /// A step failed (see `error`, `step`, `next_retry`).
-    Failed,
-    /// Unload refused: a module is in use.
-    Busy,
-    /// The running kernel does not match `kernel_match`.
-    Unsupported,
-    /// The config file is invalid and there is no earlier good one.
-    Invalid,
-}
+pub use super::machine::Status;
 
-impl Phase {
-    /// The phase's name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Inactive => "inactive",
-            Self::Fetching => "fetching",
-            Self::Verifying => "verifying",
-            Self::Loading => "loading",
-            Self::Loaded => "loaded",
-            Self::Unloading => "unloading",
-            Self::Failed => "failed",
-            Self::Busy => "busy",
-            Self::Unsupported => "unsupported",
-            Self::Invalid => "invalid",
+/// Calls `$callback!` with every field of a module config's published
+/// status, once: `/// description`, `field: RustType => DBusType, "DBusProperty";`.
+/// The [`ModuleStatus`] struct, the D-Bus properties, their change signals
+/// and the client's reading are all generated from this one list, so a new
+/// field is one line here.
+macro_rules! module_status_fields {
+    ($callback:ident) => {
+        $callback! {
+            /// Module config name.
+            name: String => String, "Name";
+            /// inactive, fetching, verifying, loading, loaded, unloading, failed, busy, unsupported or invalid.
+            state: Status => String, "State";
+            /// The step under way or that failed.
+            step: String => String, "Step";
+            /// The last error; empty when none.
+            error: String => String, "Error";
+            /// The kernel.
+            kernel: String => String, "Kernel";
+            /// Driver image reference; empty for other sources.
+            image: String => String, "Image";
+            /// Driver image digest.
+            image_digest: String => String, "ImageDigest";
+            /// Modules loaded for this config.
+            loaded_modules: Vec<String> => Vec<String>, "LoadedModules";
+            /// Seconds since the epoch when the state last changed.
+            since: u64 => u64, "Since";
+            /// Seconds since the epoch of the next retry; 0 when none.
+            next_retry: u64 => u64, "NextRetry";
+            /// The config file in effect.
+            config_file: String => String, "ConfigFile";
+            /// True when the admin wants it loaded.
+            wanted: bool => bool, "Wanted";
+            /// Number of the last operation started.
+            started_op: u64 => u64, "StartedOp";
+            /// Number of the last operation finished.
+            completed_op: u64 => u64, "CompletedOp";
         }
-    }
+    };
+}
+pub(crate) use module_status_fields;
 
-    /// True when no operation is under way.
-    pub fn is_settled(self) -> bool {
-        !matches!(
-            self,
-            Self::Fetching | Self::Verifying | Self::Loading | Self::Unloading
-        )
-    }
+macro_rules! module_status_struct {
+    ($( $(#[$doc:meta])* $field:ident : $ty:ty => $wire:ty, $prop:literal; )*) => {
+        /// One module config as the agent publishes it (also the `kvcctl status --json` shape).
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        pub struct ModuleStatus {
+            $( $(#[$doc])* pub $field: $ty, )*
+        }
+    };
+}
+module_status_fields!(module_status_struct);
 
-    /// Parses a phase name.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "inactive" => Self::Inactive,
-            "fetching" => Self::Fetching,
-            "verifying" => Self::Verifying,
-            "loading" => Self::Loading,
-            "loaded" => Self::Loaded,
-            "unloading" => Self::Unloading,
-            "failed" => Self::Failed,
-            "busy" => Self::Busy,
-            "unsupported" => Self::Unsupported,
-            "invalid" => Self::Invalid,
-            _ => return None,
-        })
+/// How a status field travels on the wire: as itself, or (the state) as its name.
+pub trait Wire<W>: Sized {
+    /// The value as sent.
+    fn to_wire(&self) -> W;
+    /// The value as received.
+    fn from_wire(w: W) -> Self;
+}
+
+impl<T: Clone> Wire<T> for T {
+    fn to_wire(&self) -> T {
+        self.clone()
+    }
+    fn from_wire(w: T) -> Self {
+        w
     }
 }
 
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(self.as_str())
+impl Wire<String> for Status {
+    fn to_wire(&self) -> String {
+        self.as_str().to_owned()
     }
-}
-
-/// One module config as the agent sees it (also the `kvcctl status --json` shape).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ModuleStatus {
-    /// Module config name.
-    pub name: String,
-    /// Phase.
-    pub state: Phase,
-    /// The step under way or that failed; empty when none.
-    pub step: String,
-    /// The last error; empty when none.
-    pub error: String,
-    /// Kernel the status is about.
-    pub kernel: String,
-    /// Driver image reference in use; empty for other sources.
-    pub image: String,
-    /// Its digest; empty when none.
-    pub image_digest: String,
-    /// Modules kvcd inserted for this config (and configured modules found live).
-    pub loaded_modules: Vec<String>,
-    /// Seconds since the epoch when the state last changed.
-    pub since: u64,
-    /// Seconds since the epoch of the next retry; 0 when none is planned.
-    pub next_retry: u64,
-    /// The config file in effect.
-    pub config_file: String,
-    /// True when the admin wants it loaded (persisted across restarts).
-    pub wanted: bool,
-    /// Sequence number of the last operation started for it.
-    pub started_op: u64,
-    /// Sequence number of the last operation that finished.
-    pub completed_op: u64,
+    /// An unknown name (a newer daemon) reads as invalid.
+    fn from_wire(w: String) -> Self {
+        Self::parse(&w).unwrap_or(Self::Invalid)
+    }
 }
 
 /// Everything the agent publishes.

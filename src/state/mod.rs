@@ -14,6 +14,7 @@
 //! Work in progress lives in `.tmp-…-PID` directories and `.NAME.tmp-PID`
 //! files that only become real by a rename.
 
+pub mod desired;
 pub mod file;
 pub mod index;
 pub mod record;

@@ -1,0 +1,262 @@
+//! The daemon put together: the agent, its D-Bus objects, the config
+//! watcher, signals and systemd notifications (`kvcd daemon` only parses its
+//! arguments and calls [`main`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use tracing::{info, warn};
+
+use crate::config::{Config, DaemonSettings, Overrides};
+use crate::kernel::KernelRelease;
+use crate::reconciler::agent::{Agent, Handle, KmodsFactory, Request};
+
+/// What a daemon needs to run.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// Configuration directories, lowest precedence first.
+    pub dirs: Vec<PathBuf>,
+    /// `--state-dir` / `--runtime-dir`.
+    pub overrides: Overrides,
+    /// The bus to serve on; `None` for the system bus.
+    pub bus_address: Option<String>,
+    /// The running kernel.
+    pub kernel: KernelRelease,
+}
+
+/// Sends `msg` to systemd's notification socket, when there is one.
+pub fn sd_notify(msg: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let result = if let Some(name) = path.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt as _;
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a))
+    } else {
+        sock.send_to(msg.as_bytes(), &path)
+    };
+    if let Err(e) = result {
+        warn!("sd_notify to {path} failed: {e}");
+    }
+}
+
+/// Half the watchdog interval systemd asked for (`WATCHDOG_USEC`), if it did.
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Some(pid) = std::env::var("WATCHDOG_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+    {
+        if pid != std::process::id() {
+            return None;
+        }
+    }
+    Some(Duration::from_micros(usec / 2))
+}
+
+/// Watches the configuration directories (and their `modules.d/`) and tells the agent when something changed.
+fn watch_config(dirs: Vec<PathBuf>, handle: Handle) -> Result<()> {
+    use inotify::{Inotify, WatchMask};
+    let mut inotify = Inotify::init().context("inotify_init")?;
+    let mask = WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::CLOSE_WRITE
+        | WatchMask::MOVED_TO
+        | WatchMask::MOVED_FROM
+        | WatchMask::ATTRIB;
+    let add = move |inotify: &mut Inotify| {
+        for d in &dirs {
+            for p in [d.clone(), d.join("modules.d")] {
+                if p.is_dir() {
+                    let _ = inotify.watches().add(&p, mask);
+                }
+            }
+        }
+    };
+    add(&mut inotify);
+    std::thread::Builder::new()
+        .name("kvcd-inotify".to_owned())
+        .spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match inotify.read_events_blocking(&mut buf) {
+                    Ok(events) => drop(events.count()),
+                    Err(e) => {
+                        warn!("config watch stopped: {e}");
+                        return;
+                    }
+                }
+                // Editors write several events per save: settle, then read once.
+                std::thread::sleep(Duration::from_millis(200));
+                while inotify.read_events(&mut buf).is_ok_and(|ev| ev.count() > 0) {}
+                add(&mut inotify);
+                handle.config_changed();
+            }
+        })
+        .context("starting the config watcher")?;
+    Ok(())
+}
+
+/// SIGHUP reloads everything; SIGTERM and SIGINT stop.
+async fn signals(handle: Handle) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading the configuration");
+                sd_notify("RELOADING=1");
+                let _ = handle.request(Request::ReloadConfig).await;
+                sd_notify("READY=1");
+            }
+            _ = term.recv() => { info!("SIGTERM: stopping"); handle.shutdown(); }
+            _ = int.recv() => { info!("SIGINT: stopping"); handle.shutdown(); }
+        }
+    }
+}
+
+/// Converges from what a killed kvcd left, before the agent starts (on the blocking pool).
+async fn recover(settings: &DaemonSettings, kernel: &KernelRelease, factory: &KmodsFactory) {
+    let (settings, kernel, factory) = (settings.clone(), kernel.clone(), factory.clone());
+    let done = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
+        let kmods = factory()?;
+        let engine = crate::reconciler::Engine::from_settings(&settings, &kernel, &*kmods, None);
+        Ok(engine.recover(&crate::state::Layout::from_settings(&settings)))
+    })
+    .await;
+    match done {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => warn!("recovering after a stop: {e:#}"),
+        Err(e) => warn!("recovering after a stop: {e}"),
+    }
+}
+
+/// Runs the daemon over `config` (read from `opts.dirs` once, at start-up)
+/// until SIGTERM/SIGINT or until `stop` completes; `factory` gives the kernel
+/// seam (libkmod, or a fake in tests).
+pub async fn run(
+    opts: DaemonOptions,
+    config: Config,
+    factory: KmodsFactory,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    recover(&config.daemon, &opts.kernel, &factory).await;
+    let (agent, handle, status) = Agent::new(
+        config,
+        opts.dirs.clone(),
+        opts.overrides.clone(),
+        opts.kernel.clone(),
+        factory,
+    );
+    let conn = match &opts.bus_address {
+        Some(a) => zbus::connection::Builder::address(a.as_str())
+            .with_context(|| format!("bus address {a}"))?
+            .build()
+            .await
+            .with_context(|| format!("connecting to {a}"))?,
+        None => zbus::Connection::system()
+            .await
+            .context("connecting to the system bus")?,
+    };
+    let server = tokio::spawn({
+        let conn = conn.clone();
+        let handle = handle.clone();
+        async move {
+            if let Err(e) = crate::dbus::serve(&conn, handle, status).await {
+                warn!("D-Bus service stopped: {e}");
+            }
+        }
+    });
+    let sig = tokio::spawn(signals(handle.clone()));
+    let stopper = tokio::spawn({
+        let handle = handle.clone();
+        async move {
+            stop.await;
+            handle.shutdown();
+        }
+    });
+    watch_config(opts.dirs.clone(), handle.clone())?;
+    let watchdog = watchdog_interval().map(|every| {
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                // Only a loop that answers counts as alive.
+                if handle.ping().await {
+                    sd_notify("WATCHDOG=1");
+                }
+            }
+        })
+    });
+    info!(KVCD_KERNEL = %opts.kernel, "kvcd {} starting", env!("CARGO_PKG_VERSION"));
+    let mut notify = |m: &str| sd_notify(m);
+    let result = agent.run(&mut notify).await;
+    sig.abort();
+    stopper.abort();
+    server.abort();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    let _ = conn.release_name(crate::dbus::BUS_NAME).await;
+    result
+}
+
+/// Kills what is left of the processes the daemon started (a pull, a build or
+/// a hook abandoned at the stop timeout), each with its process group.
+fn end_children() {
+    use nix::sys::signal::{Signal, kill, killpg};
+    use nix::unistd::Pid;
+    let me = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // After the command name, which may hold spaces: state, ppid, pgrp.
+        let mut rest = stat
+            .rsplit_once(')')
+            .map_or("", |(_, r)| r)
+            .split_whitespace();
+        let (ppid, pgrp) = (rest.nth(1), rest.next());
+        if ppid != Some(me.as_str()) {
+            continue;
+        }
+        warn!("killing process {pid} (and its process group), abandoned at stop");
+        if pgrp == Some(pid.to_string().as_str()) {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        } else {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Runs the daemon on the real kernel (libkmod) over `config` until it is
+/// stopped, then ends what abandoned steps left running.
+pub fn main(opts: DaemonOptions, config: Config) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let factory: KmodsFactory = Arc::new(crate::kmod::open);
+    let result = rt.block_on(run(opts, config, factory, std::future::pending()));
+    // Steps abandoned at the stop timeout must not hold the process, nor
+    // outlive it.
+    end_children();
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
