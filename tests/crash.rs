@@ -544,7 +544,11 @@ fn the_daemon_converges_after_a_kill_at_every_failpoint() {
         let mut problems = Vec::new();
         // Killed while starting or loading; started again, it loads as the admin asked.
         let d = node.daemon(&bus.address, Some(&point), None);
-        let _ = node.kvcctl(&bus.address, &load);
+        let o = node.kvcctl(&bus.address, &load);
+        // The client waiting on the killed daemon says so at once.
+        if code(&o) != 3 {
+            problems.push(format!("kvcctl load: exit {}: {}", code(&o), text(&o)));
+        }
         let status = d.wait();
         if status.signal() != Some(9) {
             problems.push(format!("not killed there ({status})"));

@@ -147,6 +147,11 @@ async fn wait_for(
         .await?
         .receive_properties_changed()
         .await?;
+    // kvcd stopping (or killed) while we wait ends the wait at once.
+    let mut owners = zbus::fdo::DBusProxy::new(conn)
+        .await?
+        .receive_name_owner_changed_with_args(&[(0, BUS_NAME)])
+        .await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
     loop {
         let s = module_status(conn, path).await?;
@@ -155,6 +160,15 @@ async fn wait_for(
         }
         tokio::select! {
             _ = changes.next() => {}
+            Some(change) = owners.next() => {
+                if change.args().is_ok_and(|a| a.new_owner().is_none()) {
+                    return Err(Unreachable(format!(
+                        "kvcd stopped while {} was {}; it picks up where it stopped when it starts again",
+                        s.name, s.state
+                    ))
+                    .into());
+                }
+            }
             () = tokio::time::sleep_until(deadline) => {
                 return Err(anyhow!(
                     "gave up waiting after {timeout}s: {} is {}{}",

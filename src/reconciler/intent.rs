@@ -118,51 +118,10 @@ pub(crate) fn settle(record: &mut Record, intent: Intent, kmods: &dyn KernelModu
 
 #[cfg(test)]
 mod tests {
-    use std::cell::RefCell;
-    use std::collections::BTreeMap;
-    use std::path::Path;
-
-    use anyhow::Result;
-
     use super::*;
-    use crate::kmod::{InitState, KmodError, LiveModule, ModName, ModuleFile, ModuleIdentity};
+    use crate::kmod::ModuleIdentity;
+    use crate::reconciler::tests::{Kernel, n, record};
     use crate::state::Owned;
-
-    /// Live modules and their identities; nothing else.
-    #[derive(Default)]
-    struct Seen(RefCell<BTreeMap<ModName, ModuleIdentity>>);
-
-    impl KernelModules for Seen {
-        fn live(&self, name: &ModName) -> Result<Option<LiveModule>> {
-            Ok(self.0.borrow().get(name).map(|_| LiveModule {
-                state: InitState::Live,
-                refcount: 0,
-                holders: Vec::new(),
-            }))
-        }
-        fn insert(&self, _: &ModuleFile, _: &[String]) -> Result<(), KmodError> {
-            unreachable!("settling never changes the kernel")
-        }
-        fn remove(&self, _: &ModName, _: bool) -> Result<(), KmodError> {
-            unreachable!("settling never changes the kernel")
-        }
-        fn identity(&self, name: &ModName) -> ModuleIdentity {
-            self.0.borrow().get(name).cloned().unwrap_or_default()
-        }
-        fn parameter(&self, _: &ModName, _: &str) -> Option<String> {
-            None
-        }
-        fn firmware_search_path(&self) -> Option<String> {
-            None
-        }
-        fn set_firmware_search_path(&self, _: &Path) -> Result<()> {
-            Ok(())
-        }
-    }
-
-    fn n(s: &str) -> ModName {
-        ModName::parse(s).unwrap()
-    }
 
     fn id(b: u8) -> ModuleIdentity {
         ModuleIdentity {
@@ -171,19 +130,10 @@ mod tests {
         }
     }
 
-    fn record() -> Record {
-        Record {
-            config: "c".into(),
-            kernel: "k".into(),
-            config_digest: "d".into(),
-            after: vec![],
-            inserted: vec![],
-            removed_in_tree: vec![],
-            firmware: vec![],
-            since: 0,
-            complete: false,
-            intent: None,
-        }
+    /// Makes `name` live as the build `b`.
+    fn live(k: &Kernel, name: &str, b: u8) {
+        k.live(name, &[]);
+        k.identities.borrow_mut().insert(n(name), id(b));
     }
 
     fn insert(name: &str, b: u8) -> Intent {
@@ -199,18 +149,18 @@ mod tests {
 
     #[test]
     fn an_interrupted_insert_is_kvcds_only_when_the_live_build_is_the_one_inserted() {
-        let k = Seen::default();
+        let k = Kernel::default();
         let mut r = record();
         let s = settle(&mut r, insert("a", 1), &k);
         assert!(r.inserted.is_empty(), "{}", s.finding);
         assert!(s.finding.contains("did not happen"));
 
-        k.0.borrow_mut().insert(n("a"), id(2));
+        live(&k, "a", 2);
         let s = settle(&mut r, insert("a", 1), &k);
         assert!(r.inserted.is_empty());
         assert!(s.finding.contains("not kvcd's"), "{}", s.finding);
 
-        k.0.borrow_mut().insert(n("a"), id(1));
+        live(&k, "a", 1);
         settle(&mut r, insert("a", 1), &k);
         assert_eq!(r.inserted.len(), 1);
         // Settling twice does not record it twice.
@@ -220,25 +170,25 @@ mod tests {
 
     #[test]
     fn removals_take_outs_and_restores_follow_the_kernel() {
-        let k = Seen::default();
+        let k = Kernel::default();
         let mut r = record();
         confirm(&mut r, insert("a", 1));
-        k.0.borrow_mut().insert(n("a"), id(1));
+        live(&k, "a", 1);
         settle(&mut r, Intent::Remove { name: n("a") }, &k);
         assert_eq!(r.inserted.len(), 1, "still live: still ours");
-        k.0.borrow_mut().clear();
+        k.gone("a");
         settle(&mut r, Intent::Remove { name: n("a") }, &k);
         assert!(r.inserted.is_empty());
 
-        k.0.borrow_mut().insert(n("dummy"), id(3));
+        live(&k, "dummy", 3);
         settle(&mut r, Intent::TakeOut { name: n("dummy") }, &k);
         assert!(r.removed_in_tree.is_empty(), "still live: not taken out");
-        k.0.borrow_mut().clear();
+        k.gone("dummy");
         settle(&mut r, Intent::TakeOut { name: n("dummy") }, &k);
         assert_eq!(r.removed_in_tree, vec![n("dummy")]);
         settle(&mut r, Intent::Restore { name: n("dummy") }, &k);
         assert_eq!(r.removed_in_tree, vec![n("dummy")], "not back yet");
-        k.0.borrow_mut().insert(n("dummy"), id(3));
+        live(&k, "dummy", 3);
         settle(&mut r, Intent::Restore { name: n("dummy") }, &k);
         assert!(r.removed_in_tree.is_empty());
     }
@@ -254,7 +204,7 @@ mod tests {
             Intent::PlaceFirmware {
                 files: vec![a.clone(), b],
             },
-            &Seen::default(),
+            &Kernel::default(),
         );
         assert_eq!(r.firmware, vec![a.clone()]);
         assert!(s.finding.contains("1 of 2"), "{}", s.finding);

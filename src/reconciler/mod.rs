@@ -9,12 +9,13 @@
 
 pub mod agent;
 mod firmware;
-mod hooks;
 mod intent;
 pub mod machine;
 pub mod order;
 mod outcome;
+mod plan;
 pub mod status;
+mod vendor;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -35,6 +36,7 @@ use crate::kmod::{
 
 pub use crate::state::{Intent, Owned, Record, RecordStore};
 pub use outcome::{Action, ImageRef, ModuleAction, Outcome, State, Step, StepError, StepLog};
+use plan::LoadStep;
 
 /// A progress callback: module config name and the step just logged.
 pub type OnStep<'a> = dyn Fn(&str, &StepLog) + 'a;
@@ -69,6 +71,7 @@ impl std::fmt::Debug for Engine<'_> {
 }
 
 /// A step failed: which one, and why.
+#[derive(Debug)]
 struct Fail(Step, anyhow::Error, State);
 
 impl Fail {
@@ -371,89 +374,17 @@ impl Engine<'_> {
         self.check_live(c, &order, &identities, record)?;
         self.hook(c, "pre_load", c.hooks.pre_load.as_ref(), out)?;
 
-        // Make room: take out the in-tree modules this config replaces.
-        for r in &c.replace_in_tree {
-            if record.inserted.iter().any(|o| o.name == *r) {
-                continue;
-            }
-            self.take_out_in_tree(r, out, record, changes)?;
-        }
-
-        if let Some(fw) = &firmware {
-            self.place_firmware(fw, out, record, changes)?;
-        }
-
-        // Insert, dependencies first.
-        for f in &order {
-            let configured = c.modules.contains(&f.name);
-            let live = self.kmods.live(&f.name).map_err(Fail::at(Step::Insert))?;
-            if live.is_some() {
-                let ours = record.inserted.iter().any(|o| o.name == f.name);
-                if !ours && configured {
-                    self.log(
-                        out,
-                        Step::Insert,
-                        format!(
-                            "{} is already loaded, not by kvcd (the same build as the package's file); kvcd will not unload it",
-                            f.name
-                        ),
-                    );
-                } else {
-                    self.log(out, Step::Insert, format!("{} is already loaded", f.name));
-                }
-                if configured {
-                    self.check_live_parameters(&f.name, c.parameters_for(&f.name), out);
-                }
-                out.modules
-                    .push(ModuleAction::new(f, Action::AlreadyLoaded, Vec::new()));
-                continue;
-            }
-            let params = if configured {
-                c.parameters_for(&f.name).to_vec()
-            } else if f.in_tree {
-                tree.modprobe_options(&f.name)
-            } else {
-                Vec::new()
-            };
-            let identity = identities
-                .get(&f.name)
-                .cloned()
-                .unwrap_or_else(|| ModuleIdentity::of_file(&f.path).unwrap_or_default());
-            let intent = Intent::Insert {
-                module: Owned {
-                    name: f.name.clone(),
-                    path: f.path.clone(),
-                    configured,
-                },
-                identity,
-            };
-            let inserted = self.change(record, intent, out, || {
-                match self.kmods.insert(f, &params) {
-                    Ok(()) => Ok(true),
-                    Err(e) if e.kind == KmodErrorKind::AlreadyLoaded => Ok(false),
-                    Err(e) => Err(Fail::at(Step::Insert)(e.into())),
-                }
-            })?;
-            if !inserted {
-                out.modules
-                    .push(ModuleAction::new(f, Action::AlreadyLoaded, params));
-                continue;
-            }
-            if !changes.inserted.contains(&f.name) {
-                changes.inserted.push(f.name.clone());
-            }
-            let shown = if params.is_empty() {
-                String::new()
-            } else {
-                format!(" {}", params.join(" "))
-            };
-            self.log(
-                out,
-                Step::Insert,
-                format!("inserted {} from {}{shown}", f.name, f.path.display()),
-            );
-            out.modules
-                .push(ModuleAction::new(f, Action::Inserted, params));
+        let in_tree_options = |m: &ModName| tree.modprobe_options(m);
+        let steps = plan::load(
+            c,
+            &order,
+            firmware.as_deref(),
+            record,
+            self.kmods,
+            &in_tree_options,
+        )?;
+        for step in steps {
+            self.execute(c, step, &identities, out, record, changes)?;
         }
         // Written even when empty: a record says the config is applied (`after`).
         self.records.put(record).map_err(Fail::at(Step::Record))?;
@@ -471,6 +402,98 @@ impl Engine<'_> {
             )));
         }
         Ok(())
+    }
+
+    /// Carries out one step of a load plan through the record.
+    fn execute(
+        &self,
+        c: &ModuleConfig,
+        step: LoadStep,
+        identities: &BTreeMap<ModName, ModuleIdentity>,
+        out: &mut Outcome,
+        record: &mut Record,
+        changes: &mut Changes,
+    ) -> Result<(), Fail> {
+        match step {
+            LoadStep::TakeOut { target, removal } => {
+                self.take_out(&target, removal, out, record, changes)
+            }
+            LoadStep::PlaceFirmware(fw) => self.place_firmware(&fw, out, record, changes),
+            LoadStep::Present {
+                file,
+                configured,
+                ours,
+            } => {
+                if !ours && configured {
+                    self.log(
+                        out,
+                        Step::Insert,
+                        format!(
+                            "{} is already loaded, not by kvcd (the same build as the package's file); kvcd will not unload it",
+                            file.name
+                        ),
+                    );
+                } else {
+                    self.log(
+                        out,
+                        Step::Insert,
+                        format!("{} is already loaded", file.name),
+                    );
+                }
+                if configured {
+                    self.check_live_parameters(&file.name, c.parameters_for(&file.name), out);
+                }
+                out.modules
+                    .push(ModuleAction::new(&file, Action::AlreadyLoaded, Vec::new()));
+                Ok(())
+            }
+            LoadStep::Insert {
+                file,
+                params,
+                configured,
+            } => {
+                let identity = identities
+                    .get(&file.name)
+                    .cloned()
+                    .unwrap_or_else(|| ModuleIdentity::of_file(&file.path).unwrap_or_default());
+                let intent = Intent::Insert {
+                    module: Owned {
+                        name: file.name.clone(),
+                        path: file.path.clone(),
+                        configured,
+                    },
+                    identity,
+                };
+                let inserted = self.change(record, intent, out, || {
+                    match self.kmods.insert(&file, &params) {
+                        Ok(()) => Ok(true),
+                        Err(e) if e.kind == KmodErrorKind::AlreadyLoaded => Ok(false),
+                        Err(e) => Err(Fail::at(Step::Insert)(e.into())),
+                    }
+                })?;
+                if !inserted {
+                    out.modules
+                        .push(ModuleAction::new(&file, Action::AlreadyLoaded, params));
+                    return Ok(());
+                }
+                if !changes.inserted.contains(&file.name) {
+                    changes.inserted.push(file.name.clone());
+                }
+                let shown = if params.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {}", params.join(" "))
+                };
+                self.log(
+                    out,
+                    Step::Insert,
+                    format!("inserted {} from {}{shown}", file.name, file.path.display()),
+                );
+                out.modules
+                    .push(ModuleAction::new(&file, Action::Inserted, params));
+                Ok(())
+            }
+        }
     }
 
     /// This config's record for the target kernel (a new one when there is
@@ -931,42 +954,16 @@ impl Engine<'_> {
         }
     }
 
-    /// Removes in-tree `target` and the modules that use it, if nothing else holds them.
-    fn take_out_in_tree(
+    /// Takes out the in-tree modules of a planned `removal` (holders first) to make room for `target`.
+    fn take_out(
         &self,
         target: &ModName,
+        removal: Vec<ModName>,
         out: &mut Outcome,
         record: &mut Record,
         changes: &mut Changes,
     ) -> Result<(), Fail> {
-        let Some(live) = self.kmods.live(target).map_err(Fail::at(Step::Replace))? else {
-            return Ok(());
-        };
-        if live.state == crate::kmod::InitState::Builtin {
-            return Err(Fail::at(Step::Replace)(anyhow!(
-                "in-tree module {target} is built into the kernel and cannot be replaced"
-            )));
-        }
-        // Holders first (post-order), each once.
-        let mut removal = Vec::new();
-        self.collect_holders(target, &mut removal, &mut BTreeSet::new())
-            .map_err(Fail::at(Step::Replace))?;
-        let set: BTreeSet<_> = removal.iter().cloned().collect();
-        for m in &removal {
-            if let Some(l) = self.kmods.live(m).map_err(Fail::at(Step::Replace))? {
-                if used_beyond(&l, &set) {
-                    return Err(Fail(
-                        Step::Replace,
-                        anyhow!(
-                            "cannot replace in-tree module {target}: {m} is in use (refcount {}{})",
-                            l.refcount,
-                            holders_text(&l.holders)
-                        ),
-                        State::Busy,
-                    ));
-                }
-            }
-        }
+        debug_assert!(removal.last() == Some(target));
         for m in removal {
             self.change(record, Intent::TakeOut { name: m.clone() }, out, || {
                 self.kmods.remove(&m, false).map(|()| true).map_err(|e| {
@@ -983,24 +980,6 @@ impl Engine<'_> {
             }
             self.log(out, Step::Replace, format!("removed in-tree module {m}"));
         }
-        Ok(())
-    }
-
-    fn collect_holders(
-        &self,
-        m: &ModName,
-        out: &mut Vec<ModName>,
-        seen: &mut BTreeSet<ModName>,
-    ) -> Result<()> {
-        if !seen.insert(m.clone()) {
-            return Ok(());
-        }
-        if let Some(l) = self.kmods.live(m)? {
-            for h in &l.holders {
-                self.collect_holders(h, out, seen)?;
-            }
-        }
-        out.push(m.clone());
         Ok(())
     }
 
@@ -1192,40 +1171,18 @@ impl Engine<'_> {
         }
 
         // Check everything before removing anything.
-        let mut plan = Vec::new();
-        let ours: BTreeSet<_> = record.inserted.iter().map(|o| o.name.clone()).collect();
-        for o in record.inserted.iter().rev() {
-            let Some(l) = self.kmods.live(&o.name).map_err(Fail::at(Step::Remove))? else {
-                continue;
-            };
-            match (used_beyond(&l, &ours), o.configured, force) {
-                (false, _, _) | (true, true, true) => plan.push(o.clone()),
-                (true, false, _) => {
-                    self.log(
-                        out,
-                        Step::Remove,
-                        format!("leaving dependency {} loaded: in use by others", o.name),
-                    );
-                }
-                (true, true, false) => {
-                    return Err(Fail(
-                        Step::Remove,
-                        anyhow!(
-                            "module {} is in use (refcount {}{}); nothing was unloaded",
-                            o.name,
-                            l.refcount,
-                            holders_text(&l.holders)
-                        ),
-                        State::Busy,
-                    ));
-                }
-            }
+        let planned = plan::unload(&record, self.kmods, force)?;
+        for m in &planned.left {
+            self.log(
+                out,
+                Step::Remove,
+                format!("leaving dependency {m} loaded: in use by others"),
+            );
         }
-
         if let Some(c) = cfg {
             self.hook(c, "pre_unload", c.hooks.pre_unload.as_ref(), out)?;
         }
-        for o in plan {
+        for o in planned.remove {
             let intent = Intent::Remove {
                 name: o.name.clone(),
             };

@@ -335,7 +335,9 @@ impl Engine<'_> {
             if record.removed_in_tree.contains(r) {
                 continue;
             }
-            self.take_out_in_tree(r, out, record, changes)?;
+            if let Some(removal) = super::plan::take_out(r, self.kmods)? {
+                self.take_out(r, removal, out, record, changes)?;
+            }
         }
         self.kvc_action(c, kvc::KvcAction::Load, out)?;
         let missing = self.missing_modules(c, true)?;
