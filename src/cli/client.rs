@@ -280,6 +280,25 @@ fn dbus_error(e: zbus::Error) -> anyhow::Error {
 }
 
 /// Runs a D-Bus verb; returns the exit code (3 when kvcd cannot be reached).
+/// True for the bus's own errors when kvcd left it during a call.
+fn daemon_went_away(e: &anyhow::Error) -> bool {
+    use zbus::DBusError as _;
+    let name = match e.downcast_ref::<zbus::Error>() {
+        Some(zbus::Error::MethodError(name, _, _)) => name.as_str().to_owned(),
+        Some(zbus::Error::FDO(f)) => f.name().to_string(),
+        _ => match e.downcast_ref::<zbus::fdo::Error>() {
+            Some(f) => f.name().to_string(),
+            None => return false,
+        },
+    };
+    matches!(
+        name.as_str(),
+        "org.freedesktop.DBus.Error.NoReply"
+            | "org.freedesktop.DBus.Error.ServiceUnknown"
+            | "org.freedesktop.DBus.Error.NameHasNoOwner"
+    )
+}
+
 pub(super) fn run(bus: &BusArgs, cmd: &ClientCommand) -> Result<u8> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -289,6 +308,12 @@ pub(super) fn run(bus: &BusArgs, cmd: &ClientCommand) -> Result<u8> {
         Ok(code) => Ok(code),
         Err(e) if e.is::<Unreachable>() => {
             eprintln!("error: {e}");
+            Ok(EXIT_NO_DAEMON)
+        }
+        Err(e) if daemon_went_away(&e) => {
+            eprintln!(
+                "error: kvcd stopped before it answered ({e}); when it starts again it settles what it was doing"
+            );
             Ok(EXIT_NO_DAEMON)
         }
         Err(e) => {
