@@ -442,19 +442,25 @@ pre_unload = ["/bin/true"]
 post_unload = ["/bin/true"]
 "#;
 
-#[test]
-fn apply_converges_after_a_kill_at_every_failpoint_of_a_package() {
-    if skip_without_failpoints() {
-        return;
-    }
-    let s = Scenario {
+/// A package replacing the in-tree dummy (with a parameter), with a
+/// dependency in the package and one in-tree, and hooks around both ways.
+fn stack() -> Scenario {
+    Scenario {
         name: "stack",
         config: format!(
             "modules = [\"dummy\", \"kvcd_user\", \"kvcd_crc\"]\nreplace_in_tree = [\"dummy\"]\n[parameters]\ndummy = [\"origin=kvcd\"]\n[directory]\npath = \"@KO@\"\n{HOOKS}"
         ),
         refuse: &[],
         load_code: 0,
-    };
+    }
+}
+
+#[test]
+fn apply_converges_after_a_kill_at_every_failpoint_of_a_package() {
+    if skip_without_failpoints() {
+        return;
+    }
+    let s = stack();
     let rows = run_tier(&s);
     report(&s, &rows, 25);
 }
@@ -499,14 +505,7 @@ fn the_daemon_converges_after_a_kill_at_every_failpoint() {
     if skip_without_failpoints() {
         return;
     }
-    let s = Scenario {
-        name: "stack",
-        config: format!(
-            "modules = [\"dummy\", \"kvcd_user\", \"kvcd_crc\"]\nreplace_in_tree = [\"dummy\"]\n[directory]\npath = \"@KO@\"\n{HOOKS}"
-        ),
-        refuse: &[],
-        load_code: 0,
-    };
+    let s = stack();
     let new_node = || {
         let n = Node::new(&s);
         fs::write(n.path("kernel/release"), &n.fx.kver).unwrap();

@@ -272,6 +272,7 @@ async fn run_async(bus: &BusArgs, cmd: &ClientCommand) -> Result<u8> {
 /// A D-Bus error as one line: its name's last part and its message.
 fn dbus_error(e: zbus::Error) -> anyhow::Error {
     match &e {
+        zbus::Error::MethodError(name, _, _) if gone_error(name.as_str()) => gone(&e).into(),
         zbus::Error::MethodError(name, Some(msg), _) => {
             anyhow!("{msg} ({})", name.as_str())
         }
@@ -279,26 +280,39 @@ fn dbus_error(e: zbus::Error) -> anyhow::Error {
     }
 }
 
-/// Runs a D-Bus verb; returns the exit code (3 when kvcd cannot be reached).
 /// True for the bus's own errors when kvcd left it during a call.
-fn daemon_went_away(e: &anyhow::Error) -> bool {
-    use zbus::DBusError as _;
-    let name = match e.downcast_ref::<zbus::Error>() {
-        Some(zbus::Error::MethodError(name, _, _)) => name.as_str().to_owned(),
-        Some(zbus::Error::FDO(f)) => f.name().to_string(),
-        _ => match e.downcast_ref::<zbus::fdo::Error>() {
-            Some(f) => f.name().to_string(),
-            None => return false,
-        },
-    };
+fn gone_error(name: &str) -> bool {
     matches!(
-        name.as_str(),
+        name,
         "org.freedesktop.DBus.Error.NoReply"
             | "org.freedesktop.DBus.Error.ServiceUnknown"
             | "org.freedesktop.DBus.Error.NameHasNoOwner"
     )
 }
 
+/// Says kvcd left the bus during a call, for the error `e` of that call.
+fn gone(e: impl std::fmt::Display) -> Unreachable {
+    Unreachable(format!(
+        "kvcd stopped before it answered ({e}); when it starts again it settles what it was doing"
+    ))
+}
+
+/// True when `e` says kvcd left the bus during a call.
+fn daemon_went_away(e: &anyhow::Error) -> bool {
+    use zbus::DBusError as _;
+    e.chain().any(|c| {
+        if let Some(zbus::Error::MethodError(name, _, _)) = c.downcast_ref::<zbus::Error>() {
+            return gone_error(name.as_str());
+        }
+        if let Some(zbus::Error::FDO(f)) = c.downcast_ref::<zbus::Error>() {
+            return gone_error(f.name().as_str());
+        }
+        c.downcast_ref::<zbus::fdo::Error>()
+            .is_some_and(|f| gone_error(f.name().as_str()))
+    })
+}
+
+/// Runs a D-Bus verb; returns the exit code (3 when kvcd cannot be reached).
 pub(super) fn run(bus: &BusArgs, cmd: &ClientCommand) -> Result<u8> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -311,9 +325,7 @@ pub(super) fn run(bus: &BusArgs, cmd: &ClientCommand) -> Result<u8> {
             Ok(EXIT_NO_DAEMON)
         }
         Err(e) if daemon_went_away(&e) => {
-            eprintln!(
-                "error: kvcd stopped before it answered ({e}); when it starts again it settles what it was doing"
-            );
+            eprintln!("error: {}", gone(e).0);
             Ok(EXIT_NO_DAEMON)
         }
         Err(e) => {
