@@ -13,10 +13,12 @@
 //!   `kernel/` directory (e.g. `drivers/net/ice.ko.xz`);
 //! - `##> builtin`: the part is the kernel's `modules.builtin`.
 //!
-//! Invariants besides not panicking: a read error names the file; when the
-//! importer produces a config, it passes kvcd's own validation (the CLI
+//! Invariants besides not panicking: a read error names the file; the
+//! rendered config has no control characters (notes become comments); when
+//! the importer produces a config, it passes kvcd's own validation (the CLI
 //! reports anything else as an internal error) and keeps the modules, in
-//! order, and the version of an image build.
+//! order, the libraries or the build context and file, and the version of an
+//! image build.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -112,6 +114,11 @@ pub fn kvc_import(data: &[u8]) {
         Err(e) => panic!("reading the scratch kernel tree: {e:#}"),
     }
     let toml = imported.to_toml(&notes);
+    assert!(
+        toml.lines()
+            .all(|l| !l.chars().any(|c| c.is_control() && c != '\t')),
+        "a control character in the rendered config:\n{toml:?}"
+    );
 
     let file = root.join("out").join(format!("{name}.toml"));
     put(&file, toml.as_bytes());
