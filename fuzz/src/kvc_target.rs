@@ -49,8 +49,14 @@ pub fn kvc_import(data: &[u8]) {
             name = String::from_utf8_lossy(n).trim().to_owned();
         }
     }
-    // `kvcctl import-kvc` refuses these before reading anything.
-    if name.is_empty() || name.contains('/') || name.starts_with('.') || name.contains('\0') {
+    // `kvcctl import-kvc` refuses these before reading anything; longer
+    // names cannot be file names.
+    if name.is_empty()
+        || name.contains('/')
+        || name.starts_with('.')
+        || name.contains('\0')
+        || name.len() > 200
+    {
         return;
     }
     let source = kvc_dir.join(format!("{name}.conf"));
