@@ -38,7 +38,7 @@ pub fn elf(data: &[u8]) {
     }
     let root = scratch("elf");
     let path = root.join(format!("fuzz_mod.{ext}"));
-    put(&path, data);
+    assert!(put(&path, data), "writing {}", path.display());
     let shown = path.display().to_string();
 
     let elf = ElfInfo::read(&path);

@@ -60,12 +60,18 @@ pub fn kvc_import(data: &[u8]) {
         return;
     }
     let source = kvc_dir.join(format!("{name}.conf"));
-    put(&source, parts[0].body);
+    if !put(&source, parts[0].body) {
+        return;
+    }
     let mut framework_text = None;
     for p in &parts[1..] {
         match p.header {
-            b"lib" => put(&lib_roots[1].join(format!("{name}-lib.sh")), p.body),
-            b"local-lib" => put(&lib_roots[0].join(format!("{name}-lib.sh")), p.body),
+            b"lib" => {
+                put(&lib_roots[1].join(format!("{name}-lib.sh")), p.body);
+            }
+            b"local-lib" => {
+                put(&lib_roots[0].join(format!("{name}-lib.sh")), p.body);
+            }
             b"framework" => {
                 put(&kvc_dir.join(FRAMEWORK_CONF), p.body);
                 framework_text = Some(p.body);
@@ -80,7 +86,9 @@ pub fn kvc_import(data: &[u8]) {
                     }
                 }
             }
-            b"builtin" => put(&kernel_dir.join("modules.builtin"), p.body),
+            b"builtin" => {
+                put(&kernel_dir.join("modules.builtin"), p.body);
+            }
             _ => {}
         }
         if matches!(p.header, b"lib" | b"local-lib") {
@@ -115,9 +123,9 @@ pub fn kvc_import(data: &[u8]) {
     let Ok(mut imported) = conversion.result else {
         return;
     };
-    match InTree::read(&kernel_dir) {
-        Ok(tree) => notes.extend(imported.replace_in_tree_of(&tree, KERNEL)),
-        Err(e) => panic!("reading the scratch kernel tree: {e:#}"),
+    // A tree that cannot be read (e.g. modules.builtin is not UTF-8) is a note there.
+    if let Ok(tree) = InTree::read(&kernel_dir) {
+        notes.extend(imported.replace_in_tree_of(&tree, KERNEL));
     }
     let toml = imported.to_toml(&notes);
     assert!(
@@ -127,7 +135,7 @@ pub fn kvc_import(data: &[u8]) {
     );
 
     let file = root.join("out").join(format!("{name}.toml"));
-    put(&file, toml.as_bytes());
+    assert!(put(&file, toml.as_bytes()), "writing {}", file.display());
     let config = Config::load_paths(std::slice::from_ref(&file));
     let errors: Vec<String> = config.all_errors().iter().map(|e| e.to_string()).collect();
     assert!(

@@ -133,12 +133,10 @@ fn scratch(target: &str) -> PathBuf {
     dir
 }
 
-/// Writes `bytes` to `path`, creating its directory.
-fn put(path: &Path, bytes: &[u8]) {
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).unwrap_or_else(|e| panic!("creating {}: {e}", parent.display()));
-    }
-    fs::write(path, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+/// Writes `bytes` to `path`, creating its directory; false when the tree an
+/// input describes cannot hold it (e.g. a file where a directory should be).
+fn put(path: &Path, bytes: &[u8]) -> bool {
+    path.parent().is_none_or(|p| fs::create_dir_all(p).is_ok()) && fs::write(path, bytes).is_ok()
 }
 
 /// A relative path from an archive header: plain components of letters,
