@@ -832,7 +832,7 @@ fn build_origin(
                         .strip_prefix(&format!("{}/", c.trim_end_matches('/')))
                 });
             let f = inside.unwrap_or(&v.value);
-            if f.starts_with('/') || f.split('/').any(|p| p == "..") || f.contains("${") {
+            if !super::validate::build_file_ok(f) || f.contains("${") {
                 problems.push(format!(
                     "{BUILD_FILE} {:?} (line {}) does not name a file inside the build context",
                     v.value, v.line
@@ -1350,6 +1350,20 @@ KMOD_NAMES="simple-kmod simple-procfs-kmod"
             ),
             (
                 "KMOD_NAMES=a\nKMOD_CONTAINER_BUILD_FILE=/other/f\n",
+                "inside the build context",
+            ),
+            // What validation refuses as `build.file` (found by fuzzing:
+            // NULs in the name made a config that failed validation).
+            (
+                "KMOD_NAMES=a\nKMOD_CONTAINER_BUILD_FILE='Containe\0\0rfile.rhel'\n",
+                "inside the build context",
+            ),
+            (
+                "KMOD_NAMES=a\nKMOD_CONTAINER_BUILD_FILE=-f\n",
+                "inside the build context",
+            ),
+            (
+                "KMOD_NAMES=a\nKMOD_CONTAINER_BUILD_CONTEXT=/s\nKMOD_CONTAINER_BUILD_FILE=/s/\n",
                 "inside the build context",
             ),
         ] {

@@ -607,6 +607,15 @@ fn image_source(
     })
 }
 
+/// True when `file` (`build.file`) names a file inside the build context: not
+/// empty, not absolute, not an option, no control characters, no `..`.
+pub(super) fn build_file_ok(file: &str) -> bool {
+    !(file.is_empty()
+        || file.starts_with(['/', '-'])
+        || file.chars().any(char::is_control)
+        || file.split('/').any(|p| p == ".."))
+}
+
 fn build_spec(d: &mut Diag<'_>, b: &S<RawBuild>, has_version: bool) -> Option<BuildSpec> {
     let raw = b.get_ref();
     let context = match &raw.context {
@@ -623,12 +632,7 @@ fn build_spec(d: &mut Diag<'_>, b: &S<RawBuild>, has_version: bool) -> Option<Bu
     };
     let file = match &raw.file {
         None => Some("Containerfile".to_owned()),
-        Some(f)
-            if f.get_ref().is_empty()
-                || f.get_ref().starts_with(['/', '-'])
-                || f.get_ref().chars().any(char::is_control)
-                || f.get_ref().split('/').any(|p| p == "..") =>
-        {
+        Some(f) if !build_file_ok(f.get_ref()) => {
             d.error(
                 Some(f.span()),
                 "build.file",

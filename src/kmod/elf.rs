@@ -168,10 +168,7 @@ impl ElfInfo {
         let min_entry = if is_64 { 64 } else { 40 };
         let mut build_id = None;
         if shoff != 0 && usize::from(shentsize) >= min_entry {
-            let mut table = vec![0u8; usize::from(shentsize) * usize::from(shnum)];
-            r.seek(SeekFrom::Start(shoff))?;
-            r.read_exact(&mut table)
-                .context("truncated section headers")?;
+            let table = section_table(r, shoff, shentsize, shnum)?;
             for s in table.chunks_exact(usize::from(shentsize)) {
                 if l.u32(s, 4) != SHT_NOTE {
                     continue;
@@ -199,6 +196,117 @@ impl ElfInfo {
             build_id,
         })
     }
+}
+
+/// The section header table: `shnum` entries of `shentsize` bytes at
+/// `shoff`, which must lie inside the file (nothing is allocated for a
+/// table the file cannot hold).
+fn section_table(r: &mut dyn ReadSeek, shoff: u64, shentsize: u16, shnum: u16) -> Result<Vec<u8>> {
+    let len = u64::from(shentsize) * u64::from(shnum);
+    let size = r.seek(SeekFrom::End(0))?;
+    if shoff.checked_add(len).is_none_or(|end| end > size) {
+        bail!("truncated section headers");
+    }
+    let mut table = vec![0u8; usize::try_from(len)?];
+    r.seek(SeekFrom::Start(shoff))?;
+    r.read_exact(&mut table)
+        .context("truncated section headers")?;
+    Ok(table)
+}
+
+/// Checks what libkmod (as of version 30) asserts rather than checks when it
+/// reads `.modinfo`, so that a malformed module file is an error here instead
+/// of aborting the process inside libkmod: the section name table's index
+/// is a real section (not 0, below the section count), and neither that table
+/// nor the first `.modinfo` section starts at the very end of the file.
+/// Files libkmod itself refuses (wrong entry size, table past the end) pass.
+pub(crate) fn check_for_libkmod(path: &Path) -> Result<()> {
+    let mut r = open(path)?;
+    libkmod_safe(&mut r).with_context(|| format!("{}: not a module file", path.display()))
+}
+
+fn libkmod_safe(r: &mut dyn ReadSeek) -> Result<()> {
+    let mut h = [0u8; 64];
+    read_up_to(r, &mut h)?;
+    let size = r.seek(SeekFrom::End(0))?;
+    // libkmod refuses other classes and files no longer than the header.
+    let (is_64, le) = match (&h[..4], h[4], h[5]) {
+        (b"\x7fELF", 1 | 2, 1 | 2) => (h[4] == 2, h[5] == 1),
+        _ => return Ok(()),
+    };
+    if size <= if is_64 { 64 } else { 52 } {
+        return Ok(());
+    }
+    let l = Layout { le, is_64 };
+    let (shoff, shentsize, shnum, shstrndx) = if is_64 {
+        (
+            l.u64(&h, 0x28),
+            l.u16(&h, 0x3a),
+            l.u16(&h, 0x3c),
+            l.u16(&h, 0x3e),
+        )
+    } else {
+        let (off, e) = (u64::from(l.u32(&h, 0x20)), 0x2e);
+        (off, l.u16(&h, e), l.u16(&h, e + 2), l.u16(&h, e + 4))
+    };
+    let entry = if is_64 { 64 } else { 40 };
+    if usize::from(shentsize) != entry
+        || shoff
+            .checked_add(u64::from(shentsize) * u64::from(shnum))
+            .is_none_or(|end| end > size)
+    {
+        return Ok(());
+    }
+    if shstrndx == 0 || shstrndx >= shnum {
+        bail!("section name table index {shstrndx} is not one of its {shnum} sections");
+    }
+    let table = section_table(r, shoff, shentsize, shnum)?;
+    // (offset, size, name offset) of a section whose bytes lie inside the file.
+    let section = |i: u16| {
+        let s = &table[usize::from(i) * entry..][..entry];
+        let (off, len) = if is_64 {
+            (l.u64(s, 24), l.u64(s, 32))
+        } else {
+            (u64::from(l.u32(s, 16)), u64::from(l.u32(s, 20)))
+        };
+        off.checked_add(len)
+            .filter(|&end| end <= size)
+            .map(|_| (off, len, l.u32(s, 0)))
+    };
+    // libkmod refuses a name table outside the file or not ending in NUL.
+    let Some((names_off, names_len, _)) = section(shstrndx) else {
+        return Ok(());
+    };
+    if names_off >= size {
+        bail!("the section name table starts at the end of the file");
+    }
+    if names_len > MAX_NOTES * 16 {
+        bail!(
+            "the section name table is larger than {} bytes",
+            MAX_NOTES * 16
+        );
+    }
+    let mut names = vec![0u8; usize::try_from(names_len)?];
+    r.seek(SeekFrom::Start(names_off))?;
+    r.read_exact(&mut names)?;
+    if names.last() != Some(&0) {
+        return Ok(());
+    }
+    for i in 1..shnum {
+        let Some((off, _, name)) = section(i) else {
+            continue;
+        };
+        let Some(rest) = usize::try_from(name).ok().and_then(|n| names.get(n..)) else {
+            continue;
+        };
+        if rest.split(|&b| b == 0).next() == Some(b".modinfo") {
+            if off >= size {
+                bail!("the .modinfo section starts at the end of the file");
+            }
+            break;
+        }
+    }
+    Ok(())
 }
 
 fn read_up_to(r: &mut dyn ReadSeek, buf: &mut [u8]) -> Result<usize> {
@@ -362,6 +470,102 @@ mod tests {
         std::fs::write(&p, b"#!/bin/sh\n").unwrap();
         let e = format!("{:#}", ElfInfo::read(&p).unwrap_err());
         assert!(e.contains("x.ko: not a module file: no ELF header"), "{e}");
+    }
+
+    /// An ELF64 file with a section name table and a `.modinfo` section
+    /// holding `version=1`; `at_end` moves the table (`"names"`) or
+    /// `.modinfo` (`"modinfo"`) to the end of the file with size 0.
+    fn elf_with_modinfo(at_end: &str) -> Vec<u8> {
+        let names = b"\0.shstrtab\0.modinfo\0";
+        let modinfo = b"version=1\0";
+        let names_off = 64u64;
+        let modinfo_off = names_off + names.len() as u64;
+        let shoff = modinfo_off + modinfo.len() as u64;
+        let end = shoff + 3 * 64;
+        let mut f = vec![0u8; 64];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2;
+        f[5] = 1;
+        f[16] = 1; // ET_REL
+        f[18..20].copy_from_slice(&62u16.to_le_bytes());
+        f[0x28..0x30].copy_from_slice(&shoff.to_le_bytes());
+        f[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+        f[0x3c..0x3e].copy_from_slice(&3u16.to_le_bytes());
+        f[0x3e..0x40].copy_from_slice(&1u16.to_le_bytes());
+        f.extend_from_slice(names);
+        f.extend_from_slice(modinfo);
+        f.extend_from_slice(&[0u8; 64]);
+        for (name, off, len, moved) in [
+            (1u32, names_off, names.len() as u64, "names"),
+            (11, modinfo_off, modinfo.len() as u64, "modinfo"),
+        ] {
+            let (off, len) = if at_end == moved {
+                (end, 0)
+            } else {
+                (off, len)
+            };
+            let mut sh = [0u8; 64];
+            sh[..4].copy_from_slice(&name.to_le_bytes());
+            sh[4..8].copy_from_slice(&(if name == 1 { 3u32 } else { 1 }).to_le_bytes());
+            sh[24..32].copy_from_slice(&off.to_le_bytes());
+            sh[32..40].copy_from_slice(&len.to_le_bytes());
+            f.extend_from_slice(&sh);
+        }
+        assert_eq!(f.len() as u64, end);
+        f
+    }
+
+    /// Files that made libkmod 30 abort the process on an assertion while
+    /// reading `.modinfo` are errors naming the file; a well-formed one reads.
+    #[test]
+    fn modinfo_of_malformed_files_is_an_error_not_an_abort() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.ko");
+        std::fs::write(&p, elf_with_modinfo("")).unwrap();
+        let info = crate::kmod::ModInfo::read(&p).unwrap();
+        assert_eq!(info.version.as_deref(), Some("1"));
+
+        // The first input fuzzing found: e_shstrndx is 0 (SHN_UNDEF).
+        let found = include_bytes!("../../fuzz/regressions/elf/shstrndx-zero");
+        for (bytes, want) in [
+            (
+                found.to_vec(),
+                "section name table index 0 is not one of its 33 sections",
+            ),
+            (
+                elf(62, &[1; 20]),
+                "section name table index 0 is not one of its 2 sections",
+            ),
+            (
+                elf_with_modinfo("names"),
+                "the section name table starts at the end of the file",
+            ),
+            (
+                elf_with_modinfo("modinfo"),
+                "the .modinfo section starts at the end of the file",
+            ),
+        ] {
+            std::fs::write(&p, bytes).unwrap();
+            let e = format!("{:#}", crate::kmod::ModInfo::read(&p).unwrap_err());
+            assert_eq!(e, format!("{}: not a module file: {want}", p.display()));
+        }
+    }
+
+    /// A section header table larger than the file is an error before
+    /// anything is allocated for it (65535 entries of 65535 bytes: 4 GiB).
+    #[test]
+    fn a_section_table_past_the_end_is_not_allocated() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.ko");
+        let mut f = elf(62, &[1; 20]);
+        f[0x3a..0x3c].copy_from_slice(&u16::MAX.to_le_bytes());
+        f[0x3c..0x3e].copy_from_slice(&u16::MAX.to_le_bytes());
+        std::fs::write(&p, f).unwrap();
+        let e = format!("{:#}", ElfInfo::read(&p).unwrap_err());
+        assert!(
+            e.ends_with("not a module file: truncated section headers"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -47,6 +47,7 @@ pub struct ModInfo {
 impl ModInfo {
     /// Reads `.modinfo` from the module file at `path`.
     pub fn read(path: &Path) -> Result<Self> {
+        elf::check_for_libkmod(path)?;
         let ctx = sys::Ctx::new(None).context("creating libkmod context")?;
         let m = ctx
             .by_path(path)
