@@ -34,6 +34,8 @@ struct Scenario {
     config: String,
     /// Modules whose insert the simulated kernel refuses.
     refuse: &'static [&'static str],
+    /// The driver image, whose mount must never be left behind.
+    image: Option<String>,
     /// Exit code of a clean `apply`.
     load_code: i32,
 }
@@ -347,6 +349,14 @@ fn run_tier(s: &Scenario) -> Vec<Row> {
     );
     assert!(clean.leftovers().is_empty(), "{:?}", clean.leftovers());
 
+    let image_id = s.image.as_ref().map(|r| {
+        let o = Command::new("podman")
+            .args(["image", "inspect", "--format", "{{.Id}}", r])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    });
     let mut rows = Vec::new();
     let mut check = |point: &str, phase: &'static str, node: &Node, o: &Output, want: &str| {
         let mut problems = Vec::new();
@@ -354,6 +364,15 @@ fn run_tier(s: &Scenario) -> Vec<Row> {
             problems.push(format!("not killed there (exit {}): {}", code(o), text(o)));
         }
         problems.extend(node.leftovers());
+        if let Some(id) = &image_id {
+            let mounted = Command::new("podman")
+                .args(["image", "mount", "--format", "json"])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&mounted.stdout).contains(id.as_str()) {
+                problems.push(format!("image {id} is left mounted"));
+            }
+        }
         let got = node.snapshot();
         if got != want {
             problems.push(format!("ended as\n{got}instead of\n{want}"));
@@ -451,6 +470,7 @@ fn stack() -> Scenario {
             "modules = [\"dummy\", \"kvcd_user\", \"kvcd_crc\"]\nreplace_in_tree = [\"dummy\"]\n[parameters]\ndummy = [\"origin=kvcd\"]\n[directory]\npath = \"@KO@\"\n{HOOKS}"
         ),
         refuse: &[],
+        image: None,
         load_code: 0,
     }
 }
@@ -474,6 +494,7 @@ fn a_failed_load_rolls_back_the_same_after_a_kill_at_every_failpoint() {
         name: "refused",
         config: "modules = [\"dummy\", \"kvcd_user\", \"kvcd_crc\"]\nreplace_in_tree = [\"dummy\"]\n[directory]\npath = \"@KO@\"\n".to_owned(),
         refuse: &["kvcd_crc"],
+        image: None,
         load_code: 1,
     };
     let rows = run_tier(&s);
@@ -494,6 +515,7 @@ fn an_image_with_firmware_converges_after_a_kill_at_every_failpoint() {
             vars["KVCD_IMAGE_TAG"]
         ),
         refuse: &[],
+        image: Some(vars["KVCD_IMAGE_TAG"].clone()),
         load_code: 0,
     };
     let rows = run_tier(&s);
