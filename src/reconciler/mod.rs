@@ -282,9 +282,7 @@ impl Engine<'_> {
                 done.push(format!("{}: {e:#}", r.config));
             }
         }
-        let mut out = Outcome::new("kvcd", &self.kernel);
-        self.release_firmware_search_path(&mut out);
-        done.extend(out.steps.into_iter().map(|s| s.detail));
+        done.extend(self.release_firmware_search_path());
         for d in &done {
             info!(KVCD_STEP = "recover", "{d}");
         }
@@ -1020,7 +1018,9 @@ impl Engine<'_> {
         }
         problems.extend(self.restore(record, &changes.removed, out));
         if !changes.firmware.is_empty() {
-            self.release_firmware_search_path(out);
+            if let Some(line) = self.release_firmware_search_path() {
+                self.log(out, Step::Firmware, line);
+            }
         }
         problems
     }
@@ -1044,39 +1044,27 @@ impl Engine<'_> {
     }
 
     /// Clears the kernel's firmware search path when it points at kvcd's
-    /// firmware directory and no loaded config has firmware there any more.
-    fn release_firmware_search_path(&self, out: &mut Outcome) {
+    /// firmware directory and no loaded config has firmware there any more;
+    /// returns what happened when there was something to do, for the log.
+    fn release_firmware_search_path(&self) -> Option<String> {
         let ours = self.firmware_dir.to_string_lossy();
         if self.kmods.firmware_search_path().as_deref() != Some(&*ours) {
-            return;
+            return None;
         }
         match self.records.all() {
             Ok(all) if all.iter().all(|r| r.firmware.is_empty()) => {}
-            Ok(_) => return,
-            Err(e) => {
-                self.log(
-                    out,
-                    Step::Firmware,
-                    format!("kept the firmware search path: {e:#}"),
-                );
-                return;
-            }
+            Ok(_) => return None,
+            Err(e) => return Some(format!("kept the firmware search path: {e:#}")),
         }
         crate::failpoint::hit("searchpath.clear.before");
         let cleared = self.kmods.set_firmware_search_path(Path::new(""));
         crate::failpoint::hit("searchpath.clear.after");
-        match cleared {
-            Ok(()) => self.log(
-                out,
-                Step::Firmware,
-                format!("cleared the kernel's firmware search path ({ours}): no firmware of kvcd's is in use"),
+        Some(match cleared {
+            Ok(()) => format!(
+                "cleared the kernel's firmware search path ({ours}): no firmware of kvcd's is in use"
             ),
-            Err(e) => self.log(
-                out,
-                Step::Firmware,
-                format!("could not clear the kernel's firmware search path: {e:#}"),
-            ),
-        }
+            Err(e) => format!("could not clear the kernel's firmware search path: {e:#}"),
+        })
     }
 
     /// Puts in-tree modules back from the host tree (reverse removal order),
@@ -1229,7 +1217,9 @@ impl Engine<'_> {
         self.restore(&mut record, &removed, out);
         self.records.save(&record).map_err(Fail::at(Step::Record))?;
         if had_firmware {
-            self.release_firmware_search_path(out);
+            if let Some(line) = self.release_firmware_search_path() {
+                self.log(out, Step::Firmware, line);
+            }
         }
         unrestored(&record)?;
         if let Some(c) = cfg {
