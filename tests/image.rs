@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::{FakeKernel, Fixtures, images_env, podman_lock};
+use common::{FakeKernel, Fixtures, images_env, podman_lock, read_env_file};
 use kvcd::artifacts::RootLayout;
 use kvcd::artifacts::image::Manifest;
 use kvcd::artifacts::podman::{ContainerTool as _, Podman};
@@ -642,13 +642,9 @@ fn images_var(env: &Env, key: &str) -> String {
     if let Some(v) = env.vars.get(key) {
         return v.clone();
     }
-    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/images/env");
-    let text = fs::read_to_string(&file)
-        .unwrap_or_else(|_| panic!("{key} not set: run scripts/images (no {})", file.display()));
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("export {key}=")))
-        .map(|v| v.trim_matches(['"', '\'']).to_owned())
-        .unwrap_or_else(|| panic!("{key} not in {}: run scripts/images", file.display()))
+    read_env_file("target/images/env", "scripts/images")
+        .remove(key)
+        .unwrap_or_else(|| panic!("{key} not in target/images/env: run scripts/images"))
 }
 
 #[test]

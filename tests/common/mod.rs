@@ -20,17 +20,20 @@ use nix::errno::Errno;
 pub fn env_file(key: &str, file: &str, run: &str) -> BTreeMap<String, String> {
     let mut vars: BTreeMap<String, String> = std::env::vars().collect();
     if !vars.contains_key(key) {
-        let env = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
-        let text = std::fs::read_to_string(&env).unwrap_or_else(|_| {
-            panic!("test setup missing: run {run} first (no {})", env.display())
-        });
-        for line in text.lines() {
-            if let Some((k, v)) = line.trim_start_matches("export ").split_once('=') {
-                vars.insert(k.to_owned(), v.trim_matches(['"', '\'']).to_owned());
-            }
-        }
+        vars.extend(read_env_file(file, run));
     }
     vars
+}
+
+/// The `export K=V` lines of the repository's `file` (written by the script `run`).
+pub fn read_env_file(file: &str, run: &str) -> BTreeMap<String, String> {
+    let env = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+    let text = std::fs::read_to_string(&env)
+        .unwrap_or_else(|_| panic!("test setup missing: run {run} first (no {})", env.display()));
+    text.lines()
+        .filter_map(|line| line.trim_start_matches("export ").split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches(['"', '\'']).to_owned()))
+        .collect()
 }
 
 /// Tests of one binary that use podman's local storage take turns.
