@@ -420,20 +420,24 @@ mod tests {
         assert_eq!(machine_name(info.machine), "aarch64");
     }
 
+    /// `raw` written as `m.ko.gz` and `m.ko.xz` in `dir`.
+    fn compressed(dir: &Path, raw: &[u8]) -> [std::path::PathBuf; 2] {
+        use std::io::Write as _;
+        let gz = dir.join("m.ko.gz");
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(raw).unwrap();
+        std::fs::write(&gz, e.finish().unwrap()).unwrap();
+        let xz = dir.join("m.ko.xz");
+        let mut out = Vec::new();
+        lzma_rs::xz_compress(&mut Cursor::new(raw), &mut out).unwrap();
+        std::fs::write(&xz, out).unwrap();
+        [gz, xz]
+    }
+
     #[test]
     fn reads_compressed_modules() {
-        use std::io::Write as _;
         let d = tempfile::tempdir().unwrap();
-        let raw = elf(62, &[9; 20]);
-        let gz = d.path().join("m.ko.gz");
-        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        e.write_all(&raw).unwrap();
-        std::fs::write(&gz, e.finish().unwrap()).unwrap();
-        let xz = d.path().join("m.ko.xz");
-        let mut out = Vec::new();
-        lzma_rs::xz_compress(&mut Cursor::new(&raw), &mut out).unwrap();
-        std::fs::write(&xz, out).unwrap();
-        for p in [gz, xz] {
+        for p in compressed(d.path(), &elf(62, &[9; 20])) {
             let info = ElfInfo::read(&p).unwrap();
             assert_eq!(info.machine, 62, "{}", p.display());
             assert_eq!(info.build_id.as_deref(), Some(&[9u8; 20][..]));
@@ -442,18 +446,8 @@ mod tests {
 
     #[test]
     fn decompression_stops_at_its_bound() {
-        use std::io::Write as _;
         let d = tempfile::tempdir().unwrap();
-        let raw = elf(62, &[9; 20]);
-        let gz = d.path().join("m.ko.gz");
-        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        e.write_all(&raw).unwrap();
-        std::fs::write(&gz, e.finish().unwrap()).unwrap();
-        let xz = d.path().join("m.ko.xz");
-        let mut out = Vec::new();
-        lzma_rs::xz_compress(&mut Cursor::new(&raw), &mut out).unwrap();
-        std::fs::write(&xz, out).unwrap();
-        for p in [gz, xz] {
+        for p in compressed(d.path(), &elf(62, &[9; 20])) {
             let e = format!("{:#}", open_capped(&p, 64).err().unwrap());
             assert!(
                 e.starts_with(&format!("decompressing {}", p.display()))
