@@ -48,6 +48,35 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `1234567` → `1,234,567`.
+pub fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A byte count for people: `512 bytes`, `41 KiB`, `3.2 MiB`, `1.5 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const KIB: u64 = 1024;
+    #[allow(clippy::cast_precision_loss)]
+    let f = n as f64;
+    if n < KIB {
+        format!("{n} bytes")
+    } else if n < KIB * KIB {
+        format!("{} KiB", n.div_ceil(KIB))
+    } else if n < KIB * KIB * KIB {
+        format!("{:.1} MiB", f / (KIB * KIB) as f64)
+    } else {
+        format!("{:.1} GiB", f / (KIB * KIB * KIB) as f64)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

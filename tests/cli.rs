@@ -318,12 +318,14 @@ fn apply_when_the_kernel_refuses_the_insert() {
     let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(doc["results"][0]["state"], "failed");
     assert_eq!(doc["results"][0]["error"]["step"], "insert");
-    // The second run reused the module tree.
+    // The second run found the file stored already.
     let steps = doc["results"][0]["steps"].as_array().unwrap();
     assert!(
-        steps
-            .iter()
-            .any(|s| s["detail"].as_str().unwrap().ends_with("is current")),
+        steps.iter().any(|s| s["step"] == "stage"
+            && s["detail"]
+                .as_str()
+                .unwrap()
+                .ends_with("in the store already")),
         "{out}"
     );
     assert!(!node.tmp.path().join("run/loaded/p.json").exists());
@@ -360,7 +362,12 @@ fn prune_keeps_newest_kernels_the_running_one_and_drops_gone_configs() {
         "6.1.0-10-amd64",
         running.as_str(),
     ] {
-        fs::create_dir_all(state.join("roots/kept").join(k).join("key")).unwrap();
+        fs::create_dir_all(state.join("sets/kept")).unwrap();
+        fs::write(
+            state.join("sets/kept").join(format!("{k}.json")),
+            b"{\"files\": {}}",
+        )
+        .unwrap();
     }
     fs::create_dir_all(state.join("images/gone/6.1.0-10-amd64/abc")).unwrap();
     let etc = node.tmp.path().join("etc");
@@ -378,7 +385,7 @@ fn prune_keeps_newest_kernels_the_running_one_and_drops_gone_configs() {
         out.contains("kept: would remove artifacts of kernel(s) 6.1.0-2-amd64, 6.1.0-1-amd64"),
         "{out}"
     );
-    assert!(state.join("roots/kept/6.1.0-1-amd64").exists());
+    assert!(state.join("sets/kept/6.1.0-1-amd64.json").exists());
 
     let (code, out, _) = kvcd(&[&args[..], &["--json"]].concat());
     assert_eq!(code, 0, "{out}");
@@ -388,10 +395,15 @@ fn prune_keeps_newest_kernels_the_running_one_and_drops_gone_configs() {
     assert_eq!(results[0]["kernels"][0], "6.1.0-10-amd64");
     assert_eq!(results[1]["config"], "kept");
     assert!(!state.join("images/gone").exists());
-    assert!(state.join("roots/kept/6.1.0-10-amd64").exists());
-    assert!(state.join("roots/kept").join(&running).exists());
-    assert!(!state.join("roots/kept/6.1.0-2-amd64").exists());
-    assert!(!state.join("roots/kept/6.1.0-1-amd64").exists());
+    assert!(state.join("sets/kept/6.1.0-10-amd64.json").exists());
+    assert!(
+        state
+            .join("sets/kept")
+            .join(format!("{running}.json"))
+            .exists()
+    );
+    assert!(!state.join("sets/kept/6.1.0-2-amd64.json").exists());
+    assert!(!state.join("sets/kept/6.1.0-1-amd64.json").exists());
 
     let (code, out, _) = kvcd(&args);
     assert_eq!(code, 0);

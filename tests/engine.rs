@@ -10,11 +10,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use common::{FakeKernel, Fixtures, m};
-use kvcd::artifacts::RootLayout;
+use kvcd::artifacts::ModuleStore;
 use kvcd::artifacts::podman::Podman;
 use kvcd::config::{Config, ModuleConfig, Overrides};
 use kvcd::kernel::KernelRelease;
-use kvcd::kmod::ModuleTree;
 use kvcd::reconciler::{Action, Engine, Outcome, RecordStore, State, Step};
 use nix::errno::Errno;
 
@@ -41,12 +40,7 @@ impl Env {
 
     fn engine_for(&self, kernel: KernelRelease) -> Engine<'_> {
         Engine {
-            layout: RootLayout {
-                state_dir: self.tmp.path().join("state"),
-                kernel_modules_dir: self.fx.modules_dir(),
-                depmod: "depmod".into(),
-                depmod_timeout: std::time::Duration::from_secs(120),
-            },
+            layout: ModuleStore::new(self.tmp.path().join("state"), self.fx.modules_dir()),
             kernel,
             kmods: &self.fake,
             firmware_dir: self.tmp.path().join("firmware"),
@@ -79,12 +73,25 @@ impl Env {
 
     /// A kernel_modules_dir whose `KERNEL/` holds only `kernel` (linked to the
     /// fixtures' in-tree modules): no modules.order, modules.builtin, ….
-    fn bare_host_tree(&self, kernel: &str) -> PathBuf {
+    /// A host module directory with a tree for `kernel`: the fixtures'
+    /// `kernel/` linked in, and their index copied (`index`) or not.
+    fn bare_host_tree(&self, kernel: &str, index: bool) -> PathBuf {
         let dir = self.tmp.path().join("host-modules");
         fs::create_dir_all(dir.join(kernel)).unwrap();
         let link = dir.join(kernel).join("kernel");
         if !link.exists() {
             std::os::unix::fs::symlink(self.in_tree("kernel"), link).unwrap();
+        }
+        if index {
+            for f in [
+                "modules.dep",
+                "modules.dep.bin",
+                "modules.builtin.bin",
+                "modules.alias.bin",
+                "modules.symbols.bin",
+            ] {
+                fs::copy(self.in_tree(f), dir.join(kernel).join(f)).unwrap();
+            }
         }
         dir
     }
@@ -112,28 +119,47 @@ path = "@KO@"
 "#;
 
 #[test]
-fn resolves_in_set_and_in_tree_dependencies_with_libkmod() {
+fn resolves_in_set_and_in_tree_dependencies_without_an_index_of_its_own() {
     let env = Env::new();
     let c = env.config("deps", DEPS);
     let o = env.engine().load(&c);
     ok(&o);
-    // The tree depmod built resolves kvcd_user -> kvcd_base (ours) and kvcd_crc -> crc8 (in-tree).
-    let root = env.tmp.path().join("state/roots/deps").join(&env.fx.kver);
-    let key = fs::read_dir(&root).unwrap().next().unwrap().unwrap().path();
-    let tree = ModuleTree::open(&key.join("lib/modules").join(&env.fx.kver)).unwrap();
-    let order = tree.load_order(&[m("kvcd_crc"), m("kvcd_user")]).unwrap();
-    let names: Vec<_> = order.iter().map(|f| (f.name.as_str(), f.in_tree)).collect();
-    assert_eq!(
-        names,
-        [
-            ("crc8", true),
-            ("kvcd_crc", false),
-            ("kvcd_base", false),
-            ("kvcd_user", false)
-        ]
+    // From each file's own depends=: kvcd_user -> kvcd_base (the package's),
+    // kvcd_crc -> crc8 (the kernel's own, from its index).
+    assert!(
+        o.steps.iter().any(|s| s.step == Step::Resolve
+            && s.detail == "load order: kvcd_base, kvcd_user, crc8, kvcd_crc, kvcd_param"),
+        "{o:#?}"
     );
-    assert_eq!(order[0].path, tree.dir().join("kernel/lib/crc8.ko"));
-    assert!(order[1].path.starts_with(tree.dir().join("kvcd")));
+    let state = env.tmp.path().join("state");
+    let set = common::module_set(&state, "deps", &env.fx.kver);
+    assert_eq!(
+        set.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["kvcd_base", "kvcd_crc", "kvcd_param", "kvcd_user"]
+    );
+    for (name, stored) in &set {
+        assert!(
+            stored.starts_with(state.join("files")),
+            "{}",
+            stored.display()
+        );
+        assert_eq!(
+            fs::read(stored).unwrap(),
+            fs::read(env.fx.ko().join(format!("{name}.ko"))).unwrap()
+        );
+        assert_eq!(env.fake.path_of(name).as_ref(), Some(stored));
+    }
+    // Only the package's files are kept: no module index is built anywhere.
+    assert!(common::files_named(&state, "modules.").is_empty());
+    assert_eq!(
+        common::files_named(&state, "").len() - set.len(),
+        1,
+        "the set file"
+    );
+    assert_eq!(
+        env.fake.path_of("crc8").unwrap(),
+        env.in_tree("kernel/lib/crc8.ko")
+    );
 }
 
 #[test]
@@ -158,7 +184,7 @@ fn loads_in_dependency_order_with_parameters() {
         strs(&["level=5", "label=hello"])
     );
     assert!(env.fake.params_of("kvcd_user").is_empty());
-    // crc8 comes from the kernel's own tree (through the module root's `kernel` link).
+    // crc8 comes from the kernel's own tree.
     let crc8 = env.fake.path_of("crc8").unwrap();
     assert_eq!(
         fs::canonicalize(&crc8).unwrap(),
@@ -198,7 +224,7 @@ fn second_apply_is_a_no_op() {
     assert!(
         o.steps
             .iter()
-            .any(|s| s.step == Step::Depmod && s.detail.contains("is current")),
+            .any(|s| s.step == Step::Stage && s.detail.contains("in the store already")),
         "{o:#?}"
     );
 }
@@ -496,10 +522,9 @@ fn same_name_module_replaces_in_tree_and_restores_it() {
     ok(&o);
     assert_eq!(env.fake.take_log(), strs(&["remove dummy", "insert dummy"]));
     let ours = env.fake.path_of("dummy").unwrap();
-    assert!(
-        ours.to_string_lossy().contains("/kvcd/dummy.ko"),
-        "{}",
-        ours.display()
+    assert_eq!(
+        ours,
+        common::module_set(&env.tmp.path().join("state"), "replace", &env.fx.kver)["dummy"]
     );
     assert_eq!(
         env.records()
@@ -674,13 +699,16 @@ fn vermagic_mismatch_fails_before_any_insert() {
     assert!(env.fake.take_log().is_empty());
 
     // Good files for another kernel are just as wrong (that kernel has a
-    // module tree: a bare `kernel/` linked to the fixtures' own). One config
+    // module tree: the fixtures' own `kernel/` and index). One config
     // owns kvcd_param at a time.
     fs::remove_file(env.tmp.path().join("etc/modules.d/bad.toml")).unwrap();
     let c = env.config("deps", DEPS);
     let other = KernelRelease::parse("6.1.0-999-amd64").unwrap();
     let mut engine = env.engine_for(other);
-    engine.layout.kernel_modules_dir = env.bare_host_tree("6.1.0-999-amd64");
+    engine.layout = ModuleStore::new(
+        env.tmp.path().join("state"),
+        env.bare_host_tree("6.1.0-999-amd64", true),
+    );
     let o = engine.load(&c);
     let e = o.error.unwrap();
     assert_eq!(e.step, Step::Verify);
@@ -782,7 +810,7 @@ fn kernel_match_and_after() {
 }
 
 #[test]
-fn module_tree_is_rebuilt_when_files_change_and_old_ones_pruned() {
+fn only_needed_files_are_stored_and_replaced_ones_collected() {
     let env = Env::new();
     let pkg = env.tmp.path().join("pkg");
     fs::create_dir_all(&pkg).unwrap();
@@ -794,23 +822,38 @@ fn module_tree_is_rebuilt_when_files_change_and_old_ones_pruned() {
             pkg.display()
         ),
     );
+    let staged = |o: &Outcome| {
+        o.steps
+            .iter()
+            .find(|s| s.step == Step::Stage)
+            .map(|s| s.detail.clone())
+            .unwrap_or_default()
+    };
+    let state = env.tmp.path().join("state");
+    let stored = || common::files_named(&state.join("files"), "");
     let o = env.engine().load(&c);
     ok(&o);
-    assert!(
-        o.steps
-            .iter()
-            .any(|s| s.detail.starts_with("built module tree"))
-    );
+    assert!(staged(&o).contains("1 copied into"), "{o:#?}");
+    // A file the load does not need is neither stored nor read.
     fs::copy(env.fx.ko().join("kvcd_base.ko"), pkg.join("kvcd_base.ko")).unwrap();
-    let o = env.engine().load(&c);
-    assert!(
-        o.steps
-            .iter()
-            .any(|s| s.detail.starts_with("built module tree")),
-        "{o:#?}"
+    let o = env.engine().prepare(&c);
+    ok(&o);
+    assert!(staged(&o).ends_with("in the store already"), "{o:#?}");
+    assert_eq!(stored().len(), 1);
+    // New content: stored, and the file it replaces goes.
+    let mut bytes = fs::read(pkg.join("kvcd_param.ko")).unwrap();
+    bytes.extend_from_slice(b"\0trailer");
+    fs::write(pkg.join("kvcd_param.ko"), &bytes).unwrap();
+    let o = env.engine().prepare(&c);
+    ok(&o);
+    assert!(staged(&o).contains("1 copied into"), "{o:#?}");
+    let left = stored();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(fs::read(&left[0]).unwrap(), bytes);
+    assert_eq!(
+        common::module_set(&state, "p", &env.fx.kver)["kvcd_param"],
+        left[0]
     );
-    let roots = env.tmp.path().join("state/roots/p").join(&env.fx.kver);
-    assert_eq!(fs::read_dir(roots).unwrap().count(), 1);
 }
 
 /// A module config with hooks that trace what they see into `trace`.
@@ -1028,64 +1071,26 @@ fn ready_command_is_retried_until_it_passes_or_time_runs_out() {
     );
 }
 
-/// The `.tmp-*` entries under the state's module trees of `name`.
-fn temp_dirs(env: &Env, name: &str) -> Vec<PathBuf> {
-    let dir = env
-        .tmp
-        .path()
-        .join("state/roots")
-        .join(name)
-        .join(&env.fx.kver);
-    fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name()
-                        .unwrap()
-                        .to_string_lossy()
-                        .starts_with(".tmp-")
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
-fn a_missing_depmod_fails_the_tree_and_leaves_no_temp_dir() {
+fn a_store_that_cannot_be_written_fails_before_the_kernel_is_touched() {
     let env = Env::new();
     let c = env.config("deps", DEPS);
-    let mut engine = env.engine();
-    engine.layout.depmod = "/nonexistent/depmod".into();
-    let o = engine.load(&c);
+    let state = env.tmp.path().join("state");
+    fs::create_dir_all(&state).unwrap();
+    fs::write(state.join("files"), b"not a directory").unwrap();
+    let o = env.engine().load(&c);
     let e = o.error.unwrap();
-    assert_eq!(e.step, Step::Depmod);
+    assert_eq!(e.step, Step::Stage);
     assert!(
-        e.message.starts_with("running /nonexistent/depmod: "),
+        e.message
+            .starts_with(&format!("creating {}", state.join("files").display())),
         "{}",
         e.message
     );
-    assert!(
-        temp_dirs(&env, "deps").is_empty(),
-        "{:?}",
-        temp_dirs(&env, "deps")
-    );
     assert!(env.fake.take_log().is_empty());
-
-    // A temp dir a killed run left behind is swept by the next one.
-    let stale = env
-        .tmp
-        .path()
-        .join("state/roots/deps")
-        .join(&env.fx.kver)
-        .join(".tmp-0123456789abcdef-999999999");
-    fs::create_dir_all(stale.join("lib/modules")).unwrap();
+    fs::remove_file(state.join("files")).unwrap();
     ok(&env.engine().load(&c));
-    assert!(
-        temp_dirs(&env, "deps").is_empty(),
-        "{:?}",
-        temp_dirs(&env, "deps")
-    );
+    assert!(common::files_named(&state.join("files"), ".").is_empty());
 }
 
 #[test]
@@ -1095,10 +1100,10 @@ fn a_kernel_without_its_module_tree_fails_at_once_naming_it() {
     let mut engine = env.engine();
     let host = env.tmp.path().join("no-modules");
     fs::create_dir_all(&host).unwrap();
-    engine.layout.kernel_modules_dir.clone_from(&host);
+    engine.layout = ModuleStore::new(env.tmp.path().join("state"), host.clone());
     let o = engine.load(&c);
     let e = o.error.unwrap();
-    assert_eq!(e.step, Step::Depmod);
+    assert_eq!(e.step, Step::Resolve);
     assert_eq!(
         e.message,
         format!(
@@ -1107,28 +1112,33 @@ fn a_kernel_without_its_module_tree_fails_at_once_naming_it() {
             k = env.fx.kver
         )
     );
-    assert!(temp_dirs(&env, "deps").is_empty());
     assert!(env.fake.take_log().is_empty());
 }
 
 #[test]
-fn depmods_expected_noise_stays_out_of_the_steps() {
+fn a_kernel_tree_without_its_index_is_refused_by_name() {
     let env = Env::new();
     let c = env.config("deps", DEPS);
     let mut engine = env.engine();
-    // No modules.order or modules.builtin to copy: depmod says so.
-    engine.layout.kernel_modules_dir = env.bare_host_tree(&env.fx.kver);
+    // The kernel's modules, but no modules.dep.bin: kvcd does not index the kernel itself.
+    engine.layout = ModuleStore::new(
+        env.tmp.path().join("state"),
+        env.bare_host_tree(&env.fx.kver, false),
+    );
     let o = engine.load(&c);
-    ok(&o);
-    assert!(
-        o.steps
-            .iter()
-            .any(|s| s.detail.starts_with("built module tree")),
-        "{o:#?}"
+    let e = o.error.unwrap();
+    assert_eq!(e.step, Step::Resolve);
+    assert_eq!(
+        e.message,
+        format!(
+            "{}: no modules.dep.bin: the kernel's module index is missing (depmod {k} makes it)",
+            env.tmp
+                .path()
+                .join("host-modules")
+                .join(&env.fx.kver)
+                .display(),
+            k = env.fx.kver
+        )
     );
-    assert!(
-        !o.steps.iter().any(|s| s.detail.contains("could not open")),
-        "{o:#?}"
-    );
-    assert!(env.fake.is_live("kvcd_crc") && env.fake.is_live("crc8"));
+    assert!(env.fake.take_log().is_empty());
 }

@@ -13,7 +13,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use common::{FakeKernel, Fixtures, images_env, podman_lock, read_env_file};
-use kvcd::artifacts::RootLayout;
+use kvcd::artifacts::ModuleStore;
 use kvcd::artifacts::image::Manifest;
 use kvcd::artifacts::podman::{ContainerTool as _, Podman};
 use kvcd::config::{Config, ModuleConfig, Overrides};
@@ -47,12 +47,7 @@ impl Env {
 
     fn engine(&self, podman: &str) -> Engine<'_> {
         Engine {
-            layout: RootLayout {
-                state_dir: self.state(),
-                kernel_modules_dir: self.fx.modules_dir(),
-                depmod: "depmod".into(),
-                depmod_timeout: std::time::Duration::from_secs(120),
-            },
+            layout: ModuleStore::new(self.state(), self.fx.modules_dir()),
             kernel: KernelRelease::parse(&self.fx.kver).unwrap(),
             kmods: &self.fake,
             firmware_dir: self.tmp.path().join("firmware"),
@@ -298,7 +293,7 @@ fn registry_down_falls_back_to_build() {
     assert_eq!(p.kernels, ["99.0.0-1-amd64", env.fx.kver.as_str()]);
     assert_eq!(p.images.as_slice(), std::slice::from_ref(&reference));
     assert!(podman.inspect(&reference).unwrap().is_none());
-    assert!(!env.state().join("roots/built").join(&env.fx.kver).exists());
+    assert!(!kvcd::state::Layout::set_file(&env.state(), "built", &env.fx.kver).exists());
 }
 
 #[test]
@@ -441,9 +436,11 @@ fn prepare_a_kernel_then_apply_it_on_the_warm_path_through_the_cli() {
         "{out}"
     );
     assert!(
-        steps
-            .iter()
-            .any(|s| s["detail"].as_str().unwrap().ends_with("is current")),
+        steps.iter().any(|s| s["step"] == "stage"
+            && s["detail"]
+                .as_str()
+                .unwrap()
+                .ends_with("in the store already")),
         "{out}"
     );
     // This host cannot insert modules; with a kernel that can, this is where loading starts.
@@ -745,27 +742,24 @@ fn an_image_with_a_whole_kernel_tree_gives_only_the_driver() {
     );
 
     // crc8 comes from the host's tree; dummy is the driver's, not the kernel's.
-    let root = env.state().join("roots/full").join(&env.fx.kver);
-    let key = fs::read_dir(&root).unwrap().next().unwrap().unwrap().path();
-    let tree = kvcd::kmod::ModuleTree::open(&key.join("lib/modules").join(&env.fx.kver)).unwrap();
-    let order = tree
-        .load_order(&[
-            common::m("kvcd_crc"),
-            common::m("kvcd_user"),
-            common::m("dummy"),
-        ])
-        .unwrap();
-    let names: Vec<_> = order.iter().map(|f| (f.name.as_str(), f.in_tree)).collect();
-    assert_eq!(
-        names,
-        [
-            ("crc8", true),
-            ("kvcd_crc", false),
-            ("kvcd_base", false),
-            ("kvcd_user", false),
-            ("dummy", false)
-        ]
+    assert!(
+        o.steps.iter().any(|s| s.step == Step::Resolve
+            && s.detail == "load order: crc8, kvcd_crc, kvcd_base, kvcd_user, dummy"),
+        "{o:#?}"
     );
+    let set = common::module_set(&env.state(), "full", &env.fx.kver);
+    assert_eq!(
+        set.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["dummy", "kvcd_base", "kvcd_crc", "kvcd_user"]
+    );
+    assert_eq!(
+        env.fake.path_of("crc8").unwrap(),
+        env.fx
+            .modules_dir()
+            .join(&env.fx.kver)
+            .join("kernel/lib/crc8.ko")
+    );
+    assert_eq!(env.fake.path_of("dummy").as_ref(), Some(&set["dummy"]));
     assert!(env.fake.is_live("crc8") && env.fake.is_live("dummy"));
     rmi(&reference);
 }

@@ -319,12 +319,7 @@ fn fake_engine<'a>(
     fake: &'a common::FakeKernel,
 ) -> kvcd::reconciler::Engine<'a> {
     kvcd::reconciler::Engine {
-        layout: kvcd::artifacts::RootLayout {
-            state_dir: tmp.join("state"),
-            kernel_modules_dir: fx.modules_dir(),
-            depmod: "depmod".into(),
-            depmod_timeout: std::time::Duration::from_secs(120),
-        },
+        layout: kvcd::artifacts::ModuleStore::new(tmp.join("state"), fx.modules_dir()),
         kernel: kvcd::kernel::KernelRelease::parse(&fx.kver).unwrap(),
         kmods: fake,
         firmware_dir: tmp.join("firmware"),

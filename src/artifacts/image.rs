@@ -21,7 +21,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 use super::podman::{BUILT_LABEL, BuildArgs, ContainerTool, ImageInfo, LineSink};
-use super::root::copy_file_hashed;
+use super::store::copy_file_hashed;
 use crate::config::{ImageSource, PullPolicy};
 use crate::kernel::{KernelRelease, TemplateVars, expand, expand_all};
 use crate::kmod::{ModInfo, ModName};
@@ -404,8 +404,8 @@ impl ImageStore<'_> {
                 format!(
                     "extracted {} module file(s), {}, from {modules_dir} in {reference} ({} other module file(s) left in the image)",
                     mods.files.len(),
-                    human_bytes(mods.files.iter().map(|f| f.size).sum()),
-                    thousands(mods.left),
+                    crate::util::human_bytes(mods.files.iter().map(|f| f.size).sum()),
+                    crate::util::thousands(mods.left),
                 ),
             );
             let mut files = mods.files;
@@ -415,7 +415,7 @@ impl ImageStore<'_> {
                 notes.push(format!(
                     "extracted {} firmware file(s), {}, from {fw}",
                     fw_files.len(),
-                    human_bytes(fw_files.iter().map(|f| f.size).sum()),
+                    crate::util::human_bytes(fw_files.iter().map(|f| f.size).sum()),
                 ));
                 notes.extend(fw_notes);
                 files.extend(fw_files);
@@ -951,35 +951,6 @@ fn extract_firmware(
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok((files, notes))
-}
-
-/// `1234567` → `1,234,567`.
-fn thousands(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// A byte count for people: `512 bytes`, `41 KiB`, `3.2 MiB`, `1.5 GiB`.
-fn human_bytes(n: u64) -> String {
-    const KIB: u64 = 1024;
-    #[allow(clippy::cast_precision_loss)]
-    let f = n as f64;
-    if n < KIB {
-        format!("{n} bytes")
-    } else if n < KIB * KIB {
-        format!("{} KiB", n.div_ceil(KIB))
-    } else if n < KIB * KIB * KIB {
-        format!("{:.1} MiB", f / (KIB * KIB) as f64)
-    } else {
-        format!("{:.1} GiB", f / (KIB * KIB * KIB) as f64)
-    }
 }
 
 #[cfg(test)]
@@ -1556,11 +1527,11 @@ mod tests {
 
     #[test]
     fn numbers_for_people() {
-        assert_eq!(thousands(4023), "4,023");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(1_234_567), "1,234,567");
-        assert_eq!(human_bytes(512), "512 bytes");
-        assert_eq!(human_bytes(41 * 1024), "41 KiB");
-        assert_eq!(human_bytes(784 * 1024 * 1024), "784.0 MiB");
+        assert_eq!(crate::util::thousands(4023), "4,023");
+        assert_eq!(crate::util::thousands(999), "999");
+        assert_eq!(crate::util::thousands(1_234_567), "1,234,567");
+        assert_eq!(crate::util::human_bytes(512), "512 bytes");
+        assert_eq!(crate::util::human_bytes(41 * 1024), "41 KiB");
+        assert_eq!(crate::util::human_bytes(784 * 1024 * 1024), "784.0 MiB");
     }
 }

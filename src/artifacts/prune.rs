@@ -1,7 +1,7 @@
-//! Keeping the state directory small: artifacts (module trees and image
+//! Keeping the state directory small: artifacts (module sets and image
 //! extractions) for the newest N kernels per module config, never those of
-//! the running kernel or the kernel being applied, and the images kvcd built
-//! for kernels it lets go.
+//! the running kernel or the kernel being applied, the images kvcd built
+//! for kernels it lets go, and stored module files no set names any more.
 
 use std::cmp::Ordering;
 use std::collections::BTreeSet;
@@ -12,6 +12,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::podman::ContainerTool;
+use super::store;
 use crate::state::{Layout, index};
 
 /// Default number of kernels whose artifacts are kept per module config.
@@ -54,8 +55,10 @@ pub struct Pruned {
     pub config: String,
     /// Kernels whose artifacts went.
     pub kernels: Vec<String>,
-    /// Directories removed.
-    pub dirs: Vec<PathBuf>,
+    /// Module sets and extraction directories removed.
+    pub paths: Vec<PathBuf>,
+    /// Stored module files removed because no set names them any more.
+    pub files: Vec<PathBuf>,
     /// kvcd-built images removed.
     pub images: Vec<String>,
 }
@@ -91,9 +94,9 @@ pub fn prune_config(
     protect: &[&str],
     dry_run: bool,
 ) -> Result<Pruned> {
-    let roots = Layout::roots_of(state_dir, config);
+    let sets = Layout::sets_of(state_dir, config);
     let images = Layout::images_of(state_dir, config);
-    let mut kernels: Vec<String> = subdirs(&roots)
+    let mut kernels: Vec<String> = Layout::set_kernels(state_dir, config)
         .into_iter()
         .chain(subdirs(&images))
         .collect::<BTreeSet<_>>()
@@ -120,19 +123,28 @@ pub fn prune_config(
                 }
             }
         }
-        for d in [roots.join(&k), images.join(&k)] {
-            if d.exists() {
-                if !dry_run {
-                    fs::remove_dir_all(&d)?;
-                }
-                out.dirs.push(d);
+        let set = Layout::set_file(state_dir, config, &k);
+        if set.exists() {
+            if !dry_run {
+                fs::remove_file(&set)?;
             }
+            out.paths.push(set);
+        }
+        let extraction = images.join(&k);
+        if extraction.exists() {
+            if !dry_run {
+                fs::remove_dir_all(&extraction)?;
+            }
+            out.paths.push(extraction);
         }
         out.kernels.push(k);
     }
     if !dry_run {
-        for d in [&roots, &images] {
+        for d in [&sets, &images] {
             let _ = fs::remove_dir(d);
+        }
+        if !out.kernels.is_empty() {
+            out.files = store::collect_garbage(state_dir)?;
         }
     }
     Ok(out)
@@ -173,18 +185,23 @@ mod tests {
             "6.1.0-10-amd64",
             "6.1.0-3-amd64",
         ] {
-            fs::create_dir_all(t.path().join("roots/x").join(k).join("key")).unwrap();
+            fs::create_dir_all(t.path().join("sets/x")).unwrap();
+            fs::write(
+                t.path().join("sets/x").join(format!("{k}.json")),
+                b"{\"files\": {}}",
+            )
+            .unwrap();
         }
         fs::create_dir_all(t.path().join("images/x/6.1.0-1-amd64/abc")).unwrap();
         let p = prune_config(t.path(), None, "x", 2, &["6.1.0-1-amd64"], true).unwrap();
         assert_eq!(p.kernels, ["6.1.0-2-amd64"]);
         assert!(
-            t.path().join("roots/x/6.1.0-2-amd64").exists(),
+            t.path().join("sets/x/6.1.0-2-amd64.json").exists(),
             "dry run removes nothing"
         );
         let p = prune_config(t.path(), None, "x", 2, &["6.1.0-1-amd64"], false).unwrap();
         assert_eq!(p.kernels, ["6.1.0-2-amd64"]);
-        let left = subdirs(&t.path().join("roots/x"))
+        let left = Layout::set_kernels(t.path(), "x")
             .into_iter()
             .collect::<BTreeSet<_>>();
         assert_eq!(
@@ -195,7 +212,7 @@ mod tests {
         );
         let p = prune_config(t.path(), None, "x", 0, &[], false).unwrap();
         assert_eq!(p.kernels.len(), 3);
-        assert!(!t.path().join("roots/x").exists() && !t.path().join("images/x").exists());
+        assert!(!t.path().join("sets/x").exists() && !t.path().join("images/x").exists());
         assert!(Layout::configs_with_artifacts(t.path()).is_empty());
     }
 }

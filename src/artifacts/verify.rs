@@ -2,6 +2,7 @@
 //! insert, so a mismatch is our clear error rather than a kernel message.
 
 use std::fs;
+use std::io::{BufRead as _, BufReader};
 use std::path::Path;
 
 use anyhow::{Result, bail};
@@ -25,10 +26,13 @@ pub fn check_machine(file: &ModuleFile, elf: &ElfInfo, arch: &str) -> Result<()>
     Ok(())
 }
 
-/// The vermagic of the host's own modules for a kernel (from the first entry of its `modules.dep`).
+/// The vermagic of the host's own modules for a kernel (from the first
+/// entry of its `modules.dep`; only that line is read).
 pub fn reference_vermagic(host_tree: &Path) -> Option<String> {
-    let dep = fs::read_to_string(host_tree.join("modules.dep")).ok()?;
-    let first = dep.lines().next()?.split(':').next()?;
+    let dep = fs::File::open(host_tree.join("modules.dep")).ok()?;
+    let mut line = String::new();
+    BufReader::new(dep).read_line(&mut line).ok()?;
+    let first = line.split(':').next()?.trim();
     ModInfo::read(&host_tree.join(first)).ok()?.vermagic
 }
 
@@ -99,6 +103,7 @@ mod tests {
             machine,
             is_64: true,
             build_id: None,
+            modinfo: Vec::new(),
         };
         assert!(check_machine(&file(), &elf(62), "x86_64").is_ok());
         assert_eq!(
@@ -115,7 +120,6 @@ mod tests {
         ModInfo {
             vermagic: Some(vermagic.into()),
             version: version.map(Into::into),
-            signer: None,
             srcversion: None,
             depends: Vec::new(),
         }

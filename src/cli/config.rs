@@ -258,7 +258,6 @@ fn show(config: &Config, name: Option<&str>, json: bool) -> Result<u8> {
             println!("  state_dir: {}", d.state_dir.display());
             println!("  runtime_dir: {}", d.runtime_dir.display());
             println!("  kernel_modules_dir: {}", d.kernel_modules_dir.display());
-            println!("  depmod: {}", d.depmod.display());
             println!("  podman: {}", d.podman.display());
             println!("  firmware_dir: {}", d.firmware_dir.display());
             println!("  keep_kernels: {}", d.keep_kernels);

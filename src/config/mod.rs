@@ -25,14 +25,12 @@ use validate::Scope;
 
 /// Default configuration directories, lowest precedence first.
 pub const DEFAULT_CONFIG_DIRS: &[&str] = &["/usr/lib/kvcd", "/run/kvcd", "/etc/kvcd"];
-/// Default state directory (module roots, caches).
+/// Default state directory (stored module files, image extractions).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/kvcd";
 /// Default runtime directory (what kvcd loaded, lock).
 pub const DEFAULT_RUNTIME_DIR: &str = "/run/kvcd";
 /// Default directory holding `KERNEL/` module trees.
 pub const DEFAULT_KERNEL_MODULES_DIR: &str = "/usr/lib/modules";
-/// Default `depmod` program (looked up in `PATH`).
-pub const DEFAULT_DEPMOD: &str = "depmod";
 /// Default host directory for firmware from driver images.
 pub const DEFAULT_FIRMWARE_DIR: &str = "/var/lib/firmware";
 /// Default `podman` program (looked up in `PATH`).
@@ -262,14 +260,12 @@ impl ModuleConfig {
 pub struct DaemonSettings {
     /// The `kvcd.toml` in effect, if any.
     pub file: Option<PathBuf>,
-    /// Module roots and caches; default `/var/lib/kvcd`.
+    /// Stored module files and image extractions; default `/var/lib/kvcd`.
     pub state_dir: PathBuf,
     /// What kvcd loaded, and its lock; default `/run/kvcd`.
     pub runtime_dir: PathBuf,
     /// Directory holding the kernels' module trees; default `/usr/lib/modules`.
     pub kernel_modules_dir: PathBuf,
-    /// The `depmod` program; default `depmod` from `PATH`.
-    pub depmod: PathBuf,
     /// The `podman` program; default `podman` from `PATH`.
     pub podman: PathBuf,
     /// Where firmware from driver images is placed; default `/var/lib/firmware`.
@@ -292,8 +288,6 @@ pub struct DaemonSettings {
     pub pull_timeout_seconds: u64,
     /// Longest a short podman call (inspect, mount, unmount, rmi) may take, in seconds; default 120.
     pub podman_timeout_seconds: u64,
-    /// Longest a `depmod` run may take, in seconds; default 120.
-    pub depmod_timeout_seconds: u64,
 }
 
 impl Default for DaemonSettings {
@@ -303,7 +297,6 @@ impl Default for DaemonSettings {
             state_dir: DEFAULT_STATE_DIR.into(),
             runtime_dir: DEFAULT_RUNTIME_DIR.into(),
             kernel_modules_dir: DEFAULT_KERNEL_MODULES_DIR.into(),
-            depmod: DEFAULT_DEPMOD.into(),
             podman: DEFAULT_PODMAN.into(),
             firmware_dir: DEFAULT_FIRMWARE_DIR.into(),
             keep_kernels: crate::artifacts::prune::DEFAULT_KEEP_KERNELS,
@@ -315,7 +308,6 @@ impl Default for DaemonSettings {
             stop_timeout_seconds: 240,
             pull_timeout_seconds: crate::artifacts::podman::DEFAULT_PULL_TIMEOUT,
             podman_timeout_seconds: crate::artifacts::podman::DEFAULT_PODMAN_TIMEOUT,
-            depmod_timeout_seconds: crate::artifacts::root::DEFAULT_DEPMOD_TIMEOUT,
         }
     }
 }

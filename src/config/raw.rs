@@ -19,7 +19,9 @@ pub(crate) struct RawDaemon {
     pub(crate) state_dir: Option<S<String>>,
     pub(crate) runtime_dir: Option<S<String>>,
     pub(crate) kernel_modules_dir: Option<S<String>>,
-    pub(crate) depmod: Option<S<String>>,
+    /// Accepted from older kvcd.toml files and ignored: kvcd runs no depmod.
+    #[serde(rename = "depmod")]
+    pub(crate) _depmod: Option<toml::Value>,
     pub(crate) podman: Option<S<String>>,
     pub(crate) firmware_dir: Option<S<String>>,
     pub(crate) keep_kernels: Option<S<i64>>,
@@ -31,7 +33,9 @@ pub(crate) struct RawDaemon {
     pub(crate) stop_timeout_seconds: Option<S<i64>>,
     pub(crate) pull_timeout_seconds: Option<S<i64>>,
     pub(crate) podman_timeout_seconds: Option<S<i64>>,
-    pub(crate) depmod_timeout_seconds: Option<S<i64>>,
+    /// Accepted from older kvcd.toml files and ignored: kvcd runs no depmod.
+    #[serde(rename = "depmod_timeout_seconds")]
+    pub(crate) _depmod_timeout_seconds: Option<toml::Value>,
 }
 
 /// `modules.d/NAME.toml`.

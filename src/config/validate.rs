@@ -293,15 +293,11 @@ pub(super) fn daemon(file: &Path, text: &str) -> Result<DaemonSettings, Vec<Conf
             }
         }
     }
-    for (key, value, slot) in [
-        ("depmod", &raw.depmod, &mut s.depmod),
-        ("podman", &raw.podman, &mut s.podman),
-    ] {
-        let Some(v) = value else { continue };
+    if let Some(v) = &raw.podman {
         if let Err(msg) = check_program(v.get_ref()) {
-            d.error(Some(v.span()), key, msg);
+            d.error(Some(v.span()), "podman", msg);
         } else {
-            *slot = PathBuf::from(v.get_ref());
+            s.podman = PathBuf::from(v.get_ref());
         }
     }
     if let Some(v) = raw.prepare_next_kernels {
@@ -365,11 +361,6 @@ pub(super) fn daemon(file: &Path, text: &str) -> Result<DaemonSettings, Vec<Conf
             "podman_timeout_seconds",
             &raw.podman_timeout_seconds,
             &mut s.podman_timeout_seconds,
-        ),
-        (
-            "depmod_timeout_seconds",
-            &raw.depmod_timeout_seconds,
-            &mut s.depmod_timeout_seconds,
         ),
         (
             "stop_timeout_seconds",

@@ -1,9 +1,12 @@
-//! The little of a module's ELF file that kvcd needs: the machine it was built
-//! for and its GNU build ID, read from the file (compressed or not) or from a
-//! live module's notes in sysfs.
+//! The little of a module's ELF file that kvcd needs, in one pass over the
+//! file (compressed or not): the machine it was built for, its GNU build ID
+//! and its `.modinfo` strings; and the build ID of a live module's notes in
+//! sysfs.
 //!
-//! Only the ELF header, the section headers and the note sections are read;
-//! an uncompressed file is never read whole.
+//! Only the ELF header, the section headers, the section names, the note
+//! sections and `.modinfo` are read; an uncompressed file is never read
+//! whole. Every offset is checked against the file's size before anything
+//! is allocated for it.
 
 use std::fs::File;
 use std::io::{BufReader, Cursor, Read, Seek, SeekFrom, Write};
@@ -15,6 +18,8 @@ use anyhow::{Context as _, Result, bail};
 const MAX_DECOMPRESSED: u64 = 1 << 30;
 /// Largest note section kvcd reads (64 KiB; build IDs are 20 bytes).
 const MAX_NOTES: u64 = 64 << 10;
+/// Largest section name table and `.modinfo` section kvcd reads (1 MiB each).
+const MAX_STRINGS: u64 = 1 << 20;
 /// `SHT_NOTE`.
 const SHT_NOTE: u32 = 7;
 /// `NT_GNU_BUILD_ID`.
@@ -29,6 +34,8 @@ pub struct ElfInfo {
     pub is_64: bool,
     /// The GNU build ID, when the file carries one.
     pub build_id: Option<Vec<u8>>,
+    /// The `.modinfo` section's `key=value` strings, in file order (empty without one).
+    pub modinfo: Vec<(String, String)>,
 }
 
 /// A `Read + Seek` over a module file's ELF content.
@@ -133,7 +140,7 @@ impl Layout {
 }
 
 impl ElfInfo {
-    /// Reads the ELF header and build ID of the module file at `path`.
+    /// Reads the ELF header, build ID and `.modinfo` of the module file at `path`.
     pub fn read(path: &Path) -> Result<Self> {
         let mut r = open(path)?;
         Self::from_reader(&mut r).with_context(|| format!("{}: not a module file", path.display()))
@@ -160,42 +167,139 @@ impl ElfInfo {
         }
         let l = Layout { le, is_64 };
         let machine = l.u16(&h, 18);
-        let (shoff, shentsize, shnum) = if is_64 {
-            (l.u64(&h, 0x28), l.u16(&h, 0x3a), l.u16(&h, 0x3c))
+        let (shoff, shentsize, shnum, shstrndx) = if is_64 {
+            (
+                l.u64(&h, 0x28),
+                l.u16(&h, 0x3a),
+                l.u16(&h, 0x3c),
+                l.u16(&h, 0x3e),
+            )
         } else {
-            (u64::from(l.u32(&h, 0x20)), l.u16(&h, 0x2e), l.u16(&h, 0x30))
+            (
+                u64::from(l.u32(&h, 0x20)),
+                l.u16(&h, 0x2e),
+                l.u16(&h, 0x30),
+                l.u16(&h, 0x32),
+            )
         };
-        let min_entry = if is_64 { 64 } else { 40 };
-        let mut build_id = None;
-        if shoff != 0 && usize::from(shentsize) >= min_entry {
-            let table = section_table(r, shoff, shentsize, shnum)?;
-            for s in table.chunks_exact(usize::from(shentsize)) {
-                if l.u32(s, 4) != SHT_NOTE {
-                    continue;
-                }
-                let (off, size) = if is_64 {
-                    (l.word(s, 24), l.word(s, 32))
-                } else {
-                    (l.word(s, 16), l.word(s, 20))
-                };
-                if size > MAX_NOTES {
-                    continue;
-                }
-                let mut notes = vec![0u8; usize::try_from(size).unwrap_or(0)];
-                r.seek(SeekFrom::Start(off))?;
-                r.read_exact(&mut notes).context("truncated note section")?;
-                if let Some(id) = gnu_build_id_in(&notes, le) {
-                    build_id = Some(id);
-                    break;
-                }
-            }
-        }
-        Ok(Self {
+        let mut out = Self {
             machine,
             is_64,
-            build_id,
-        })
+            build_id: None,
+            modinfo: Vec::new(),
+        };
+        let entry = if is_64 { 64 } else { 40 };
+        if shoff == 0 || shnum == 0 || usize::from(shentsize) < entry {
+            return Ok(out);
+        }
+        let size = r.seek(SeekFrom::End(0))?;
+        let table = section_table(r, shoff, shentsize, shnum)?;
+        let sections: Vec<Section> = table
+            .chunks_exact(usize::from(shentsize))
+            .map(|s| Section::parse(l, s))
+            .collect();
+        for s in sections.iter().filter(|s| s.kind == SHT_NOTE) {
+            if s.size > MAX_NOTES || s.off.checked_add(s.size).is_none_or(|e| e > size) {
+                continue;
+            }
+            let notes = read_at(r, s.off, s.size).context("truncated note section")?;
+            if let Some(id) = gnu_build_id_in(&notes, le) {
+                out.build_id = Some(id);
+                break;
+            }
+        }
+        // SHN_UNDEF: no section names, so no `.modinfo` to find.
+        if shstrndx == 0 {
+            return Ok(out);
+        }
+        if shstrndx >= shnum {
+            bail!("section name table index {shstrndx} is not one of its {shnum} sections");
+        }
+        let names = &sections[usize::from(shstrndx)];
+        if names.off >= size {
+            bail!("the section name table starts at the end of the file");
+        }
+        let names = names.bytes(r, size, "the section name table")?;
+        let Some(modinfo) = sections.iter().skip(1).find(|s| {
+            usize::try_from(s.name)
+                .ok()
+                .and_then(|at| names.get(at..))
+                .and_then(|rest| rest.split(|&b| b == 0).next())
+                == Some(b".modinfo")
+        }) else {
+            return Ok(out);
+        };
+        if modinfo.off >= size {
+            bail!("the .modinfo section starts at the end of the file");
+        }
+        out.modinfo = modinfo_strings(&modinfo.bytes(r, size, "the .modinfo section")?);
+        Ok(out)
     }
+}
+
+/// One section header: what kvcd uses of it.
+#[derive(Clone, Copy)]
+struct Section {
+    name: u32,
+    kind: u32,
+    off: u64,
+    size: u64,
+}
+
+impl Section {
+    fn parse(l: Layout, s: &[u8]) -> Self {
+        let (off, size) = if l.is_64 {
+            (l.word(s, 24), l.word(s, 32))
+        } else {
+            (l.word(s, 16), l.word(s, 20))
+        };
+        Self {
+            name: l.u32(s, 0),
+            kind: l.u32(s, 4),
+            off,
+            size,
+        }
+    }
+
+    /// The section's bytes; `what` names it in errors. It must lie inside
+    /// the file and be at most [`MAX_STRINGS`] long.
+    fn bytes(self, r: &mut dyn ReadSeek, file_size: u64, what: &str) -> Result<Vec<u8>> {
+        if self
+            .off
+            .checked_add(self.size)
+            .is_none_or(|e| e > file_size)
+        {
+            bail!("{what} ends past the end of the file");
+        }
+        if self.size > MAX_STRINGS {
+            bail!("{what} is larger than {MAX_STRINGS} bytes");
+        }
+        read_at(r, self.off, self.size).with_context(|| format!("reading {what}"))
+    }
+}
+
+/// `len` bytes at `off` (the caller checked both against the file's size).
+fn read_at(r: &mut dyn ReadSeek, off: u64, len: u64) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; usize::try_from(len)?];
+    r.seek(SeekFrom::Start(off))?;
+    r.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+/// The `key=value` strings of a `.modinfo` section (NUL-separated, padded
+/// with NULs); a string without `=` is a key with an empty value, and bytes
+/// that are not UTF-8 are replaced.
+fn modinfo_strings(data: &[u8]) -> Vec<(String, String)> {
+    data.split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let s = String::from_utf8_lossy(s);
+            match s.split_once('=') {
+                Some((k, v)) => (k.to_owned(), v.to_owned()),
+                None => (s.into_owned(), String::new()),
+            }
+        })
+        .collect()
 }
 
 /// The section header table: `shnum` entries of `shentsize` bytes at
@@ -212,101 +316,6 @@ fn section_table(r: &mut dyn ReadSeek, shoff: u64, shentsize: u16, shnum: u16) -
     r.read_exact(&mut table)
         .context("truncated section headers")?;
     Ok(table)
-}
-
-/// Checks what libkmod (as of version 30) asserts rather than checks when it
-/// reads `.modinfo`, so that a malformed module file is an error here instead
-/// of aborting the process inside libkmod: the section name table's index
-/// is a real section (not 0, below the section count), and neither that table
-/// nor the first `.modinfo` section starts at the very end of the file.
-/// Files libkmod itself refuses (wrong entry size, table past the end) pass.
-pub(crate) fn check_for_libkmod(path: &Path) -> Result<()> {
-    let mut r = open(path)?;
-    libkmod_safe(&mut r).with_context(|| format!("{}: not a module file", path.display()))
-}
-
-fn libkmod_safe(r: &mut dyn ReadSeek) -> Result<()> {
-    let mut h = [0u8; 64];
-    read_up_to(r, &mut h)?;
-    let size = r.seek(SeekFrom::End(0))?;
-    // libkmod refuses other classes and files no longer than the header.
-    let (is_64, le) = match (&h[..4], h[4], h[5]) {
-        (b"\x7fELF", 1 | 2, 1 | 2) => (h[4] == 2, h[5] == 1),
-        _ => return Ok(()),
-    };
-    if size <= if is_64 { 64 } else { 52 } {
-        return Ok(());
-    }
-    let l = Layout { le, is_64 };
-    let (shoff, shentsize, shnum, shstrndx) = if is_64 {
-        (
-            l.u64(&h, 0x28),
-            l.u16(&h, 0x3a),
-            l.u16(&h, 0x3c),
-            l.u16(&h, 0x3e),
-        )
-    } else {
-        let (off, e) = (u64::from(l.u32(&h, 0x20)), 0x2e);
-        (off, l.u16(&h, e), l.u16(&h, e + 2), l.u16(&h, e + 4))
-    };
-    let entry = if is_64 { 64 } else { 40 };
-    if usize::from(shentsize) != entry
-        || shoff
-            .checked_add(u64::from(shentsize) * u64::from(shnum))
-            .is_none_or(|end| end > size)
-    {
-        return Ok(());
-    }
-    if shstrndx == 0 || shstrndx >= shnum {
-        bail!("section name table index {shstrndx} is not one of its {shnum} sections");
-    }
-    let table = section_table(r, shoff, shentsize, shnum)?;
-    // (offset, size, name offset) of a section whose bytes lie inside the file.
-    let section = |i: u16| {
-        let s = &table[usize::from(i) * entry..][..entry];
-        let (off, len) = if is_64 {
-            (l.u64(s, 24), l.u64(s, 32))
-        } else {
-            (u64::from(l.u32(s, 16)), u64::from(l.u32(s, 20)))
-        };
-        off.checked_add(len)
-            .filter(|&end| end <= size)
-            .map(|_| (off, len, l.u32(s, 0)))
-    };
-    // libkmod refuses a name table outside the file or not ending in NUL.
-    let Some((names_off, names_len, _)) = section(shstrndx) else {
-        return Ok(());
-    };
-    if names_off >= size {
-        bail!("the section name table starts at the end of the file");
-    }
-    if names_len > MAX_NOTES * 16 {
-        bail!(
-            "the section name table is larger than {} bytes",
-            MAX_NOTES * 16
-        );
-    }
-    let mut names = vec![0u8; usize::try_from(names_len)?];
-    r.seek(SeekFrom::Start(names_off))?;
-    r.read_exact(&mut names)?;
-    if names.last() != Some(&0) {
-        return Ok(());
-    }
-    for i in 1..shnum {
-        let Some((off, _, name)) = section(i) else {
-            continue;
-        };
-        let Some(rest) = usize::try_from(name).ok().and_then(|n| names.get(n..)) else {
-            continue;
-        };
-        if rest.split(|&b| b == 0).next() == Some(b".modinfo") {
-            if off >= size {
-                bail!("the .modinfo section starts at the end of the file");
-            }
-            break;
-        }
-    }
-    Ok(())
 }
 
 fn read_up_to(r: &mut dyn ReadSeek, buf: &mut [u8]) -> Result<usize> {
@@ -510,7 +519,8 @@ mod tests {
     }
 
     /// Files that made libkmod 30 abort the process on an assertion while
-    /// reading `.modinfo` are errors naming the file; a well-formed one reads.
+    /// reading `.modinfo` are errors naming the file (kvcd reads `.modinfo`
+    /// itself now, and must refuse them just as clearly); a well-formed one reads.
     #[test]
     fn modinfo_of_malformed_files_is_an_error_not_an_abort() {
         let d = tempfile::tempdir().unwrap();
@@ -519,16 +529,22 @@ mod tests {
         let info = crate::kmod::ModInfo::read(&p).unwrap();
         assert_eq!(info.version.as_deref(), Some("1"));
 
-        // The first input fuzzing found: e_shstrndx is 0 (SHN_UNDEF).
+        // The first input fuzzing found: e_shstrndx is 0 (SHN_UNDEF), so
+        // there are no section names and no `.modinfo` to find.
         let found = include_bytes!("../../fuzz/regressions/elf/shstrndx-zero");
+        for bytes in [found.to_vec(), elf(62, &[1; 20])] {
+            std::fs::write(&p, bytes).unwrap();
+            assert_eq!(
+                crate::kmod::ModInfo::read(&p).unwrap(),
+                crate::kmod::ModInfo::default()
+            );
+        }
+        let mut past = elf_with_modinfo("");
+        past[0x3e..0x40].copy_from_slice(&7u16.to_le_bytes());
         for (bytes, want) in [
             (
-                found.to_vec(),
-                "section name table index 0 is not one of its 33 sections",
-            ),
-            (
-                elf(62, &[1; 20]),
-                "section name table index 0 is not one of its 2 sections",
+                past,
+                "section name table index 7 is not one of its 3 sections",
             ),
             (
                 elf_with_modinfo("names"),

@@ -1,14 +1,15 @@
-//! Kernel modules through libkmod: lookups and dependency order in a module
-//! tree made by `depmod`, module file info, and the live kernel behind the
-//! narrow [`KernelModules`] trait (faked in unit tests, real in the VM).
+//! Kernel modules: lookups in a kernel's own module tree through its index
+//! (libkmod), load order for a driver package over that tree ([`resolve`]),
+//! module file info, and the live kernel behind the narrow [`KernelModules`]
+//! trait (faked in unit tests, real in the VM).
 
 pub mod elf;
 mod error;
 mod name;
+pub mod resolve;
 pub mod sim;
 mod sys;
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
@@ -25,7 +26,7 @@ pub struct ModuleFile {
     pub name: ModName,
     /// Path of the `.ko` file.
     pub path: PathBuf,
-    /// True for the kernel's own modules (under `kernel/` in the tree).
+    /// True for the target kernel's own modules (from its tree, not the package).
     pub in_tree: bool,
 }
 
@@ -36,8 +37,6 @@ pub struct ModInfo {
     pub vermagic: Option<String>,
     /// `version` (`MODULE_VERSION`).
     pub version: Option<String>,
-    /// `signer`, when the file is signed.
-    pub signer: Option<String>,
     /// `srcversion`: a hash of the module's source, when modpost added one.
     pub srcversion: Option<String>,
     /// `depends`: modules it needs symbols from.
@@ -45,23 +44,19 @@ pub struct ModInfo {
 }
 
 impl ModInfo {
-    /// Reads `.modinfo` from the module file at `path`.
+    /// Reads `.modinfo` from the module file at `path` (compressed or not).
     pub fn read(path: &Path) -> Result<Self> {
-        elf::check_for_libkmod(path)?;
-        let ctx = sys::Ctx::new(None).context("creating libkmod context")?;
-        let m = ctx
-            .by_path(path)
-            .with_context(|| format!("{}: not a readable module file", path.display()))?;
-        let info = m
-            .info()
-            .with_context(|| format!("{}: cannot read module info", path.display()))?;
+        Ok(Self::of(&elf::ElfInfo::read(path)?))
+    }
+
+    /// What the `.modinfo` strings read with `elf` say.
+    pub fn of(elf: &elf::ElfInfo) -> Self {
         let mut out = Self::default();
-        for (k, v) in info {
+        for (k, v) in &elf.modinfo {
             match k.as_str() {
-                "vermagic" => out.vermagic = Some(v),
-                "version" => out.version = Some(v),
-                "signer" => out.signer = Some(v),
-                "srcversion" => out.srcversion = Some(v),
+                "vermagic" => out.vermagic = Some(v.clone()),
+                "version" => out.version = Some(v.clone()),
+                "srcversion" => out.srcversion = Some(v.clone()),
                 "depends" => {
                     out.depends = v
                         .split(',')
@@ -72,7 +67,7 @@ impl ModInfo {
                 _ => {}
             }
         }
-        Ok(out)
+        out
     }
 
     /// The kernel release a module was built for: the first word of vermagic.
@@ -81,7 +76,7 @@ impl ModInfo {
     }
 }
 
-/// A `lib/modules/KERNEL` directory indexed by depmod.
+/// A kernel's own module tree (`lib/modules/KERNEL`), read through its index.
 #[derive(Debug)]
 pub struct ModuleTree {
     dir: PathBuf,
@@ -89,12 +84,13 @@ pub struct ModuleTree {
 }
 
 impl ModuleTree {
-    /// Opens the tree at `dir` (the directory holding `modules.dep`).
+    /// Opens the tree at `dir` (the directory holding `modules.dep.bin`).
     pub fn open(dir: &Path) -> Result<Self> {
-        if !dir.join("modules.dep").exists() && !dir.join("modules.dep.bin").exists() {
+        if !dir.join("modules.dep.bin").exists() && !dir.join("modules.dep").exists() {
             bail!(
-                "{}: no modules.dep (depmod has not run there)",
-                dir.display()
+                "{}: no modules.dep.bin: the kernel's module index is missing (depmod {} makes it)",
+                dir.display(),
+                dir.file_name().unwrap_or_default().to_string_lossy()
             );
         }
         let ctx = sys::Ctx::new(Some(dir))
@@ -110,81 +106,67 @@ impl ModuleTree {
         &self.dir
     }
 
-    fn file(&self, m: &sys::Module) -> Result<ModuleFile> {
-        let name = ModName::parse(&m.name()).map_err(anyhow::Error::msg)?;
-        let Some(path) = m.path() else {
-            bail!(
-                "module {name} is built into kernel {} or has no file in its modules.dep",
-                self.kernel_label()
-            );
-        };
-        let in_tree = path.starts_with(self.dir.join("kernel"));
-        Ok(ModuleFile {
-            name,
-            path,
-            in_tree,
-        })
-    }
-
-    fn kernel_label(&self) -> String {
+    /// The kernel release the tree is for (its directory's name).
+    pub fn kernel_label(&self) -> String {
         self.dir
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
     }
 
-    fn lookup(&self, name: &ModName) -> Result<sys::Module> {
+    fn lookup(&self, name: &ModName) -> Result<Option<sys::Module>> {
         let found = self
             .ctx
             .lookup(name.as_str())
             .with_context(|| format!("looking up module {name} in {}", self.dir.display()))?;
-        found
+        Ok(found
             .into_iter()
-            .find(|m| ModName::parse(&m.name()).is_ok_and(|n| n == *name))
-            .with_context(|| format!("no module named {name} in {}", self.dir.display()))
+            .find(|m| ModName::parse(&m.name()).is_ok_and(|n| n == *name)))
     }
 
-    /// The files for `names` and everything they depend on, dependencies first, each once.
+    /// Where `name` resolves among the kernel's own modules.
+    pub fn provider(&self, name: &ModName) -> Result<resolve::Provider> {
+        let Some(m) = self.lookup(name)? else {
+            return Ok(resolve::Provider::Missing);
+        };
+        let Some(path) = m.path() else {
+            return Ok(resolve::Provider::BuiltIn);
+        };
+        let depends = m
+            .dependencies()
+            .iter()
+            .map(|d| ModName::parse(&d.name()).map_err(anyhow::Error::msg))
+            .collect::<Result<_>>()?;
+        Ok(resolve::Provider::InTree { path, depends })
+    }
+
+    /// The kernel's own files for `names` and their dependencies, dependencies first.
     pub fn load_order(&self, names: &[ModName]) -> Result<Vec<ModuleFile>> {
-        let mut out = Vec::new();
-        let mut seen = BTreeSet::new();
-        for name in names {
-            let m = self.lookup(name)?;
-            self.visit(&m, &mut seen, &mut Vec::new(), &mut out)?;
-        }
-        Ok(out)
-    }
-
-    fn visit(
-        &self,
-        m: &sys::Module,
-        seen: &mut BTreeSet<String>,
-        stack: &mut Vec<String>,
-        out: &mut Vec<ModuleFile>,
-    ) -> Result<()> {
-        let name = m.name();
-        if seen.contains(&name) {
-            return Ok(());
-        }
-        if stack.contains(&name) {
-            bail!("dependency cycle: {} -> {name}", stack.join(" -> "));
-        }
-        stack.push(name.clone());
-        for dep in m.dependencies() {
-            self.visit(&dep, seen, stack, out)?;
-        }
-        stack.pop();
-        seen.insert(name);
-        out.push(self.file(m)?);
-        Ok(())
+        resolve::load_order(&mut &*self, names)
     }
 
     /// modprobe.d `options` for `name`, as modprobe would pass them.
     pub fn modprobe_options(&self, name: &ModName) -> Vec<String> {
         self.lookup(name)
             .ok()
+            .flatten()
             .and_then(|m| m.options())
             .map(|o| o.split_whitespace().map(str::to_owned).collect())
             .unwrap_or_default()
+    }
+}
+
+/// The kernel's own modules alone, as [`resolve::Providers`].
+impl resolve::Providers for &ModuleTree {
+    fn provider(&mut self, name: &ModName) -> Result<resolve::Provider> {
+        ModuleTree::provider(self, name)
+    }
+
+    fn searched(&self) -> String {
+        format!(
+            "kernel {}'s modules ({})",
+            self.kernel_label(),
+            self.dir.display()
+        )
     }
 }
 
@@ -234,7 +216,8 @@ impl ModuleIdentity {
 
     /// The identity of the module file at `path` (compressed or not).
     pub fn of_file(path: &Path) -> Result<Self> {
-        Ok(Self::new(&elf::ElfInfo::read(path)?, &ModInfo::read(path)?))
+        let elf = elf::ElfInfo::read(path)?;
+        Ok(Self::new(&elf, &ModInfo::of(&elf)))
     }
 
     /// Compares the live module `live` with this file: build IDs first, then srcversion, then version.

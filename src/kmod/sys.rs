@@ -198,30 +198,6 @@ impl Module {
         unsafe { string(sys::kmod_module_get_options(self.ptr())) }
     }
 
-    /// The `.modinfo` key/value pairs of the module file.
-    pub(crate) fn info(&self) -> Result<Vec<(String, String)>, Errno> {
-        let mut list = ptr::null_mut();
-        // SAFETY: valid module; `list` receives a list we own.
-        check(unsafe { sys::kmod_module_get_info(self.ptr(), &mut list) })?;
-        let mut out = Vec::new();
-        let mut it = list;
-        while !it.is_null() {
-            // SAFETY: `it` is an entry of `list`; key/value live as long as the list.
-            let (k, v) = unsafe {
-                (
-                    string(sys::kmod_module_info_get_key(it)),
-                    string(sys::kmod_module_info_get_value(it)),
-                )
-            };
-            out.push((k.unwrap_or_default(), v.unwrap_or_default()));
-            // SAFETY: valid list and entry.
-            it = unsafe { sys::kmod_list_next(list, it) };
-        }
-        // SAFETY: we own `list`.
-        unsafe { sys::kmod_module_info_free_list(list) };
-        Ok(out)
-    }
-
     /// Inserts the module file with `options` (space-separated `name=value`).
     pub(crate) fn insert(&self, options: &str) -> Result<(), Errno> {
         let opts = cstring(options.as_bytes())?;

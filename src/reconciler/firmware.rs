@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::artifacts::root::{copy_file_hashed, hash_file};
+use crate::artifacts::store::{copy_file_hashed, hash_file};
 
 /// Copies every file under `src` to the same relative path under `host`.
 /// A file that exists with other content and is not in `owned` (placed by

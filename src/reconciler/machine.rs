@@ -418,7 +418,7 @@ fn settled(state: State) -> Status {
 fn working(step: Step, current: Status) -> Status {
     match step {
         Step::Fetch => Fetching,
-        Step::Resolve | Step::Depmod | Step::Verify => Verifying,
+        Step::Resolve | Step::Stage | Step::Verify => Verifying,
         Step::Remove | Step::Restore => Unloading,
         _ if current == Unloading => Unloading,
         _ => Loading,

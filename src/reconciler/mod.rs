@@ -19,20 +19,21 @@ mod vendor;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use anyhow::{Context as _, Result, anyhow};
 use tracing::{info, warn};
 
 use crate::artifacts::image::{BuildHook, FetchRequest, ImageStore};
 use crate::artifacts::podman::{ContainerTool, Podman};
-use crate::artifacts::{RootLayout, directory, prune, verify};
+use crate::artifacts::{ModuleStore, directory, prune, verify};
 use crate::config::{ModuleConfig, Source};
 use crate::kernel::{KernelRelease, expand};
-use crate::kmod::elf::ElfInfo;
 use crate::kmod::{
     IdentityMatch, KernelModules, KmodErrorKind, LiveModule, ModInfo, ModName, ModuleFile,
-    ModuleIdentity, ModuleTree,
+    ModuleIdentity, ModuleTree, resolve,
 };
+use crate::state::Layout;
 
 pub use crate::state::{Intent, Owned, Record, RecordStore};
 pub use outcome::{Action, ImageRef, ModuleAction, Outcome, State, Step, StepError, StepLog};
@@ -43,8 +44,8 @@ pub type OnStep<'a> = dyn Fn(&str, &StepLog) + 'a;
 
 /// Applies module configs for one target kernel.
 pub struct Engine<'a> {
-    /// Where module trees live and what they link to.
-    pub layout: RootLayout,
+    /// Where module files are stored and which kernel trees they resolve against.
+    pub layout: ModuleStore,
     /// The kernel the artifacts are for (normally the running one).
     pub kernel: KernelRelease,
     /// The running kernel's modules.
@@ -80,9 +81,9 @@ impl Fail {
     }
 }
 
-/// A module config staged for loading: its tree and verified load order.
+/// A module config staged for loading: the target kernel's tree and the verified load order.
 struct Staged {
-    tree: ModuleTree,
+    tree: Rc<ModuleTree>,
     order: Vec<ModuleFile>,
     /// The identity of each of the package's own files, read while verifying.
     identities: BTreeMap<ModName, ModuleIdentity>,
@@ -123,12 +124,10 @@ impl<'a> Engine<'a> {
         on_step: Option<&'a OnStep<'a>>,
     ) -> Self {
         Self {
-            layout: RootLayout {
-                state_dir: settings.state_dir.clone(),
-                kernel_modules_dir: settings.kernel_modules_dir.clone(),
-                depmod: settings.depmod.clone(),
-                depmod_timeout: std::time::Duration::from_secs(settings.depmod_timeout_seconds),
-            },
+            layout: ModuleStore::new(
+                settings.state_dir.clone(),
+                settings.kernel_modules_dir.clone(),
+            ),
             kernel: kernel.clone(),
             kmods,
             podman: Box::new(Podman::from_settings(settings)),
@@ -249,13 +248,19 @@ impl Engine<'_> {
     /// with the lock held): temporary files and directories, image mounts,
     /// unfinished kernel changes in every record, and a firmware search path
     /// no record needs. Returns what was done, for the log.
-    pub fn recover(&self, state: &crate::state::Layout) -> Vec<String> {
+    pub fn recover(&self, state: &Layout) -> Vec<String> {
         let mut done: Vec<String> = state
             .sweep()
             .into_iter()
             .chain(firmware::sweep(&self.firmware_dir))
             .map(|p| format!("removed {}, left by a stopped kvcd", p.display()))
             .collect();
+        if let Some(p) = state.remove_legacy_trees() {
+            done.push(format!(
+                "removed {}: module trees of an older kvcd, no longer used",
+                p.display()
+            ));
+        }
         for (id, marker) in state.left_mounts() {
             match self.podman.unmount(&id) {
                 Ok(()) => done.push(format!(
@@ -597,7 +602,9 @@ impl Engine<'_> {
 
     /// Who provides a live module that is not the package's: the target kernel's own, or something else.
     fn live_provider(&self, name: &ModName, live: &ModuleIdentity) -> String {
-        let in_tree = ModuleTree::open(&self.layout.host_tree(&self.kernel))
+        let in_tree = self
+            .layout
+            .open_tree(&self.kernel)
             .and_then(|t| t.load_order(std::slice::from_ref(name)))
             .ok()
             .and_then(|files| files.into_iter().find(|f| f.name == *name));
@@ -706,40 +713,40 @@ impl Engine<'_> {
             format!("{} module file(s) in {}", files.len(), dir.display()),
         );
 
-        // Files → module tree.
-        let root = self
+        // The package's files over the target kernel's own index; only the
+        // files the load needs are stored and read.
+        let tree = self
             .layout
-            .prepare(name, &c.digest, &self.kernel, &files)
-            .map_err(Fail::at(Step::Depmod))?;
-        if root.reused {
-            self.log(
-                out,
-                Step::Depmod,
-                format!("module tree {} is current", root.tree.display()),
-            );
-        } else {
-            self.log(
-                out,
-                Step::Depmod,
-                format!("built module tree {}", root.tree.display()),
-            );
-        }
-        for w in &root.depmod_warnings {
-            self.log(out, Step::Depmod, format!("depmod: {w}"));
-        }
-        let tree = ModuleTree::open(&root.tree).map_err(Fail::at(Step::Depmod))?;
-        let order = tree
-            .load_order(&c.modules)
+            .open_tree(&self.kernel)
             .map_err(Fail::at(Step::Resolve))?;
-        for m in &c.modules {
-            let f = order.iter().find(|f| f.name == *m);
-            if let Some(f) = f.filter(|f| f.in_tree) {
-                return Err(Fail::at(Step::Resolve)(anyhow!(
-                    "module {m} resolved to the in-tree file {} instead of the config's own file",
-                    f.path.display()
-                )));
-            }
-        }
+        let mut staging = self
+            .layout
+            .staging(name, &self.kernel)
+            .map_err(Fail::at(Step::Stage))?;
+        let mut pkg = resolve::Package::new(&files, &dir, &tree, |m: &ModName, p: &Path| {
+            staging.put(m, p)
+        });
+        let order = resolve::load_order(&mut pkg, &c.modules).map_err(Fail::at(Step::Resolve))?;
+        let read = pkg.into_read();
+        let staged = staging.finish().map_err(Fail::at(Step::Stage))?;
+        self.log(
+            out,
+            Step::Stage,
+            format!(
+                "{} file(s), {}: {}",
+                read.len(),
+                crate::util::human_bytes(staged.bytes),
+                if staged.copied == 0 {
+                    "in the store already".to_owned()
+                } else {
+                    format!(
+                        "{} copied into {}",
+                        staged.copied,
+                        Layout::files_dir(&self.layout.state_dir).display()
+                    )
+                }
+            ),
+        );
         self.log(
             out,
             Step::Resolve,
@@ -758,10 +765,13 @@ impl Engine<'_> {
         let arch = crate::kernel::arch();
         let mut identities = BTreeMap::new();
         for f in order.iter().filter(|f| !f.in_tree) {
-            let elf = ElfInfo::read(&f.path).map_err(Fail::at(Step::Verify))?;
-            verify::check_machine(f, &elf, &arch).map_err(Fail::at(Step::Verify))?;
-            let info = ModInfo::read(&f.path).map_err(Fail::at(Step::Verify))?;
-            identities.insert(f.name.clone(), ModuleIdentity::new(&elf, &info));
+            let elf = read
+                .get(&f.name)
+                .with_context(|| format!("module {} was resolved but not read", f.name))
+                .map_err(Fail::at(Step::Verify))?;
+            verify::check_machine(f, elf, &arch).map_err(Fail::at(Step::Verify))?;
+            let info = ModInfo::of(elf);
+            identities.insert(f.name.clone(), ModuleIdentity::new(elf, &info));
             let expected = c
                 .modules
                 .contains(&f.name)
@@ -1074,7 +1084,7 @@ impl Engine<'_> {
         if removed.is_empty() {
             return problems;
         }
-        let host = match ModuleTree::open(&self.layout.host_tree(&self.kernel)) {
+        let host = match self.layout.open_tree(&self.kernel) {
             Ok(t) => t,
             Err(e) => {
                 let p = format!("cannot restore in-tree modules: {e:#}");

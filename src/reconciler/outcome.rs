@@ -59,8 +59,8 @@ pub enum Step {
     Fetch,
     /// Finding the module files and the load order.
     Resolve,
-    /// Building the module tree.
-    Depmod,
+    /// Storing the module files the load needs (by content).
+    Stage,
     /// Checking vermagic and versions.
     Verify,
     /// Taking out in-tree modules.
@@ -92,7 +92,7 @@ impl Step {
             Self::Config => "config",
             Self::Fetch => "fetch",
             Self::Resolve => "resolve",
-            Self::Depmod => "depmod",
+            Self::Stage => "stage",
             Self::Verify => "verify",
             Self::Replace => "replace",
             Self::Firmware => "firmware",

@@ -3,10 +3,18 @@
 //! ```text
 //! STATE (/var/lib/kvcd)              RUNTIME (/run/kvcd)
 //!   kvcd.lock                          kvcd.lock
-//!   roots/CONFIG/KERNEL/KEY/           loaded/CONFIG.json   (records, with intents)
-//!   images/CONFIG/KERNEL/index.json    desired.json         (the agent's wanted set)
+//!   files/SHA256/NAME.ko               loaded/CONFIG.json   (records, with intents)
+//!   sets/CONFIG/KERNEL.json            desired.json         (the agent's wanted set)
+//!   images/CONFIG/KERNEL/index.json
 //!   images/CONFIG/KERNEL/DIGEST/
 //!   mounts/IMAGE-ID                    (an image mount in progress)
+//! ```
+//!
+//! Module files are stored once by content (`files/`); a set names the files
+//! one config resolved for one kernel, so configs and kernels that use the
+//! same files share them.
+//!
+//! ```text
 //! ```
 //!
 //! Every JSON file carries a format version ([`file`]), every write is
@@ -18,6 +26,7 @@ pub mod desired;
 pub mod file;
 pub mod index;
 pub mod record;
+pub mod set;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -48,9 +57,53 @@ impl Layout {
         }
     }
 
-    /// Module trees of `config`, one subdirectory per kernel.
-    pub fn roots_of(state_dir: &Path, config: &str) -> PathBuf {
-        state_dir.join("roots").join(config)
+    /// Module sets of `config`, one `KERNEL.json` per kernel.
+    pub fn sets_of(state_dir: &Path, config: &str) -> PathBuf {
+        state_dir.join("sets").join(config)
+    }
+
+    /// The module set of (`config`, `kernel`).
+    pub fn set_file(state_dir: &Path, config: &str, kernel: &str) -> PathBuf {
+        Self::sets_of(state_dir, config).join(format!("{kernel}.json"))
+    }
+
+    /// The kernels `config` has a module set for.
+    pub fn set_kernels(state_dir: &Path, config: &str) -> Vec<String> {
+        let mut out: Vec<String> = subentries(&Self::sets_of(state_dir, config))
+            .into_iter()
+            .filter(|n| !n.starts_with('.'))
+            .filter_map(|n| n.strip_suffix(".json").map(str::to_owned))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Every module set: (config, kernel, path).
+    pub fn all_sets(state_dir: &Path) -> Vec<(String, String, PathBuf)> {
+        subdirs(&state_dir.join("sets"))
+            .into_iter()
+            .flat_map(|config| {
+                Self::set_kernels(state_dir, &config)
+                    .into_iter()
+                    .map(move |k| {
+                        let p = Self::set_file(state_dir, &config, &k);
+                        (config.clone(), k, p)
+                    })
+            })
+            .collect()
+    }
+
+    /// The content store of module files: `SHA256/NAME` under it.
+    pub fn files_dir(state_dir: &Path) -> PathBuf {
+        state_dir.join("files")
+    }
+
+    /// Removes the depmod-indexed trees an older kvcd kept per config and
+    /// kernel (`STATE/roots`; nothing uses them now); returns the path when
+    /// there was one.
+    pub fn remove_legacy_trees(&self) -> Option<PathBuf> {
+        let roots = self.state_dir.join("roots");
+        fs::remove_dir_all(&roots).ok().map(|()| roots)
     }
 
     /// Image extractions of `config`, one subdirectory per kernel.
@@ -63,9 +116,9 @@ impl Layout {
         Self::images_of(state_dir, config).join(kernel)
     }
 
-    /// Module configs that have artifacts (trees or extractions).
+    /// Module configs that have artifacts (module sets or extractions).
     pub fn configs_with_artifacts(state_dir: &Path) -> std::collections::BTreeSet<String> {
-        ["roots", "images"]
+        ["sets", "images"]
             .iter()
             .flat_map(|k| subdirs(&state_dir.join(k)))
             .collect()
@@ -117,14 +170,16 @@ impl Layout {
             self.runtime_dir.clone(),
             self.records().dir().to_owned(),
             self.state_dir.join("mounts"),
+            Self::files_dir(&self.state_dir),
         ];
-        for kind in ["roots", "images"] {
-            let top = self.state_dir.join(kind);
-            for config in subdirs(&top) {
-                dirs.push(top.join(&config));
-                for kernel in subdirs(&top.join(&config)) {
-                    dirs.push(top.join(&config).join(kernel));
-                }
+        for config in subdirs(&self.state_dir.join("sets")) {
+            dirs.push(Self::sets_of(&self.state_dir, &config));
+        }
+        let images = self.state_dir.join("images");
+        for config in subdirs(&images) {
+            dirs.push(images.join(&config));
+            for kernel in subdirs(&images.join(&config)) {
+                dirs.push(images.join(&config).join(kernel));
             }
         }
         dirs.iter().flat_map(|d| sweep_stale_tmp(d)).collect()
@@ -240,9 +295,10 @@ mod tests {
             runtime_dir: d.path().join("r"),
         };
         let img = Layout::image_dir(&l.state_dir, "c", "k");
-        let root = Layout::roots_of(&l.state_dir, "c").join("k");
+        let sets = Layout::sets_of(&l.state_dir, "c");
+        let files = Layout::files_dir(&l.state_dir);
         let loaded = l.records().dir().to_owned();
-        for dir in [&img, &root, &loaded] {
+        for dir in [&img, &sets, &files, &loaded] {
             fs::create_dir_all(dir.join(format!(".tmp-x-{DEAD}/sub"))).unwrap();
             fs::write(dir.join(format!(".f.json.tmp-{DEAD}")), b"").unwrap();
             fs::create_dir_all(dir.join(format!(".tmp-live-{}", std::process::id()))).unwrap();
@@ -250,8 +306,8 @@ mod tests {
         }
         fs::write(l.runtime_dir.join(format!(".desired.json.tmp-{DEAD}")), b"").unwrap();
         let removed = l.sweep();
-        assert_eq!(removed.len(), 7, "{removed:?}");
-        for dir in [&img, &root, &loaded] {
+        assert_eq!(removed.len(), 9, "{removed:?}");
+        for dir in [&img, &sets, &files, &loaded] {
             let mut left = subentries(dir);
             left.sort();
             assert_eq!(

@@ -111,6 +111,36 @@ pub struct FakeKernel {
     pub firmware_path: Mutex<String>,
 }
 
+/// The stored files of the module set of (`config`, `kernel`) in `state`: module name → file.
+pub fn module_set(state: &Path, config: &str, kernel: &str) -> BTreeMap<String, PathBuf> {
+    use kvcd::state::Layout;
+    let set = kvcd::state::set::read(&Layout::set_file(state, config, kernel))
+        .unwrap()
+        .unwrap_or_else(|| panic!("no module set for {config} on {kernel}"));
+    let files = Layout::files_dir(state);
+    set.files
+        .into_iter()
+        .map(|(n, rel)| (n, files.join(rel)))
+        .collect()
+}
+
+/// Every file under `dir` whose name starts with `prefix`.
+pub fn files_named(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+            } else if e.file_name().to_string_lossy().starts_with(prefix) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
 pub fn m(name: &str) -> ModName {
     ModName::parse(name).unwrap()
 }

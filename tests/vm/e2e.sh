@@ -685,7 +685,7 @@ crash_checks() {
     FP=""
     CRASH_KILLS=0
     loaded dummy || modprobe dummy
-    rm -rf "$CRASH_RUN" "$CRASH_STATE/roots"
+    rm -rf "$CRASH_RUN" "$CRASH_STATE/files" "$CRASH_STATE/sets"
     base=$(crash_state)
     KVCD_FAILPOINTS_LOG=/tmp/fp.load crash_apply
     full=$(crash_state)
@@ -697,11 +697,11 @@ crash_checks() {
     fi
     [ "$(crash_state)" = "$base" ] || bad "a clean load and unload did not restore the node"
     for p in $(crash_points /tmp/fp.load); do
-        # Module trees are built again each time, so their steps are reached.
-        rm -rf "$CRASH_STATE/roots"
+        # Files are stored again each time, so the store's steps are reached.
+        rm -rf "$CRASH_STATE/files" "$CRASH_STATE/sets"
         ARGS="" THEN=""; crash_kill "$p" "$full" "load, load"
         crash_apply --unload
-        rm -rf "$CRASH_STATE/roots"
+        rm -rf "$CRASH_STATE/files" "$CRASH_STATE/sets"
         ARGS="" THEN="--unload"; crash_kill "$p" "$base" "load, unload"
     done
     for p in $(crash_points /tmp/fp.unload); do

@@ -695,7 +695,7 @@ fn work_starts_only_as_the_front_of_the_queue() {
 fn steps_map_to_statuses() {
     for (from, step, want) in [
         (Verifying, Step::Fetch, Fetching),
-        (Fetching, Step::Depmod, Verifying),
+        (Fetching, Step::Stage, Verifying),
         (Fetching, Step::Verify, Verifying),
         (Verifying, Step::Insert, Loading),
         (Loading, Step::Remove, Unloading),
