@@ -833,7 +833,7 @@ fn only_needed_files_are_stored_and_replaced_ones_collected() {
     let stored = || common::files_named(&state.join("files"), "");
     let o = env.engine().load(&c);
     ok(&o);
-    assert!(staged(&o).contains("1 copied into"), "{o:#?}");
+    assert!(staged(&o).contains("1 new in"), "{o:#?}");
     // A file the load does not need is neither stored nor read.
     fs::copy(env.fx.ko().join("kvcd_base.ko"), pkg.join("kvcd_base.ko")).unwrap();
     let o = env.engine().prepare(&c);
@@ -846,7 +846,7 @@ fn only_needed_files_are_stored_and_replaced_ones_collected() {
     fs::write(pkg.join("kvcd_param.ko"), &bytes).unwrap();
     let o = env.engine().prepare(&c);
     ok(&o);
-    assert!(staged(&o).contains("1 copied into"), "{o:#?}");
+    assert!(staged(&o).contains("1 new in"), "{o:#?}");
     let left = stored();
     assert_eq!(left.len(), 1, "{left:?}");
     assert_eq!(fs::read(&left[0]).unwrap(), bytes);

@@ -760,6 +760,11 @@ fn an_image_with_a_whole_kernel_tree_gives_only_the_driver() {
             .join("kernel/lib/crc8.ko")
     );
     assert_eq!(env.fake.path_of("dummy").as_ref(), Some(&set["dummy"]));
+    // The store links kvcd's own extraction instead of copying it again.
+    for stored in set.values() {
+        let nlink = std::os::unix::fs::MetadataExt::nlink(&fs::metadata(stored).unwrap());
+        assert_eq!(nlink, 2, "{}", stored.display());
+    }
     assert!(env.fake.is_live("crc8") && env.fake.is_live("dummy"));
     rmi(&reference);
 }

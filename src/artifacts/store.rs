@@ -49,7 +49,7 @@ pub struct ModuleStore {
 /// What staging one config's files for one kernel did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Staged {
-    /// Files that were new to the store (copied now).
+    /// Files that were new to the store (copied, or linked from an extraction, now).
     pub copied: usize,
     /// Total size of the set's files, in bytes.
     pub bytes: u64,
@@ -144,7 +144,9 @@ impl Staging<'_> {
     /// there already) and into the set; returns the stored file, which is
     /// what the load reads and inserts.
     pub fn put(&mut self, name: &ModName, path: &Path) -> Result<PathBuf> {
-        let (rel, size, copied) = put(&self.files_dir, path)?;
+        // kvcd's own extractions never change in place: they are linked, not copied.
+        let link = path.starts_with(self.state_dir);
+        let (rel, size, copied) = put(&self.files_dir, path, link)?;
         self.copied += usize::from(copied);
         self.bytes += size;
         let stored = self.files_dir.join(&rel);
@@ -309,9 +311,10 @@ pub fn copy_file_hashed(from: &Path, to: &Path) -> Result<FileDigest> {
 }
 
 /// Stores the file at `path` under `store` unless its content is there
-/// already; returns its path relative to the store, its size, and whether
-/// it was copied now.
-fn put(store: &Path, path: &Path) -> Result<(String, u64, bool)> {
+/// already (as a hard link when `link` and the file system allows it, else
+/// as a copy); returns its path relative to the store, its size, and
+/// whether it was placed now.
+fn put(store: &Path, path: &Path, link: bool) -> Result<(String, u64, bool)> {
     let file_name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -324,7 +327,11 @@ fn put(store: &Path, path: &Path) -> Result<(String, u64, bool)> {
     }
     let tmp = store.join(format!(".{file_name}.tmp-{}", std::process::id()));
     let _ = fs::remove_file(&tmp);
-    let copied = copy_file_hashed(path, &tmp);
+    let copied = if link && fs::hard_link(path, &tmp).is_ok() {
+        Ok(d.clone())
+    } else {
+        copy_file_hashed(path, &tmp)
+    };
     let placed = copied.and_then(|c| {
         if c != d {
             bail!("{} changed while it was copied", path.display());

@@ -740,7 +740,7 @@ impl Engine<'_> {
                     "in the store already".to_owned()
                 } else {
                     format!(
-                        "{} copied into {}",
+                        "{} new in {}",
                         staged.copied,
                         Layout::files_dir(&self.layout.state_dir).display()
                     )

@@ -80,9 +80,14 @@ pub fn encode<T: Versioned>(value: &T) -> Result<Vec<u8>> {
     Ok(serde_json::to_vec_pretty(&doc)?)
 }
 
-/// Writes `value` to `path` atomically, with its version.
+/// Writes `value` to `path` atomically, with its version; a file that holds
+/// exactly that already is left as it is (no rename, no sync).
 pub fn write<T: Versioned>(path: &Path, value: &T) -> Result<()> {
-    write_atomic(path, &encode(value)?)
+    let data = encode(value)?;
+    if fs::read(path).is_ok_and(|old| old == data) {
+        return Ok(());
+    }
+    write_atomic(path, &data)
 }
 
 /// Removes `path`; a missing file is not an error.
@@ -100,7 +105,7 @@ mod tests {
     use super::*;
     use serde::Deserialize;
 
-    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
     struct V2 {
         name: String,
         #[serde(default)]
@@ -134,7 +139,16 @@ mod tests {
         write(&p, &v).unwrap();
         let raw: Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
         assert_eq!(raw["version"], 2);
-        assert_eq!(read::<V2>(&p).unwrap(), Some(v));
+        assert_eq!(read::<V2>(&p).unwrap(), Some(v.clone()));
+        // The same content again leaves the file alone (same inode: no rename).
+        let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
+        let before = ino(&p);
+        write(&p, &v).unwrap();
+        assert_eq!(ino(&p), before);
+        let other = V2 { count: 4, ..v };
+        write(&p, &other).unwrap();
+        assert_ne!(ino(&p), before);
+        assert_eq!(read::<V2>(&p).unwrap(), Some(other));
         remove(&p).unwrap();
         remove(&p).unwrap();
         assert_eq!(read::<V2>(&p).unwrap(), None);
