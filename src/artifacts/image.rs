@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use super::podman::{BUILT_LABEL, BuildArgs, ContainerTool, ImageInfo, LineSink};
+use super::podman::{BUILT_LABEL, BuildArgs, ContainerTool, ImageInfo, LineSink, PendingInspect};
 use super::store::copy_file_hashed;
 use crate::config::{ImageSource, PullPolicy};
 use crate::kernel::{KernelRelease, TemplateVars, expand, expand_all};
@@ -127,7 +127,7 @@ pub struct ImageStore<'a> {
     pub podman: &'a dyn ContainerTool,
 }
 
-impl ImageStore<'_> {
+impl<'a> ImageStore<'a> {
     fn dir(&self, config: &str, kernel: &KernelRelease) -> PathBuf {
         Layout::image_dir(self.state_dir, config, kernel.as_str())
     }
@@ -176,16 +176,17 @@ impl ImageStore<'_> {
         }
 
         let mut notes = Vec::new();
-        let (info, built) = self.acquire(req, &reference, sink, &mut notes)?;
-        let digest = info.identity();
-        if let Some(idx) = index.filter(|i| i.digest == digest) {
+        let acquired = self.acquire(req, &reference, sink, &mut notes)?;
+        if let Some(idx) = index.filter(|i| !i.id.is_empty() && i.id == acquired.id) {
             notes.push(format!(
-                "{reference} is unchanged ({digest}); keeping the extraction"
+                "{reference} is unchanged ({}); keeping the extraction",
+                idx.digest
             ));
             return Ok(Self::from_index(&dir, &idx, src, notes));
         }
 
-        let name: String = digest
+        let name: String = acquired
+            .id
             .trim_start_matches("sha256:")
             .chars()
             .take(16)
@@ -203,20 +204,24 @@ impl ImageStore<'_> {
             host_tree,
             depends: &|p: &Path| Ok(ModInfo::read(p)?.depends),
         };
-        notes.extend(self.extract(
+        let id = acquired.id.clone();
+        let (extracted, info, built) = self.extract(
             &dir,
             &name,
-            &info,
+            &id,
+            || acquired.finish(&reference),
             &reference,
             &vars.kernel,
             &modules_dir,
             firmware_dir.as_deref(),
             &wanted,
-        )?);
+        )?;
+        notes.extend(extracted);
         let idx = ImageIndex {
             config_digest: config_digest.to_owned(),
             reference: reference.clone(),
-            digest,
+            digest: info.identity(),
+            id: info.id,
             dir: name.clone(),
             built,
         };
@@ -239,7 +244,7 @@ impl ImageStore<'_> {
         reference: &str,
         sink: LineSink<'_>,
         notes: &mut Vec<String>,
-    ) -> Result<(ImageInfo, bool)> {
+    ) -> Result<Acquired<'a>> {
         let FetchRequest {
             config_name,
             source: src,
@@ -254,8 +259,7 @@ impl ImageStore<'_> {
                 match self.podman.inspect(reference) {
                     Ok(Some(info)) => {
                         notes.push(format!("image {reference} is present"));
-                        let built = info_is_built(&info);
-                        return Ok((info, built));
+                        return Ok(Acquired::known(info, None));
                     }
                     Ok(None) => tried.push("local storage: not present".to_owned()),
                     Err(e) => tried.push(format!("local storage: {e:#}")),
@@ -264,15 +268,23 @@ impl ImageStore<'_> {
             if src.pull == PullPolicy::Never {
                 tried.push("pull: not tried (pull = \"never\")".to_owned());
             } else {
-                match self
+                // The ID podman prints is enough to mount the image: the
+                // rest of what inspecting it says is read meanwhile.
+                let pulled = self
                     .podman
                     .pull(reference, src.auth_file.as_deref(), src.tls_verify, sink)
-                    .and_then(|()| self.present(reference))
-                {
-                    Ok(info) => {
+                    .and_then(|id| match id {
+                        Some(id) => Ok(Acquired {
+                            id,
+                            info: Info::Pending(self.podman.inspect_later(reference)),
+                            built: None,
+                        }),
+                        None => self.present(reference).map(|i| Acquired::known(i, None)),
+                    });
+                match pulled {
+                    Ok(a) => {
                         notes.push(format!("pulled {reference}"));
-                        let built = info_is_built(&info);
-                        return Ok((info, built));
+                        return Ok(a);
                     }
                     Err(e) => tried.push(format!("pull: {e:#}")),
                 }
@@ -297,7 +309,7 @@ impl ImageStore<'_> {
             return match result {
                 Ok(info) => {
                     notes.push(format!("the build hook made {reference}"));
-                    Ok((info, true))
+                    Ok(Acquired::known(info, Some(true)))
                 }
                 Err(e) => {
                     tried.push(format!("build hook: {e:#}"));
@@ -344,7 +356,7 @@ impl ImageStore<'_> {
         {
             Ok(info) => {
                 notes.push(format!("built {reference} from {context}"));
-                Ok((info, true))
+                Ok(Acquired::known(info, Some(true)))
             }
             Err(e) => {
                 tried.push(format!("build: {e:#}"));
@@ -362,29 +374,32 @@ impl ImageStore<'_> {
             .ok_or_else(|| anyhow!("image {reference} is not in local storage afterwards"))
     }
 
-    /// Copies the driver's modules (and the firmware) out of the mounted
-    /// image into `dir/name`, atomically; returns notes on what was taken.
+    /// Copies the driver's modules (and the firmware) out of the image `id`
+    /// (mounted) into `dir/name`, atomically; `info` gives the rest of what
+    /// is known of the image once the copy is done. Returns notes on what
+    /// was taken, the image's info and whether it was built on this node.
     #[allow(clippy::too_many_arguments)]
     fn extract(
         &self,
         dir: &Path,
         name: &str,
-        info: &ImageInfo,
+        id: &str,
+        info: impl FnOnce() -> Result<(ImageInfo, bool)>,
         reference: &str,
         kernel: &KernelRelease,
         modules_dir: &str,
         firmware_dir: Option<&str>,
         wanted: &Wanted<'_>,
-    ) -> Result<Vec<String>> {
+    ) -> Result<(Vec<String>, ImageInfo, bool)> {
         let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
         if tmp.exists() {
             fs::remove_dir_all(&tmp)?;
         }
         fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         // The marker says a mount may be left if this process dies before unmounting.
-        let marker = Layout::mount_marker(self.state_dir, &info.id);
+        let marker = Layout::mount_marker(self.state_dir, id);
         let root = crate::util::write_atomic(&marker, reference.as_bytes())
-            .and_then(|()| self.podman.mount(&info.id));
+            .and_then(|()| self.podman.mount(id));
         let root = match root {
             Ok(r) => r,
             Err(e) => {
@@ -423,11 +438,12 @@ impl ImageStore<'_> {
             Ok((files, notes))
         })();
         crate::failpoint::hit("image.copied");
-        let unmounted = self.podman.unmount(&info.id);
+        let unmounted = self.podman.unmount(id);
         if unmounted.is_ok() {
             let _ = fs::remove_file(&marker);
         }
-        let (files, notes) = match copied.and_then(|c| unmounted.map(|()| c)) {
+        let done = copied.and_then(|c| unmounted.map(|()| c));
+        let ((files, notes), (info, built)) = match done.and_then(|c| Ok((c, info()?))) {
             Ok(f) => f,
             Err(e) => {
                 let _ = fs::remove_dir_all(&tmp);
@@ -459,7 +475,53 @@ impl ImageStore<'_> {
             let _ = fs::remove_dir_all(&tmp);
             return Err(e);
         }
-        Ok(notes)
+        Ok((notes, info, built))
+    }
+}
+
+/// An image in local storage: its ID at once, and the rest of what
+/// inspecting it says, known or still being read.
+struct Acquired<'s> {
+    id: String,
+    info: Info<'s>,
+    /// `Some(true)` when a build on this node just made it; else the image's label says.
+    built: Option<bool>,
+}
+
+enum Info<'s> {
+    Known(ImageInfo),
+    Pending(PendingInspect<'s>),
+}
+
+impl Acquired<'_> {
+    fn known(info: ImageInfo, built: Option<bool>) -> Self {
+        Self {
+            id: info.id.clone(),
+            info: Info::Known(info),
+            built,
+        }
+    }
+
+    /// The image's info, and whether it was built on this node.
+    fn finish(self, reference: &str) -> Result<(ImageInfo, bool)> {
+        let info = match self.info {
+            Info::Known(i) => i,
+            Info::Pending(p) => {
+                let i = p()?.ok_or_else(|| {
+                    anyhow!("image {reference} is not in local storage afterwards")
+                })?;
+                if i.id != self.id {
+                    bail!(
+                        "image {reference} changed while it was extracted (image ID {}, now {})",
+                        self.id,
+                        i.id
+                    );
+                }
+                i
+            }
+        };
+        let built = self.built.unwrap_or_else(|| info_is_built(&info));
+        Ok((info, built))
     }
 }
 
@@ -1301,16 +1363,18 @@ mod tests {
                 _: Option<&Path>,
                 _: bool,
                 _: LineSink<'_>,
-            ) -> Result<()> {
+            ) -> Result<Option<String>> {
                 self.log.borrow_mut().push(format!("pull {reference}"));
                 match self.registry.get(reference) {
                     Some(Ok(info)) => {
-                        if !self.forgetful {
-                            self.stored
-                                .borrow_mut()
-                                .insert(reference.to_owned(), info.clone());
+                        if self.forgetful {
+                            // Podman printed no ID, and nothing is stored.
+                            return Ok(None);
                         }
-                        Ok(())
+                        self.stored
+                            .borrow_mut()
+                            .insert(reference.to_owned(), info.clone());
+                        Ok(Some(info.id.clone()))
                     }
                     Some(Err(cause)) => bail!("pulling {reference}: {cause}"),
                     None => bail!("pulling {reference}: manifest unknown"),
@@ -1406,7 +1470,9 @@ mod tests {
                 podman,
             };
             let mut notes = Vec::new();
-            let got = store.acquire(&req, REF, &|_| {}, &mut notes);
+            let got = store
+                .acquire(&req, REF, &|_| {}, &mut notes)
+                .and_then(|a| a.finish(REF));
             (got, notes, podman.log.take())
         }
 

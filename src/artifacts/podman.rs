@@ -36,6 +36,9 @@ const TAIL: usize = 12;
 /// A line sink for podman's output.
 pub type LineSink<'a> = &'a dyn Fn(&str);
 
+/// An inspect under way ([`ContainerTool::inspect_later`]): call it for the result.
+pub type PendingInspect<'s> = Box<dyn FnOnce() -> Result<Option<ImageInfo>> + 's>;
+
 /// What kvcd asks of podman: images in local storage, pulls, builds, mounts and clean-up.
 pub trait ContainerTool: std::fmt::Debug {
     /// The program, for callers that hand it on (a KVC library's runtime, `kvcctl wrapper`).
@@ -44,14 +47,22 @@ pub trait ContainerTool: std::fmt::Debug {
     fn calls(&self) -> usize;
     /// The image `reference` in local storage, if present.
     fn inspect(&self, reference: &str) -> Result<Option<ImageInfo>>;
-    /// Pulls `reference`; the error names the registry, the reference and podman's cause.
+    /// Starts [`ContainerTool::inspect`] of `reference`, to run while the
+    /// caller does other work; the returned call gives its result. By
+    /// default the inspect runs when the result is asked for.
+    fn inspect_later<'s>(&'s self, reference: &str) -> PendingInspect<'s> {
+        let reference = reference.to_owned();
+        Box::new(move || self.inspect(&reference))
+    }
+    /// Pulls `reference`; gives the image ID podman printed, if it printed
+    /// one. The error names the registry, the reference and podman's cause.
     fn pull(
         &self,
         reference: &str,
         auth_file: Option<&Path>,
         tls_verify: bool,
         sink: LineSink<'_>,
-    ) -> Result<()>;
+    ) -> Result<Option<String>>;
     /// Builds an image as `build` says; the error carries the build's last lines.
     fn build(&self, build: &BuildArgs<'_>, sink: LineSink<'_>) -> Result<()>;
     /// Removes an image from local storage (all its names when given by reference).
@@ -235,43 +246,84 @@ impl Podman {
         sink: Option<LineSink<'_>>,
     ) -> Result<Run> {
         self.calls.set(self.calls.get() + 1);
-        let mut cmd = Command::new(&self.program);
-        cmd.args(args);
-        // Both streams, line by line as they come: a long build shows that it is alive.
-        let mut stdout = String::new();
-        let Ran { result, tail } =
-            run_tailed(cmd, timeout, TAIL, TailOf::Both, &mut |is_stderr, line| {
-                if !is_stderr {
-                    stdout.push_str(line);
-                    stdout.push('\n');
-                }
-                if let Some(sink) = sink {
-                    sink(line);
-                }
-            });
-        match result {
-            Ok(status) => Ok(Run {
-                ok: status.success(),
-                status: describe(status),
-                stdout,
-                tail,
-            }),
-            Err(RunError::Spawn(e)) => {
-                Err(anyhow!(e).context(format!("running {}", self.program.display())))
+        run_podman(&self.program, what, args, timeout, sink)
+    }
+}
+
+/// Runs `program ARGS` (`what` names the call in errors) with `timeout`,
+/// handing each line to `sink`.
+fn run_podman(
+    program: &Path,
+    what: &str,
+    args: &[String],
+    timeout: Duration,
+    sink: Option<LineSink<'_>>,
+) -> Result<Run> {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    // Both streams, line by line as they come: a long build shows that it is alive.
+    let mut stdout = String::new();
+    let Ran { result, tail } =
+        run_tailed(cmd, timeout, TAIL, TailOf::Both, &mut |is_stderr, line| {
+            if !is_stderr {
+                stdout.push_str(line);
+                stdout.push('\n');
             }
-            Err(RunError::TimedOut) => {
-                let mut msg = format!(
-                    "podman {what} timed out after {}s; its process group was killed",
-                    timeout.as_secs()
-                );
-                if !tail.is_empty() {
-                    msg.push_str("; last lines:\n  ");
-                    msg.push_str(&tail.join("\n  "));
-                }
-                Err(anyhow!(msg))
+            if let Some(sink) = sink {
+                sink(line);
             }
+        });
+    match result {
+        Ok(status) => Ok(Run {
+            ok: status.success(),
+            status: describe(status),
+            stdout,
+            tail,
+        }),
+        Err(RunError::Spawn(e)) => {
+            Err(anyhow!(e).context(format!("running {}", program.display())))
+        }
+        Err(RunError::TimedOut) => {
+            let mut msg = format!(
+                "podman {what} timed out after {}s; its process group was killed",
+                timeout.as_secs()
+            );
+            if !tail.is_empty() {
+                msg.push_str("; last lines:\n  ");
+                msg.push_str(&tail.join("\n  "));
+            }
+            Err(anyhow!(msg))
         }
     }
+}
+
+/// Args of `podman image inspect` for `reference`.
+fn inspect_args(reference: &str) -> [String; 6] {
+    ["image", "inspect", "--format", "json", "--", reference].map(String::from)
+}
+
+/// What an `image inspect` run says: the image, none (not present), or the error.
+fn inspected(reference: &str, run: Result<Run>) -> Result<Option<ImageInfo>> {
+    let run = run.map_err(|e| e.context(format!("inspecting image {reference}")))?;
+    if !run.ok {
+        let cause = run.cause();
+        if is_missing_image(&cause) {
+            return Ok(None);
+        }
+        bail!("inspecting image {reference}: {cause}");
+    }
+    parse_image_inspect(&run.stdout)
+        .with_context(|| format!("reading `podman image inspect` output for {reference}"))
+}
+
+/// The image ID `podman pull` printed last on stdout, if it is one.
+pub fn parse_pulled_id(stdout: &str) -> Option<String> {
+    stdout
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .filter(|l| l.len() == 64 && l.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_owned)
 }
 
 impl ContainerTool for Podman {
@@ -284,19 +336,35 @@ impl ContainerTool for Podman {
     }
 
     fn inspect(&self, reference: &str) -> Result<Option<ImageInfo>> {
-        let args = ["image", "inspect", "--format", "json", "--", reference].map(String::from);
-        let run = self
-            .run("image inspect", &args, self.short_timeout, None)
-            .map_err(|e| e.context(format!("inspecting image {reference}")))?;
-        if !run.ok {
-            let cause = run.cause();
-            if is_missing_image(&cause) {
-                return Ok(None);
-            }
-            bail!("inspecting image {reference}: {cause}");
-        }
-        parse_image_inspect(&run.stdout)
-            .with_context(|| format!("reading `podman image inspect` output for {reference}"))
+        let run = self.run(
+            "image inspect",
+            &inspect_args(reference),
+            self.short_timeout,
+            None,
+        );
+        inspected(reference, run)
+    }
+
+    fn inspect_later<'s>(&'s self, reference: &str) -> PendingInspect<'s> {
+        self.calls.set(self.calls.get() + 1);
+        let (program, timeout, reference) = (
+            self.program.clone(),
+            self.short_timeout,
+            reference.to_owned(),
+        );
+        let args = inspect_args(&reference);
+        let running = std::thread::Builder::new()
+            .name("kvcd-inspect".to_owned())
+            .spawn(move || run_podman(&program, "image inspect", &args, timeout, None));
+        Box::new(move || {
+            let run = running
+                .map_err(|e| anyhow!(e).context("starting a thread for podman image inspect"))
+                .and_then(|t| {
+                    t.join()
+                        .map_err(|_| anyhow!("the podman image inspect thread panicked"))?
+                });
+            inspected(&reference, run)
+        })
     }
 
     fn pull(
@@ -305,7 +373,7 @@ impl ContainerTool for Podman {
         auth_file: Option<&Path>,
         tls_verify: bool,
         sink: LineSink<'_>,
-    ) -> Result<()> {
+    ) -> Result<Option<String>> {
         let mut args = vec!["pull".to_owned(), format!("--tls-verify={tls_verify}")];
         if let Some(a) = auth_file {
             args.push(format!("--authfile={}", a.display()));
@@ -324,7 +392,7 @@ impl ContainerTool for Podman {
         if !run.ok {
             bail!("{}: {}", what(), run.cause());
         }
-        Ok(())
+        Ok(parse_pulled_id(&run.stdout))
     }
 
     fn build(&self, build: &BuildArgs<'_>, sink: LineSink<'_>) -> Result<()> {
@@ -452,6 +520,24 @@ pub struct BuildArgs<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pulled_image_id_is_the_last_line_of_stdout() {
+        let id = "5a65c0211c0f56610419c488cc8c259c0acab1f2d986976e78e9be51b4ada47b";
+        assert_eq!(parse_pulled_id(&format!("{id}\n")).as_deref(), Some(id));
+        // Several images (a manifest list pulled with --all-tags): the last.
+        let other = "f".repeat(64);
+        assert_eq!(parse_pulled_id(&format!("{id}\n{other}\n\n")), Some(other));
+        for not_an_id in [
+            "",
+            "\n",
+            "Writing manifest to image destination\n",
+            "abc\n",
+            &"g".repeat(64),
+        ] {
+            assert_eq!(parse_pulled_id(not_an_id), None, "{not_an_id:?}");
+        }
+    }
 
     #[test]
     fn registry_of_reference() {

@@ -17,6 +17,9 @@ pub struct ImageIndex {
     pub reference: String,
     /// Manifest digest, or image ID for a local build.
     pub digest: String,
+    /// Image ID (empty in an index an older kvcd wrote).
+    #[serde(default)]
+    pub id: String,
     /// The extraction's directory name beside the index.
     pub dir: String,
     /// True when the image was built on this node.
