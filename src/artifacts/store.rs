@@ -23,9 +23,10 @@ use nix::unistd::{Whence, lseek};
 use sha2::{Digest as _, Sha256};
 
 use crate::kernel::KernelRelease;
+use crate::kmod::elf::ElfInfo;
 use crate::kmod::{ModName, ModuleTree};
 use crate::state::Layout;
-use crate::state::set::{self, ModuleSet};
+use crate::state::set::{self, ModuleSet, SetFile, SourceStat};
 use crate::util::hex;
 
 /// Read and write unit of the streaming copy and hash.
@@ -53,7 +54,7 @@ pub struct Staged {
     pub copied: usize,
     /// Total size of the set's files, in bytes.
     pub bytes: u64,
-    /// True when the set differs from the one recorded before (or there was none).
+    /// True when the set names other files than the one recorded before (or there was none).
     pub changed: bool,
 }
 
@@ -63,6 +64,8 @@ pub struct Staging<'s> {
     state_dir: &'s Path,
     files_dir: PathBuf,
     set_file: PathBuf,
+    /// The set recorded before, if readable: what is known of its files is reused.
+    old: Option<ModuleSet>,
     set: ModuleSet,
     copied: usize,
     bytes: u64,
@@ -116,6 +119,9 @@ impl ModuleStore {
             state_dir: &self.state_dir,
             files_dir,
             set_file: Layout::set_file(&self.state_dir, config, kernel.as_str()),
+            old: set::read(&Layout::set_file(&self.state_dir, config, kernel.as_str()))
+                .ok()
+                .flatten(),
             set: ModuleSet::default(),
             copied: 0,
             bytes: 0,
@@ -143,27 +149,67 @@ impl Staging<'_> {
     /// Puts the file of module `name` into the store (unless its content is
     /// there already) and into the set; returns the stored file, which is
     /// what the load reads and inserts.
+    /// A source that looks exactly as when it was stored for this set is
+    /// not read again.
     pub fn put(&mut self, name: &ModName, path: &Path) -> Result<PathBuf> {
+        let before = self.old.as_ref().and_then(|o| o.files.get(name.as_str()));
+        let now = SourceStat::of(path);
+        let unchanged = |e: &&SetFile| match (&e.source, &now) {
+            (Some(then), Some(now)) => then.vouches_for(now),
+            _ => false,
+        };
+        if let Some(e) = before.filter(unchanged) {
+            let stored = self.files_dir.join(&e.file);
+            if stored.is_file() {
+                self.bytes += now.as_ref().map_or(0, |s| s.size);
+                self.set.files.insert(name.to_string(), e.clone());
+                return Ok(stored);
+            }
+        }
         // kvcd's own extractions never change in place: they are linked, not copied.
         let link = path.starts_with(self.state_dir);
         let (rel, size, copied) = put(&self.files_dir, path, link)?;
         self.copied += usize::from(copied);
         self.bytes += size;
-        let stored = self.files_dir.join(&rel);
-        self.set.files.insert(name.to_string(), rel);
+        // What was read of the same content before still holds.
+        let elf = before.filter(|e| e.file == rel).and_then(|e| e.elf.clone());
+        let entry = SetFile {
+            source: SourceStat::of(path),
+            file: rel,
+            elf,
+        };
+        let stored = self.files_dir.join(&entry.file);
+        self.set.files.insert(name.to_string(), entry);
         Ok(stored)
+    }
+
+    /// What the ELF file of module `name` (put before) says: read from the
+    /// stored file once, then kept in the set.
+    pub fn elf(&mut self, name: &ModName) -> Result<ElfInfo> {
+        let entry = self
+            .set
+            .files
+            .get_mut(name.as_str())
+            .with_context(|| format!("module {name} was not stored"))?;
+        if let Some(e) = &entry.elf {
+            return Ok(e.clone());
+        }
+        let elf = ElfInfo::read(&self.files_dir.join(&entry.file))?;
+        entry.elf = Some(elf.clone());
+        Ok(elf)
     }
 
     /// Records the files put as the set of the config and kernel; when the
     /// set changed, files no set names any more are removed.
     pub fn finish(self) -> Result<Staged> {
-        let old = set::read(&self.set_file).ok().flatten();
-        let changed = old.as_ref() != Some(&self.set);
-        if changed {
+        let old = self.old;
+        let files = |s: &ModuleSet| s.files.values().map(|f| f.file.clone()).collect::<Vec<_>>();
+        let changed = old.as_ref().map(files) != Some(files(&self.set));
+        if old.as_ref() != Some(&self.set) {
             set::write(&self.set_file, &self.set)?;
-            if old.is_some() {
-                collect(self.state_dir)?;
-            }
+        }
+        if changed && old.is_some() {
+            collect(self.state_dir)?;
         }
         Ok(Staged {
             copied: self.copied,
@@ -360,7 +406,7 @@ fn collect(state_dir: &Path) -> Result<Vec<PathBuf>> {
     let mut used = BTreeSet::new();
     for (_, _, path) in Layout::all_sets(state_dir) {
         let s = set::read(&path)?.unwrap_or_default();
-        used.extend(s.files.into_values());
+        used.extend(s.files.into_values().map(|f| f.file));
     }
     let store = Layout::files_dir(state_dir);
     let mut removed = Vec::new();
@@ -503,6 +549,34 @@ mod tests {
         fs::remove_dir_all(store.state_dir.join("sets")).unwrap();
         assert_eq!(collect_garbage(&store.state_dir).unwrap().len(), 2);
         assert!(stored(&store.state_dir).is_empty());
+    }
+
+    #[test]
+    fn a_settled_source_is_not_read_again_and_a_fresh_one_always_is() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ModuleStore::new(d.path().join("state"), d.path().join("host"));
+        let k = KernelRelease::parse("6.1.0-1-amd64").unwrap();
+        let src = d.path().join("a.ko");
+        fs::write(&src, b"module a").unwrap();
+        let files = BTreeMap::from([(ModName::parse("a").unwrap(), src.clone())]);
+        let set_file = Layout::set_file(&store.state_dir, "c", k.as_str());
+        let (first, _) = store.stage("c", &k, &files).unwrap();
+        // A same-size rewrite right away (within one timestamp tick) is still seen.
+        fs::write(&src, b"module b").unwrap();
+        let (second, s) = store.stage("c", &k, &files).unwrap();
+        assert_eq!(s.copied, 1);
+        assert_ne!(first, second);
+        // Once the stat was taken long after the last change, it vouches for the content.
+        let mut recorded = set::read(&set_file).unwrap().unwrap();
+        let entry = recorded.files.get_mut("a").unwrap();
+        let stat = entry.source.as_mut().unwrap();
+        stat.taken_ns = stat.ctime_ns + 5_000_000_000;
+        let settled = stat.taken_ns;
+        set::write(&set_file, &recorded).unwrap();
+        let (third, s) = store.stage("c", &k, &files).unwrap();
+        assert_eq!((third, s.copied, s.changed), (second, 0, false));
+        let kept = set::read(&set_file).unwrap().unwrap();
+        assert_eq!(kept.files["a"].source.as_ref().unwrap().taken_ns, settled);
     }
 
     #[test]

@@ -26,7 +26,7 @@ const SHT_NOTE: u32 = 7;
 const NT_GNU_BUILD_ID: u32 = 3;
 
 /// What kvcd reads from a module's ELF file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ElfInfo {
     /// `e_machine` (62 for x86_64, 183 for aarch64).
     pub machine: u16,

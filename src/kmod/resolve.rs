@@ -122,8 +122,8 @@ impl Walk {
 }
 
 /// A driver package's files over the target kernel's tree: the real [`Providers`].
-/// Each package file the load needs is placed (stored) first, then read once
-/// from where it was placed; what was read is kept for verification.
+/// Each package file the load needs is placed (stored) first and read from
+/// where it was placed, once; what was read is kept for verification.
 pub struct Package<'a, F> {
     files: &'a BTreeMap<ModName, PathBuf>,
     dir: &'a Path,
@@ -140,9 +140,9 @@ impl<F> std::fmt::Debug for Package<'_, F> {
     }
 }
 
-impl<'a, F: FnMut(&ModName, &Path) -> Result<PathBuf>> Package<'a, F> {
+impl<'a, F: FnMut(&ModName, &Path) -> Result<(PathBuf, ElfInfo)>> Package<'a, F> {
     /// The package's `files` (name → file, found in `dir`) over `tree`;
-    /// `place` stores a file before it is read and returns the copy to read and load.
+    /// `place` stores a file and gives the copy to load and what it says.
     pub fn new(
         files: &'a BTreeMap<ModName, PathBuf>,
         dir: &'a Path,
@@ -164,14 +164,13 @@ impl<'a, F: FnMut(&ModName, &Path) -> Result<PathBuf>> Package<'a, F> {
     }
 }
 
-impl<F: FnMut(&ModName, &Path) -> Result<PathBuf>> Providers for Package<'_, F> {
+impl<F: FnMut(&ModName, &Path) -> Result<(PathBuf, ElfInfo)>> Providers for Package<'_, F> {
     fn provider(&mut self, name: &ModName) -> Result<Provider> {
         if let Some(source) = self.files.get(name) {
             if !self.read.contains_key(name) {
-                let placed = (self.place)(name, source)?;
-                let elf = ElfInfo::read(&placed)
+                let placed = (self.place)(name, source)
                     .with_context(|| format!("reading module {name} ({})", source.display()))?;
-                self.read.insert(name.clone(), (placed, elf));
+                self.read.insert(name.clone(), placed);
             }
             let (path, elf) = &self.read[name];
             return Ok(Provider::Package {

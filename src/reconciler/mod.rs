@@ -724,7 +724,8 @@ impl Engine<'_> {
             .staging(name, &self.kernel)
             .map_err(Fail::at(Step::Stage))?;
         let mut pkg = resolve::Package::new(&files, &dir, &tree, |m: &ModName, p: &Path| {
-            staging.put(m, p)
+            let stored = staging.put(m, p)?;
+            Ok((stored, staging.elf(m)?))
         });
         let order = resolve::load_order(&mut pkg, &c.modules).map_err(Fail::at(Step::Resolve))?;
         let read = pkg.into_read();

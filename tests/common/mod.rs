@@ -120,7 +120,7 @@ pub fn module_set(state: &Path, config: &str, kernel: &str) -> BTreeMap<String, 
     let files = Layout::files_dir(state);
     set.files
         .into_iter()
-        .map(|(n, rel)| (n, files.join(rel)))
+        .map(|(n, f)| (n, files.join(f.file)))
         .collect()
 }
 
