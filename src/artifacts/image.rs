@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use super::podman::{BUILT_LABEL, BuildArgs, ContainerTool, ImageInfo, LineSink, PendingInspect};
+use super::podman::{BUILT_LABEL, BuildArgs, ContainerTool, ImageInfo, LineSink};
 use super::store::copy_file_hashed;
 use crate::config::{ImageSource, PullPolicy};
 use crate::kernel::{KernelRelease, TemplateVars, expand, expand_all};
@@ -127,7 +127,7 @@ pub struct ImageStore<'a> {
     pub podman: &'a dyn ContainerTool,
 }
 
-impl<'a> ImageStore<'a> {
+impl ImageStore<'_> {
     fn dir(&self, config: &str, kernel: &KernelRelease) -> PathBuf {
         Layout::image_dir(self.state_dir, config, kernel.as_str())
     }
@@ -209,7 +209,7 @@ impl<'a> ImageStore<'a> {
             &dir,
             &name,
             &id,
-            || acquired.finish(&reference),
+            |digest| acquired.finish(digest),
             &reference,
             &vars.kernel,
             &modules_dir,
@@ -244,7 +244,7 @@ impl<'a> ImageStore<'a> {
         reference: &str,
         sink: LineSink<'_>,
         notes: &mut Vec<String>,
-    ) -> Result<Acquired<'a>> {
+    ) -> Result<Acquired> {
         let FetchRequest {
             config_name,
             source: src,
@@ -268,16 +268,16 @@ impl<'a> ImageStore<'a> {
             if src.pull == PullPolicy::Never {
                 tried.push("pull: not tried (pull = \"never\")".to_owned());
             } else {
-                // The ID podman prints is enough to mount the image: the
-                // rest of what inspecting it says is read meanwhile.
+                // The ID podman prints is enough to mount the image, and
+                // the mount says its digest: no inspect after a pull.
                 let pulled = self
                     .podman
                     .pull(reference, src.auth_file.as_deref(), src.tls_verify, sink)
                     .and_then(|id| match id {
                         Some(id) => Ok(Acquired {
                             id,
-                            info: Info::Pending(self.podman.inspect_later(reference)),
-                            built: None,
+                            info: None,
+                            built: Some(false),
                         }),
                         None => self.present(reference).map(|i| Acquired::known(i, None)),
                     });
@@ -375,8 +375,8 @@ impl<'a> ImageStore<'a> {
     }
 
     /// Copies the driver's modules (and the firmware) out of the image `id`
-    /// (mounted) into `dir/name`, atomically; `info` gives the rest of what
-    /// is known of the image once the copy is done. Returns notes on what
+    /// (mounted) into `dir/name`, atomically; `info` gives what is known of
+    /// the image from the digest the mount reported. Returns notes on what
     /// was taken, the image's info and whether it was built on this node.
     #[allow(clippy::too_many_arguments)]
     fn extract(
@@ -384,7 +384,7 @@ impl<'a> ImageStore<'a> {
         dir: &Path,
         name: &str,
         id: &str,
-        info: impl FnOnce() -> Result<(ImageInfo, bool)>,
+        info: impl FnOnce(Option<String>) -> (ImageInfo, bool),
         reference: &str,
         kernel: &KernelRelease,
         modules_dir: &str,
@@ -400,7 +400,7 @@ impl<'a> ImageStore<'a> {
         let marker = Layout::mount_marker(self.state_dir, id);
         let root = crate::util::write_atomic(&marker, reference.as_bytes())
             .and_then(|()| self.podman.mount(id));
-        let root = match root {
+        let mounted = match root {
             Ok(r) => r,
             Err(e) => {
                 let _ = fs::remove_file(&marker);
@@ -410,7 +410,9 @@ impl<'a> ImageStore<'a> {
         };
         crate::failpoint::hit("image.mounted");
         let copied = (|| {
-            let img = Image { root: &root };
+            let img = Image {
+                root: &mounted.path,
+            };
             let mods = extract_modules(&img, modules_dir, &tmp.join("modules"), wanted)
                 .with_context(|| format!("extracting {modules_dir} from {reference}"))?;
             let mut notes = mods.notes;
@@ -443,7 +445,7 @@ impl<'a> ImageStore<'a> {
             let _ = fs::remove_file(&marker);
         }
         let done = copied.and_then(|c| unmounted.map(|()| c));
-        let ((files, notes), (info, built)) = match done.and_then(|c| Ok((c, info()?))) {
+        let ((files, notes), (info, built)) = match done.map(|c| (c, info(mounted.digest))) {
             Ok(f) => f,
             Err(e) => {
                 let _ = fs::remove_dir_all(&tmp);
@@ -479,49 +481,34 @@ impl<'a> ImageStore<'a> {
     }
 }
 
-/// An image in local storage: its ID at once, and the rest of what
-/// inspecting it says, known or still being read.
-struct Acquired<'s> {
+/// An image in local storage: its ID, and what inspecting it said when it was inspected.
+struct Acquired {
     id: String,
-    info: Info<'s>,
-    /// `Some(true)` when a build on this node just made it; else the image's label says.
+    /// `None` for an image just pulled: its mount says its digest.
+    info: Option<ImageInfo>,
+    /// Whether it was built on this node, when that is known without its labels.
     built: Option<bool>,
 }
 
-enum Info<'s> {
-    Known(ImageInfo),
-    Pending(PendingInspect<'s>),
-}
-
-impl Acquired<'_> {
+impl Acquired {
     fn known(info: ImageInfo, built: Option<bool>) -> Self {
         Self {
             id: info.id.clone(),
-            info: Info::Known(info),
+            info: Some(info),
             built,
         }
     }
 
-    /// The image's info, and whether it was built on this node.
-    fn finish(self, reference: &str) -> Result<(ImageInfo, bool)> {
-        let info = match self.info {
-            Info::Known(i) => i,
-            Info::Pending(p) => {
-                let i = p()?.ok_or_else(|| {
-                    anyhow!("image {reference} is not in local storage afterwards")
-                })?;
-                if i.id != self.id {
-                    bail!(
-                        "image {reference} changed while it was extracted (image ID {}, now {})",
-                        self.id,
-                        i.id
-                    );
-                }
-                i
-            }
-        };
+    /// The image's info (with `mounted_digest`, the digest its mount
+    /// reported, for a pulled one), and whether it was built on this node.
+    fn finish(self, mounted_digest: Option<String>) -> (ImageInfo, bool) {
+        let info = self.info.unwrap_or_else(|| ImageInfo {
+            id: self.id,
+            digest: mounted_digest,
+            labels: BTreeMap::new(),
+        });
         let built = self.built.unwrap_or_else(|| info_is_built(&info));
-        Ok((info, built))
+        (info, built)
     }
 }
 
@@ -1406,7 +1393,7 @@ mod tests {
             fn remove_labelled_containers(&self, _: &str) -> Result<Vec<String>> {
                 bail!("not used by acquire")
             }
-            fn mount(&self, _: &str) -> Result<PathBuf> {
+            fn mount(&self, _: &str) -> Result<crate::artifacts::podman::Mounted> {
                 bail!("not used by acquire")
             }
             fn unmount(&self, _: &str) -> Result<()> {
@@ -1470,9 +1457,10 @@ mod tests {
                 podman,
             };
             let mut notes = Vec::new();
+            // A pulled image's digest comes from its mount.
             let got = store
                 .acquire(&req, REF, &|_| {}, &mut notes)
-                .and_then(|a| a.finish(REF));
+                .map(|a| a.finish(Some("sha256:mounted".to_owned())));
             (got, notes, podman.log.take())
         }
 
@@ -1514,15 +1502,21 @@ mod tests {
         }
 
         #[test]
-        fn a_pulled_image_is_looked_up_again_and_always_skips_the_local_look() {
+        fn a_pulled_image_is_not_inspected_and_always_skips_the_local_look() {
+            // Even with kvcd's label, a pulled image was not built on this node.
             let podman = FakePodman {
-                registry: [(REF.to_owned(), Ok(info("cc", false)))].into(),
+                registry: [(REF.to_owned(), Ok(info("cc", true)))].into(),
                 ..FakePodman::default()
             };
             let (got, notes, calls) = acquire(&podman, &source(PullPolicy::Always, true), false);
-            assert_eq!(got.unwrap(), (info("cc", false), false));
+            let want = ImageInfo {
+                id: "cc".into(),
+                digest: Some("sha256:mounted".into()),
+                labels: BTreeMap::new(),
+            };
+            assert_eq!(got.unwrap(), (want, false));
             assert_eq!(notes, [format!("pulled {REF}")]);
-            assert_eq!(calls, [format!("pull {REF}"), format!("inspect {REF}")]);
+            assert_eq!(calls, [format!("pull {REF}")]);
         }
 
         #[test]

@@ -2,7 +2,7 @@
 //!
 //! Callers use the narrow [`ContainerTool`] trait; [`Podman`] implements it
 //! with the real CLI, and what podman prints is read by pure functions
-//! ([`parse_image_inspect`], [`parse_container_ids`], [`parse_mount_point`],
+//! ([`parse_image_inspect`], [`parse_container_ids`], [`parse_image_mount`], [`parse_pulled_id`],
 //! [`is_missing_image`]) tested on captured output (`tests/fixtures/podman`).
 //!
 //! Every call is counted, so callers (and tests) can tell whether a path
@@ -36,9 +36,6 @@ const TAIL: usize = 12;
 /// A line sink for podman's output.
 pub type LineSink<'a> = &'a dyn Fn(&str);
 
-/// An inspect under way ([`ContainerTool::inspect_later`]): call it for the result.
-pub type PendingInspect<'s> = Box<dyn FnOnce() -> Result<Option<ImageInfo>> + 's>;
-
 /// What kvcd asks of podman: images in local storage, pulls, builds, mounts and clean-up.
 pub trait ContainerTool: std::fmt::Debug {
     /// The program, for callers that hand it on (a KVC library's runtime, `kvcctl wrapper`).
@@ -47,13 +44,6 @@ pub trait ContainerTool: std::fmt::Debug {
     fn calls(&self) -> usize;
     /// The image `reference` in local storage, if present.
     fn inspect(&self, reference: &str) -> Result<Option<ImageInfo>>;
-    /// Starts [`ContainerTool::inspect`] of `reference`, to run while the
-    /// caller does other work; the returned call gives its result. By
-    /// default the inspect runs when the result is asked for.
-    fn inspect_later<'s>(&'s self, reference: &str) -> PendingInspect<'s> {
-        let reference = reference.to_owned();
-        Box::new(move || self.inspect(&reference))
-    }
     /// Pulls `reference`; gives the image ID podman printed, if it printed
     /// one. The error names the registry, the reference and podman's cause.
     fn pull(
@@ -69,8 +59,8 @@ pub trait ContainerTool: std::fmt::Debug {
     fn remove_image(&self, reference: &str) -> Result<()>;
     /// Removes every container (running or not) that carries `label` (`KEY=VALUE`); returns their IDs.
     fn remove_labelled_containers(&self, label: &str) -> Result<Vec<String>>;
-    /// Mounts the image's root file system read-only; returns the path.
-    fn mount(&self, image_id: &str) -> Result<PathBuf>;
+    /// Mounts the image's root file system read-only; returns where, and the image's digest when podman says.
+    fn mount(&self, image_id: &str) -> Result<Mounted>;
     /// Unmounts an image mounted by [`ContainerTool::mount`].
     fn unmount(&self, image_id: &str) -> Result<()>;
 }
@@ -161,6 +151,56 @@ pub fn parse_container_ids(json: &str) -> Result<Vec<String>> {
 }
 
 /// Reads what `podman image mount` printed: the mount point, an absolute path.
+/// A mounted image: where, and its manifest digest when podman says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mounted {
+    /// The mount point.
+    pub path: PathBuf,
+    /// The image's digest (`sha256:…`), if podman reports one.
+    pub digest: Option<String>,
+}
+
+/// One image of `podman image mount --format json`, as far as kvcd reads it.
+#[derive(Debug, Deserialize)]
+struct RawMount {
+    #[serde(default)]
+    mountpoint: Option<String>,
+    /// The image's digest (podman names the key `Names`; some versions `Name`).
+    #[serde(default, alias = "Name", rename = "Names")]
+    names: Option<serde_json::Value>,
+}
+
+/// Reads `podman image mount --format json` output (one image), or the
+/// plain mount point older podman prints without `--format`.
+pub fn parse_image_mount(stdout: &str) -> Result<Mounted> {
+    let Ok(list) = serde_json::from_str::<Vec<RawMount>>(stdout) else {
+        return Ok(Mounted {
+            path: parse_mount_point(stdout)?,
+            digest: None,
+        });
+    };
+    let [one] = list.as_slice() else {
+        bail!("expected one mounted image, podman listed {}", list.len());
+    };
+    let path = parse_mount_point(one.mountpoint.as_deref().unwrap_or_default())?;
+    let names: Vec<&str> = match &one.names {
+        Some(serde_json::Value::String(s)) => vec![s.as_str()],
+        Some(serde_json::Value::Array(a)) => {
+            a.iter().filter_map(serde_json::Value::as_str).collect()
+        }
+        _ => Vec::new(),
+    };
+    let digest = names
+        .into_iter()
+        .find(|n| {
+            n.strip_prefix("sha256:")
+                .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        })
+        .map(str::to_owned);
+    Ok(Mounted { path, digest })
+}
+
+/// Reads the plain mount point podman prints for one image.
 pub fn parse_mount_point(stdout: &str) -> Result<PathBuf> {
     let path = stdout.trim();
     if path.is_empty() {
@@ -246,74 +286,43 @@ impl Podman {
         sink: Option<LineSink<'_>>,
     ) -> Result<Run> {
         self.calls.set(self.calls.get() + 1);
-        run_podman(&self.program, what, args, timeout, sink)
-    }
-}
-
-/// Runs `program ARGS` (`what` names the call in errors) with `timeout`,
-/// handing each line to `sink`.
-fn run_podman(
-    program: &Path,
-    what: &str,
-    args: &[String],
-    timeout: Duration,
-    sink: Option<LineSink<'_>>,
-) -> Result<Run> {
-    let mut cmd = Command::new(program);
-    cmd.args(args);
-    // Both streams, line by line as they come: a long build shows that it is alive.
-    let mut stdout = String::new();
-    let Ran { result, tail } =
-        run_tailed(cmd, timeout, TAIL, TailOf::Both, &mut |is_stderr, line| {
-            if !is_stderr {
-                stdout.push_str(line);
-                stdout.push('\n');
+        let mut cmd = Command::new(&self.program);
+        cmd.args(args);
+        // Both streams, line by line as they come: a long build shows that it is alive.
+        let mut stdout = String::new();
+        let Ran { result, tail } =
+            run_tailed(cmd, timeout, TAIL, TailOf::Both, &mut |is_stderr, line| {
+                if !is_stderr {
+                    stdout.push_str(line);
+                    stdout.push('\n');
+                }
+                if let Some(sink) = sink {
+                    sink(line);
+                }
+            });
+        match result {
+            Ok(status) => Ok(Run {
+                ok: status.success(),
+                status: describe(status),
+                stdout,
+                tail,
+            }),
+            Err(RunError::Spawn(e)) => {
+                Err(anyhow!(e).context(format!("running {}", self.program.display())))
             }
-            if let Some(sink) = sink {
-                sink(line);
+            Err(RunError::TimedOut) => {
+                let mut msg = format!(
+                    "podman {what} timed out after {}s; its process group was killed",
+                    timeout.as_secs()
+                );
+                if !tail.is_empty() {
+                    msg.push_str("; last lines:\n  ");
+                    msg.push_str(&tail.join("\n  "));
+                }
+                Err(anyhow!(msg))
             }
-        });
-    match result {
-        Ok(status) => Ok(Run {
-            ok: status.success(),
-            status: describe(status),
-            stdout,
-            tail,
-        }),
-        Err(RunError::Spawn(e)) => {
-            Err(anyhow!(e).context(format!("running {}", program.display())))
-        }
-        Err(RunError::TimedOut) => {
-            let mut msg = format!(
-                "podman {what} timed out after {}s; its process group was killed",
-                timeout.as_secs()
-            );
-            if !tail.is_empty() {
-                msg.push_str("; last lines:\n  ");
-                msg.push_str(&tail.join("\n  "));
-            }
-            Err(anyhow!(msg))
         }
     }
-}
-
-/// Args of `podman image inspect` for `reference`.
-fn inspect_args(reference: &str) -> [String; 6] {
-    ["image", "inspect", "--format", "json", "--", reference].map(String::from)
-}
-
-/// What an `image inspect` run says: the image, none (not present), or the error.
-fn inspected(reference: &str, run: Result<Run>) -> Result<Option<ImageInfo>> {
-    let run = run.map_err(|e| e.context(format!("inspecting image {reference}")))?;
-    if !run.ok {
-        let cause = run.cause();
-        if is_missing_image(&cause) {
-            return Ok(None);
-        }
-        bail!("inspecting image {reference}: {cause}");
-    }
-    parse_image_inspect(&run.stdout)
-        .with_context(|| format!("reading `podman image inspect` output for {reference}"))
 }
 
 /// The image ID `podman pull` printed last on stdout, if it is one.
@@ -336,35 +345,19 @@ impl ContainerTool for Podman {
     }
 
     fn inspect(&self, reference: &str) -> Result<Option<ImageInfo>> {
-        let run = self.run(
-            "image inspect",
-            &inspect_args(reference),
-            self.short_timeout,
-            None,
-        );
-        inspected(reference, run)
-    }
-
-    fn inspect_later<'s>(&'s self, reference: &str) -> PendingInspect<'s> {
-        self.calls.set(self.calls.get() + 1);
-        let (program, timeout, reference) = (
-            self.program.clone(),
-            self.short_timeout,
-            reference.to_owned(),
-        );
-        let args = inspect_args(&reference);
-        let running = std::thread::Builder::new()
-            .name("kvcd-inspect".to_owned())
-            .spawn(move || run_podman(&program, "image inspect", &args, timeout, None));
-        Box::new(move || {
-            let run = running
-                .map_err(|e| anyhow!(e).context("starting a thread for podman image inspect"))
-                .and_then(|t| {
-                    t.join()
-                        .map_err(|_| anyhow!("the podman image inspect thread panicked"))?
-                });
-            inspected(&reference, run)
-        })
+        let args = ["image", "inspect", "--format", "json", "--", reference].map(String::from);
+        let run = self
+            .run("image inspect", &args, self.short_timeout, None)
+            .map_err(|e| e.context(format!("inspecting image {reference}")))?;
+        if !run.ok {
+            let cause = run.cause();
+            if is_missing_image(&cause) {
+                return Ok(None);
+            }
+            bail!("inspecting image {reference}: {cause}");
+        }
+        parse_image_inspect(&run.stdout)
+            .with_context(|| format!("reading `podman image inspect` output for {reference}"))
     }
 
     fn pull(
@@ -471,15 +464,15 @@ impl ContainerTool for Podman {
         Ok(ids)
     }
 
-    fn mount(&self, image_id: &str) -> Result<PathBuf> {
-        let args = ["image", "mount", "--", image_id].map(String::from);
+    fn mount(&self, image_id: &str) -> Result<Mounted> {
+        let args = ["image", "mount", "--format", "json", "--", image_id].map(String::from);
         let run = self
             .run("image mount", &args, self.short_timeout, None)
             .map_err(|e| e.context(format!("mounting image {image_id}")))?;
         if !run.ok {
             bail!("mounting image {image_id}: {}", run.cause());
         }
-        parse_mount_point(&run.stdout).with_context(|| format!("mounting image {image_id}"))
+        parse_image_mount(&run.stdout).with_context(|| format!("mounting image {image_id}"))
     }
 
     fn unmount(&self, image_id: &str) -> Result<()> {
@@ -523,6 +516,10 @@ mod tests {
 
     #[test]
     fn the_pulled_image_id_is_the_last_line_of_stdout() {
+        assert_eq!(
+            parse_pulled_id(&fixture("pull.stdout")).as_deref(),
+            Some("0cc8bc244ef36983d711db1b8980a7777b332da20996905bcbfdf3dbdd9f1a18")
+        );
         let id = "5a65c0211c0f56610419c488cc8c259c0acab1f2d986976e78e9be51b4ada47b";
         assert_eq!(parse_pulled_id(&format!("{id}\n")).as_deref(), Some(id));
         // Several images (a manifest list pulled with --all-tags): the last.
@@ -864,17 +861,33 @@ mod tests {
     }
 
     #[test]
-    fn mount_gives_the_path_podman_printed() {
+    fn mount_gives_the_path_and_digest_podman_printed() {
         let dir = tempfile::tempdir().unwrap();
         let p = scripted(
             dir.path(),
-            "*mount*--*0cc8*) cat $F/image-mount.stdout ;;\n*mount*) ;;",
+            "*mount*json*--*0cc8*) cat $F/image-mount.json ;;\n*mount*--*plain*) cat $F/image-mount.stdout ;;\n*mount*) ;;",
         );
-        let root = p.mount("0cc8bc244ef3").unwrap();
+        let mounted = p.mount("0cc8bc244ef3").unwrap();
         assert!(
-            root.ends_with(
+            mounted.path.ends_with(
                 "vfs/dir/93700c50a8767181a570246e9d4425bc28f34b388fa365a601353e96aef54595"
             )
+        );
+        assert_eq!(
+            mounted.digest.as_deref(),
+            Some("sha256:3a5e6cefe82ac23eaf9f5595e64a7e427fd2d3931bcede2b434599e9fbcdbfe4")
+        );
+        // A podman that prints only the path: no digest.
+        let plain = p.mount("plain").unwrap();
+        assert_eq!(plain.path, mounted.path);
+        assert_eq!(plain.digest, None);
+        assert_eq!(
+            logged(dir.path())[0],
+            "image mount --format json -- 0cc8bc244ef3"
+        );
+        assert_eq!(
+            parse_image_mount("[]").unwrap_err().to_string(),
+            "expected one mounted image, podman listed 0"
         );
         let e = p.mount("other").unwrap_err();
         assert_eq!(
