@@ -362,9 +362,9 @@ fn prune_keeps_newest_kernels_the_running_one_and_drops_gone_configs() {
         "6.1.0-10-amd64",
         running.as_str(),
     ] {
-        fs::create_dir_all(state.join("sets/kept")).unwrap();
+        fs::create_dir_all(state.join("sets").join(k)).unwrap();
         fs::write(
-            state.join("sets/kept").join(format!("{k}.json")),
+            state.join("sets").join(k).join("kept.json"),
             b"{\"files\": {}}",
         )
         .unwrap();
@@ -385,7 +385,7 @@ fn prune_keeps_newest_kernels_the_running_one_and_drops_gone_configs() {
         out.contains("kept: would remove artifacts of kernel(s) 6.1.0-2-amd64, 6.1.0-1-amd64"),
         "{out}"
     );
-    assert!(state.join("sets/kept/6.1.0-1-amd64.json").exists());
+    assert!(state.join("sets/6.1.0-1-amd64/kept.json").exists());
 
     let (code, out, _) = kvcd(&[&args[..], &["--json"]].concat());
     assert_eq!(code, 0, "{out}");
@@ -395,15 +395,10 @@ fn prune_keeps_newest_kernels_the_running_one_and_drops_gone_configs() {
     assert_eq!(results[0]["kernels"][0], "6.1.0-10-amd64");
     assert_eq!(results[1]["config"], "kept");
     assert!(!state.join("images/gone").exists());
-    assert!(state.join("sets/kept/6.1.0-10-amd64.json").exists());
-    assert!(
-        state
-            .join("sets/kept")
-            .join(format!("{running}.json"))
-            .exists()
-    );
-    assert!(!state.join("sets/kept/6.1.0-2-amd64.json").exists());
-    assert!(!state.join("sets/kept/6.1.0-1-amd64.json").exists());
+    assert!(state.join("sets/6.1.0-10-amd64/kept.json").exists());
+    assert!(state.join("sets").join(&running).join("kept.json").exists());
+    assert!(!state.join("sets/6.1.0-2-amd64/kept.json").exists());
+    assert!(!state.join("sets/6.1.0-1-amd64/kept.json").exists());
 
     let (code, out, _) = kvcd(&args);
     assert_eq!(code, 0);

@@ -94,7 +94,6 @@ pub fn prune_config(
     protect: &[&str],
     dry_run: bool,
 ) -> Result<Pruned> {
-    let sets = Layout::sets_of(state_dir, config);
     let images = Layout::images_of(state_dir, config);
     let mut kernels: Vec<String> = Layout::set_kernels(state_dir, config)
         .into_iter()
@@ -127,6 +126,8 @@ pub fn prune_config(
         if set.exists() {
             if !dry_run {
                 fs::remove_file(&set)?;
+                // The kernel's directory goes with its last set.
+                let _ = fs::remove_dir(Layout::sets_for(state_dir, &k));
             }
             out.paths.push(set);
         }
@@ -140,9 +141,7 @@ pub fn prune_config(
         out.kernels.push(k);
     }
     if !dry_run {
-        for d in [&sets, &images] {
-            let _ = fs::remove_dir(d);
-        }
+        let _ = fs::remove_dir(&images);
         if !out.kernels.is_empty() {
             out.files = store::collect_garbage(state_dir)?;
         }
@@ -185,18 +184,14 @@ mod tests {
             "6.1.0-10-amd64",
             "6.1.0-3-amd64",
         ] {
-            fs::create_dir_all(t.path().join("sets/x")).unwrap();
-            fs::write(
-                t.path().join("sets/x").join(format!("{k}.json")),
-                b"{\"files\": {}}",
-            )
-            .unwrap();
+            fs::create_dir_all(t.path().join("sets").join(k)).unwrap();
+            fs::write(Layout::set_file(t.path(), "x", k), b"{\"files\": {}}").unwrap();
         }
         fs::create_dir_all(t.path().join("images/x/6.1.0-1-amd64/abc")).unwrap();
         let p = prune_config(t.path(), None, "x", 2, &["6.1.0-1-amd64"], true).unwrap();
         assert_eq!(p.kernels, ["6.1.0-2-amd64"]);
         assert!(
-            t.path().join("sets/x/6.1.0-2-amd64.json").exists(),
+            Layout::set_file(t.path(), "x", "6.1.0-2-amd64").exists(),
             "dry run removes nothing"
         );
         let p = prune_config(t.path(), None, "x", 2, &["6.1.0-1-amd64"], false).unwrap();
@@ -212,7 +207,9 @@ mod tests {
         );
         let p = prune_config(t.path(), None, "x", 0, &[], false).unwrap();
         assert_eq!(p.kernels.len(), 3);
-        assert!(!t.path().join("sets/x").exists() && !t.path().join("images/x").exists());
+        assert!(
+            Layout::set_kernels(t.path(), "x").is_empty() && !t.path().join("images/x").exists()
+        );
         assert!(Layout::configs_with_artifacts(t.path()).is_empty());
     }
 }

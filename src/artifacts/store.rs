@@ -1,6 +1,6 @@
 //! Module files stored once by content (`STATE/files/SHA256/NAME`), and the
 //! set of stored files each config resolved for each kernel
-//! (`STATE/sets/CONFIG/KERNEL.json`). Configs and kernels with the same
+//! (`STATE/sets/KERNEL/CONFIG.json`). Configs and kernels with the same
 //! files share them; a file no set names is removed. Nothing is indexed:
 //! dependencies resolve from each file's own `depends=` and the target
 //! kernel's own index ([`crate::kmod::resolve`]).
@@ -194,7 +194,10 @@ impl Staging<'_> {
         if let Some(e) = &entry.elf {
             return Ok(e.clone());
         }
-        let elf = ElfInfo::read(&self.files_dir.join(&entry.file))?;
+        let mut elf = ElfInfo::read(&self.files_dir.join(&entry.file))?;
+        // A driver's aliases and parameter descriptions can run to kilobytes: keep what kvcd reads.
+        elf.modinfo
+            .retain(|(k, _)| crate::kmod::ModInfo::KEYS.contains(&k.as_str()));
         entry.elf = Some(elf.clone());
         Ok(elf)
     }

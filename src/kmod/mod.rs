@@ -44,6 +44,9 @@ pub struct ModInfo {
 }
 
 impl ModInfo {
+    /// The `.modinfo` keys kvcd reads (others are not kept).
+    pub const KEYS: &'static [&'static str] = &["vermagic", "version", "srcversion", "depends"];
+
     /// Reads `.modinfo` from the module file at `path` (compressed or not).
     pub fn read(path: &Path) -> Result<Self> {
         Ok(Self::of(&elf::ElfInfo::read(path)?))

@@ -4,7 +4,7 @@
 //! STATE (/var/lib/kvcd)              RUNTIME (/run/kvcd)
 //!   kvcd.lock                          kvcd.lock
 //!   files/SHA256/NAME.ko               loaded/CONFIG.json   (records, with intents)
-//!   sets/CONFIG/KERNEL.json            desired.json         (the agent's wanted set)
+//!   sets/KERNEL/CONFIG.json            desired.json         (the agent's wanted set)
 //!   images/CONFIG/KERNEL/index.json
 //!   images/CONFIG/KERNEL/DIGEST/
 //!   mounts/IMAGE-ID                    (an image mount in progress)
@@ -57,40 +57,41 @@ impl Layout {
         }
     }
 
-    /// Module sets of `config`, one `KERNEL.json` per kernel.
-    pub fn sets_of(state_dir: &Path, config: &str) -> PathBuf {
-        state_dir.join("sets").join(config)
+    /// The module sets of every config for `kernel` (one directory per
+    /// kernel, not per config: a config costs one small file).
+    pub fn sets_for(state_dir: &Path, kernel: &str) -> PathBuf {
+        state_dir.join("sets").join(kernel)
     }
 
     /// The module set of (`config`, `kernel`).
     pub fn set_file(state_dir: &Path, config: &str, kernel: &str) -> PathBuf {
-        Self::sets_of(state_dir, config).join(format!("{kernel}.json"))
+        Self::sets_for(state_dir, kernel).join(format!("{config}.json"))
     }
 
     /// The kernels `config` has a module set for.
     pub fn set_kernels(state_dir: &Path, config: &str) -> Vec<String> {
-        let mut out: Vec<String> = subentries(&Self::sets_of(state_dir, config))
+        subdirs(&state_dir.join("sets"))
             .into_iter()
-            .filter(|n| !n.starts_with('.'))
-            .filter_map(|n| n.strip_suffix(".json").map(str::to_owned))
-            .collect();
-        out.sort();
-        out
+            .filter(|k| Self::set_file(state_dir, config, k).is_file())
+            .collect()
     }
 
     /// Every module set: (config, kernel, path).
     pub fn all_sets(state_dir: &Path) -> Vec<(String, String, PathBuf)> {
-        subdirs(&state_dir.join("sets"))
-            .into_iter()
-            .flat_map(|config| {
-                Self::set_kernels(state_dir, &config)
-                    .into_iter()
-                    .map(move |k| {
-                        let p = Self::set_file(state_dir, &config, &k);
-                        (config.clone(), k, p)
-                    })
-            })
-            .collect()
+        let mut out = Vec::new();
+        for kernel in subdirs(&state_dir.join("sets")) {
+            let dir = Self::sets_for(state_dir, &kernel);
+            for name in subentries(&dir) {
+                if let Some(config) = name
+                    .strip_suffix(".json")
+                    .filter(|_| !name.starts_with('.'))
+                {
+                    out.push((config.to_owned(), kernel.clone(), dir.join(&name)));
+                }
+            }
+        }
+        out.sort();
+        out
     }
 
     /// The content store of module files: `SHA256/NAME` under it.
@@ -118,9 +119,10 @@ impl Layout {
 
     /// Module configs that have artifacts (module sets or extractions).
     pub fn configs_with_artifacts(state_dir: &Path) -> std::collections::BTreeSet<String> {
-        ["sets", "images"]
-            .iter()
-            .flat_map(|k| subdirs(&state_dir.join(k)))
+        Self::all_sets(state_dir)
+            .into_iter()
+            .map(|(config, _, _)| config)
+            .chain(subdirs(&state_dir.join("images")))
             .collect()
     }
 
@@ -172,8 +174,8 @@ impl Layout {
             self.state_dir.join("mounts"),
             Self::files_dir(&self.state_dir),
         ];
-        for config in subdirs(&self.state_dir.join("sets")) {
-            dirs.push(Self::sets_of(&self.state_dir, &config));
+        for kernel in subdirs(&self.state_dir.join("sets")) {
+            dirs.push(Self::sets_for(&self.state_dir, &kernel));
         }
         let images = self.state_dir.join("images");
         for config in subdirs(&images) {
@@ -295,7 +297,7 @@ mod tests {
             runtime_dir: d.path().join("r"),
         };
         let img = Layout::image_dir(&l.state_dir, "c", "k");
-        let sets = Layout::sets_of(&l.state_dir, "c");
+        let sets = Layout::sets_for(&l.state_dir, "k");
         let files = Layout::files_dir(&l.state_dir);
         let loaded = l.records().dir().to_owned();
         for dir in [&img, &sets, &files, &loaded] {

@@ -1,4 +1,4 @@
-//! `STATE/sets/CONFIG/KERNEL.json`: the module files one config resolved for
+//! `STATE/sets/KERNEL/CONFIG.json`: the module files one config resolved for
 //! one kernel, as paths in the content store (`STATE/files/SHA256/NAME`).
 //! Sets are what keep stored files alive: a file no set names is garbage.
 
