@@ -28,6 +28,8 @@ use crate::reconciler::status::{ModuleStatus, Snapshot, Wire, module_status_fiel
 pub const BUS_NAME: &str = "org.kvcd.Kvcd1";
 /// The manager object.
 pub const MANAGER_PATH: &str = "/org/kvcd/Kvcd1";
+/// The interface of the manager object.
+pub const MANAGER_INTERFACE: &str = "org.kvcd.Kvcd1.Manager";
 /// Parent of the module objects.
 const MODULE_PREFIX: &str = "/org/kvcd/Kvcd1/module/";
 
