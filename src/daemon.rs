@@ -2,6 +2,7 @@
 //! watcher, signals and systemd notifications (`kvcd daemon` only parses its
 //! arguments and calls [`main`]).
 
+use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use tracing::{info, warn};
 use crate::config::{Config, DaemonSettings, Overrides};
 use crate::kernel::KernelRelease;
 use crate::reconciler::agent::{Agent, Handle, KmodsFactory, Request};
+use crate::reconciler::status::Snapshot;
 
 /// What a daemon needs to run.
 #[derive(Debug, Clone)]
@@ -24,11 +26,13 @@ pub struct DaemonOptions {
     pub bus_address: Option<String>,
     /// The running kernel.
     pub kernel: KernelRelease,
+    /// systemd's notification socket (`$NOTIFY_SOCKET`); `None` sends no notifications.
+    pub notify_socket: Option<OsString>,
 }
 
-/// Sends `msg` to systemd's notification socket, when there is one.
-pub fn sd_notify(msg: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+/// Sends `msg` to systemd's notification socket `socket`, when there is one.
+pub fn sd_notify(socket: Option<&OsStr>, msg: &str) {
+    let Some(path) = socket else {
         return;
     };
     let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
@@ -104,8 +108,46 @@ fn watch_config(dirs: Vec<PathBuf>, handle: Handle) -> Result<()> {
     Ok(())
 }
 
+/// Sends systemd notifications in the order they are given; `READY=1` only
+/// once the snapshot the agent published last is on the bus, so whoever
+/// waits for it finds every object.
+#[derive(Debug, Clone)]
+struct Notifier {
+    tx: tokio::sync::mpsc::UnboundedSender<Option<String>>,
+}
+
+impl Notifier {
+    /// The notifier and its task; `published` is what the agent publishes,
+    /// `exported` what the D-Bus side has put on the bus.
+    fn start(
+        socket: Option<OsString>,
+        mut published: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+        mut exported: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<String>>();
+        let task = tokio::spawn(async move {
+            while let Some(Some(msg)) = rx.recv().await {
+                if msg == "READY=1" {
+                    crate::dbus::until_exported(&mut published, &mut exported).await;
+                }
+                sd_notify(socket.as_deref(), &msg);
+            }
+        });
+        (Self { tx }, task)
+    }
+
+    fn send(&self, msg: &str) {
+        let _ = self.tx.send(Some(msg.to_owned()));
+    }
+
+    /// Ends the task once what was sent before is out.
+    fn finish(&self) {
+        let _ = self.tx.send(None);
+    }
+}
+
 /// SIGHUP reloads everything; SIGTERM and SIGINT stop.
-async fn signals(handle: Handle) -> Result<()> {
+async fn signals(handle: Handle, notifier: Notifier) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -114,9 +156,9 @@ async fn signals(handle: Handle) -> Result<()> {
         tokio::select! {
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the configuration");
-                sd_notify("RELOADING=1");
+                notifier.send("RELOADING=1");
                 let _ = handle.request(Request::ReloadConfig).await;
-                sd_notify("READY=1");
+                notifier.send("READY=1");
             }
             _ = term.recv() => { info!("SIGTERM: stopping"); handle.shutdown(); }
             _ = int.recv() => { info!("SIGINT: stopping"); handle.shutdown(); }
@@ -167,16 +209,19 @@ pub async fn run(
             .await
             .context("connecting to the system bus")?,
     };
+    let (exported_tx, exported) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
+    let (notifier, notifier_task) =
+        Notifier::start(opts.notify_socket.clone(), status.clone(), exported);
     let server = tokio::spawn({
         let conn = conn.clone();
         let handle = handle.clone();
         async move {
-            if let Err(e) = crate::dbus::serve(&conn, handle, status).await {
+            if let Err(e) = crate::dbus::serve(&conn, handle, status, exported_tx).await {
                 warn!("D-Bus service stopped: {e}");
             }
         }
     });
-    let sig = tokio::spawn(signals(handle.clone()));
+    let sig = tokio::spawn(signals(handle.clone(), notifier.clone()));
     let stopper = tokio::spawn({
         let handle = handle.clone();
         async move {
@@ -187,19 +232,23 @@ pub async fn run(
     watch_config(opts.dirs.clone(), handle.clone())?;
     let watchdog = watchdog_interval().map(|every| {
         let handle = handle.clone();
+        let socket = opts.notify_socket.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 // Only a loop that answers counts as alive.
                 if handle.ping().await {
-                    sd_notify("WATCHDOG=1");
+                    sd_notify(socket.as_deref(), "WATCHDOG=1");
                 }
             }
         })
     });
     info!(KVCD_KERNEL = %opts.kernel, "kvcd {} starting", env!("CARGO_PKG_VERSION"));
-    let mut notify = |m: &str| sd_notify(m);
+    let mut notify = |m: &str| notifier.send(m);
     let result = agent.run(&mut notify).await;
+    // The agent is gone: a READY=1 waiting for the bus waits no more.
+    notifier.finish();
+    let _ = notifier_task.await;
     sig.abort();
     stopper.abort();
     server.abort();

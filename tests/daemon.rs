@@ -96,6 +96,17 @@ impl Node {
     }
 
     fn start(&mut self) {
+        self.spawn(None);
+        // Ready when the name is on the bus.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.kvcctl(&["list"]).0 != 0 {
+            assert!(Instant::now() < deadline, "daemon did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts the daemon, sending systemd notifications to `notify_socket`.
+    fn spawn(&mut self, notify_socket: Option<&Path>) {
         let fake = self.fake.clone();
         let factory: KmodsFactory =
             Arc::new(move || Ok(Box::new(fake.clone()) as Box<dyn KernelModules>));
@@ -104,6 +115,7 @@ impl Node {
             overrides: Overrides::default(),
             bus_address: Some(self.address.clone()),
             kernel: KernelRelease::parse(&self.fx.kver).unwrap(),
+            notify_socket: notify_socket.map(|p| p.as_os_str().to_owned()),
         };
         let config = Config::load(&opts.dirs, &opts.overrides);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -111,12 +123,58 @@ impl Node {
         self.daemon = Some(self.rt.spawn(run(opts, config, factory, async move {
             let _ = rx.await;
         })));
-        // Ready when the name is on the bus.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.kvcctl(&["list"]).0 != 0 {
-            assert!(Instant::now() < deadline, "daemon did not come up");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    }
+
+    /// A connection to the private bus, for calls made from the test itself.
+    fn connect(&self) -> zbus::Connection {
+        self.rt.block_on(async {
+            zbus::connection::Builder::address(self.address.as_str())
+                .unwrap()
+                .build()
+                .await
+                .unwrap()
+        })
+    }
+
+    /// The module objects on the bus (`GetManagedObjects`) by name, and the names `ListModules` gives.
+    fn objects(
+        &self,
+        conn: &zbus::Connection,
+    ) -> (
+        std::collections::BTreeMap<String, kvcd::reconciler::status::ModuleStatus>,
+        Vec<String>,
+    ) {
+        self.rt.block_on(async {
+            let objects = zbus::fdo::ObjectManagerProxy::builder(conn)
+                .destination(kvcd::dbus::BUS_NAME)
+                .unwrap()
+                .path(kvcd::dbus::MANAGER_PATH)
+                .unwrap()
+                .build()
+                .await
+                .unwrap()
+                .get_managed_objects()
+                .await
+                .unwrap();
+            let by_name = objects
+                .into_values()
+                .filter_map(|mut i| i.remove(kvcd::dbus::MODULE_INTERFACE))
+                .map(|props| {
+                    let s = kvcd::dbus::module_status(props).unwrap();
+                    (s.name.clone(), s)
+                })
+                .collect();
+            let listed = kvcd::dbus::proxy::ManagerProxy::new(conn)
+                .await
+                .unwrap()
+                .list_modules()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(n, _, _)| n)
+                .collect();
+            (by_name, listed)
+        })
     }
 
     fn stop(&mut self) {
@@ -182,6 +240,70 @@ impl Drop for Node {
             .arg(self.root.join("bus-dir"))
             .output();
     }
+}
+
+/// Many module configs that need nothing from the kernel until loaded.
+fn many(node: &Node, names: std::ops::Range<usize>) -> Vec<String> {
+    names
+        .map(|i| {
+            let name = format!("c{i:03}");
+            node.module(
+                &name,
+                &format!("modules = [\"m{i}\"]\n[directory]\npath = \"@KO@\"\n"),
+            );
+            name
+        })
+        .collect()
+}
+
+/// Waits for `want` on the notification socket; the messages seen on the way.
+fn notified(sock: &std::os::unix::net::UnixDatagram, want: &str) -> Vec<String> {
+    let mut buf = [0u8; 512];
+    let mut seen = Vec::new();
+    loop {
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no {want:?} from the daemon (got {seen:?}): {e}"));
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        seen.push(msg.clone());
+        if msg == want {
+            return seen;
+        }
+    }
+}
+
+/// READY=1 comes only once every module object is on the bus, and a
+/// configuration reload answers only once the new objects are there.
+#[test]
+fn ready_means_every_object_is_on_the_bus() {
+    let mut node = Node::new();
+    let mut names = many(&node, 0..200);
+    let sock_path = node.root.join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    // Only so that a daemon that never says READY fails the test instead of hanging it.
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    node.spawn(Some(&sock_path));
+    notified(&sock, "READY=1");
+    let conn = node.connect();
+    let (objects, listed) = node.objects(&conn);
+    assert_eq!(objects.keys().cloned().collect::<Vec<_>>(), names);
+    assert!(objects.values().all(|s| s.state.to_string() == "inactive"));
+    assert_eq!(listed, names);
+
+    // Fifty more, then ReloadConfig: when it answers they are all there.
+    names.extend(many(&node, 200..250));
+    node.rt.block_on(async {
+        kvcd::dbus::proxy::ManagerProxy::new(&conn)
+            .await
+            .unwrap()
+            .reload_config()
+            .await
+            .unwrap();
+    });
+    let (objects, listed) = node.objects(&conn);
+    assert_eq!(objects.keys().cloned().collect::<Vec<_>>(), names);
+    assert_eq!(listed, names);
 }
 
 const PARAM: &str = "version = \"1.2.0\"\nmodules = [\"kvcd_param\"]\n[parameters]\nkvcd_param = [\"level=4\"]\n[directory]\npath = \"@KO@\"\n";

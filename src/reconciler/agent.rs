@@ -218,6 +218,8 @@ pub struct Agent {
     cancel: Arc<AtomicBool>,
     /// Replies to `ReloadConfig`, sent once the configuration is read and applied.
     reload_replies: Vec<Reply>,
+    /// Replies due once the next snapshot is published.
+    after_publish: Vec<Reply>,
     /// A read of the configuration is under way; `Some(true)` when another must follow it.
     reading: Option<bool>,
     desired: DesiredStore,
@@ -267,6 +269,7 @@ impl Agent {
             prepares: VecDeque::new(),
             cancel: Arc::new(AtomicBool::new(false)),
             reload_replies: Vec::new(),
+            after_publish: Vec::new(),
             reading: None,
             save_needed: false,
             stop_deadline: None,
@@ -343,9 +346,8 @@ impl Agent {
         if again {
             self.read_config();
         } else {
-            for reply in self.reload_replies.drain(..) {
-                let _ = reply.send(Ok(self.seq));
-            }
+            // Answered once the snapshot showing the new configuration is out.
+            self.after_publish.append(&mut self.reload_replies);
         }
     }
 
@@ -786,6 +788,9 @@ impl Agent {
             }
             self.save_desired();
             self.publish(notify);
+            for reply in self.after_publish.drain(..) {
+                let _ = reply.send(Ok(self.seq));
+            }
             if !self.ready && self.idle() {
                 self.ready = true;
                 notify("READY=1");
