@@ -2,15 +2,16 @@
 //! watcher, signals and systemd notifications (`kvcd daemon` only parses its
 //! arguments and calls [`main`]).
 
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use tracing::{info, warn};
 
-use crate::config::{Config, DaemonSettings, Overrides};
+use crate::config::{Changes, Config, DaemonSettings, Overrides};
 use crate::kernel::KernelRelease;
 use crate::reconciler::agent::{Agent, Handle, KmodsFactory, Request};
 use crate::reconciler::status::Snapshot;
@@ -65,9 +66,53 @@ fn watchdog_interval() -> Option<Duration> {
     Some(Duration::from_micros(usec / 2))
 }
 
-/// Watches the configuration directories (and their `modules.d/`) and tells the agent when something changed.
+/// How long a burst of file events must be quiet before the agent hears of it
+/// (an editor's save is several events).
+const SETTLE_QUIET: Duration = Duration::from_millis(25);
+/// The longest the agent waits to hear of a change while events keep coming.
+const SETTLE_MAX: Duration = Duration::from_millis(250);
+
+/// What a watched directory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watched {
+    /// A configuration directory (holding `kvcd.toml` and `modules.d/`).
+    ConfigDir,
+    /// A `modules.d/`.
+    ModulesDir,
+}
+
+/// What one inotify event about `name` in `dir` (watched as `kind`; `None`
+/// when the watch is not known) changed of what the configuration reads.
+fn changed_by(
+    watched: Option<(&Path, Watched)>,
+    name: Option<&OsStr>,
+    mask: inotify::EventMask,
+) -> Option<Changes> {
+    use inotify::EventMask;
+    // Events were lost, or a watched directory went away: read everything.
+    if mask.intersects(EventMask::Q_OVERFLOW | EventMask::IGNORED) {
+        return Some(Changes::All);
+    }
+    // The directory itself, or a watch we do not know.
+    let (Some((dir, kind)), Some(name)) = (watched, name) else {
+        return Some(Changes::All);
+    };
+    let text = name.to_string_lossy();
+    match kind {
+        // kvcd.toml or modules.d/ itself: the daemon settings, or every module config.
+        Watched::ConfigDir => (text == "kvcd.toml" || text == "modules.d").then_some(Changes::All),
+        // What the configuration reads of modules.d/ (see `merge::list_toml`).
+        Watched::ModulesDir => (!text.starts_with('.') && text.ends_with(".toml"))
+            .then(|| Changes::Files(BTreeSet::from([dir.join(name)]))),
+    }
+}
+
+/// Watches the configuration directories (and their `modules.d/`) and tells
+/// the agent which files changed, once a burst of events has been quiet for
+/// [`SETTLE_QUIET`] (or after [`SETTLE_MAX`] of constant events).
 fn watch_config(dirs: Vec<PathBuf>, handle: Handle) -> Result<()> {
-    use inotify::{Inotify, WatchMask};
+    use inotify::{Inotify, WatchDescriptor, WatchMask};
+    use std::os::fd::AsFd as _;
     let mut inotify = Inotify::init().context("inotify_init")?;
     let mask = WatchMask::CREATE
         | WatchMask::DELETE
@@ -75,33 +120,78 @@ fn watch_config(dirs: Vec<PathBuf>, handle: Handle) -> Result<()> {
         | WatchMask::MOVED_TO
         | WatchMask::MOVED_FROM
         | WatchMask::ATTRIB;
-    let add = move |inotify: &mut Inotify| {
+    let mut watched: HashMap<WatchDescriptor, (PathBuf, Watched)> = HashMap::new();
+    let add = move |inotify: &mut Inotify, watched: &mut HashMap<_, _>| {
         for d in &dirs {
-            for p in [d.clone(), d.join("modules.d")] {
+            for (p, kind) in [
+                (d.clone(), Watched::ConfigDir),
+                (d.join("modules.d"), Watched::ModulesDir),
+            ] {
                 if p.is_dir() {
-                    let _ = inotify.watches().add(&p, mask);
+                    if let Ok(wd) = inotify.watches().add(&p, mask) {
+                        watched.insert(wd, (p, kind));
+                    }
                 }
             }
         }
     };
-    add(&mut inotify);
+    add(&mut inotify, &mut watched);
+    let readable = |inotify: &Inotify, wait: Duration| {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, timeout).is_ok_and(|n| n > 0)
+    };
     std::thread::Builder::new()
         .name("kvcd-inotify".to_owned())
         .spawn(move || {
             let mut buf = [0u8; 4096];
             loop {
+                let mut changes: Option<Changes> = None;
+                let mut note =
+                    |events: inotify::Events<'_>,
+                     watched: &HashMap<WatchDescriptor, (PathBuf, Watched)>| {
+                        for ev in events {
+                            let w = watched.get(&ev.wd).map(|(p, k)| (p.as_path(), *k));
+                            if let Some(c) = changed_by(w, ev.name, ev.mask) {
+                                match &mut changes {
+                                    Some(all) => all.add(c),
+                                    None => changes = Some(c),
+                                }
+                            }
+                        }
+                    };
                 match inotify.read_events_blocking(&mut buf) {
-                    Ok(events) => drop(events.count()),
+                    Ok(events) => note(events, &watched),
                     Err(e) => {
                         warn!("config watch stopped: {e}");
                         return;
                     }
                 }
-                // Editors write several events per save: settle, then read once.
-                std::thread::sleep(Duration::from_millis(200));
-                while inotify.read_events(&mut buf).is_ok_and(|ev| ev.count() > 0) {}
-                add(&mut inotify);
-                handle.config_changed();
+                // Editors write several events per save: wait for quiet, not forever.
+                let first = Instant::now();
+                loop {
+                    let left = SETTLE_MAX.saturating_sub(first.elapsed());
+                    if left.is_zero() || !readable(&inotify, left.min(SETTLE_QUIET)) {
+                        break;
+                    }
+                    match inotify.read_events(&mut buf) {
+                        Ok(events) => note(events, &watched),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => {
+                            warn!("config watch stopped: {e}");
+                            return;
+                        }
+                    }
+                }
+                if changes == Some(Changes::All) {
+                    // A directory may have appeared (or come back).
+                    watched.clear();
+                    add(&mut inotify, &mut watched);
+                }
+                if let Some(c) = changes {
+                    handle.config_changed(c);
+                }
             }
         })
         .context("starting the config watcher")?;
@@ -308,4 +398,65 @@ pub fn main(opts: DaemonOptions, config: Config) -> Result<()> {
     end_children();
     rt.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::ffi::OsStr;
+    use std::path::{Path, PathBuf};
+
+    use inotify::EventMask;
+
+    use super::{Watched, changed_by};
+    use crate::config::Changes;
+
+    #[test]
+    fn events_name_the_module_config_files_they_touch() {
+        let md = Path::new("/etc/kvcd/modules.d");
+        let etc = Path::new("/etc/kvcd");
+        let modules = Some((md, Watched::ModulesDir));
+        let config = Some((etc, Watched::ConfigDir));
+        let name = |n: &'static str| Some(OsStr::new(n));
+        assert_eq!(
+            changed_by(modules, name("a.toml"), EventMask::CLOSE_WRITE),
+            Some(Changes::Files(BTreeSet::from([PathBuf::from(
+                "/etc/kvcd/modules.d/a.toml"
+            )])))
+        );
+        assert_eq!(
+            changed_by(modules, name("a.toml"), EventMask::MOVED_FROM),
+            Some(Changes::Files(BTreeSet::from([md.join("a.toml")])))
+        );
+        // What the configuration never reads: editor files, hidden files.
+        for n in [".a.toml.swp", "a.toml~", "a.tmp", ".a.toml"] {
+            assert_eq!(changed_by(modules, name(n), EventMask::CREATE), None, "{n}");
+        }
+        // kvcd.toml and modules.d/ itself: everything.
+        assert_eq!(
+            changed_by(config, name("kvcd.toml"), EventMask::CLOSE_WRITE),
+            Some(Changes::All)
+        );
+        assert_eq!(
+            changed_by(config, name("modules.d"), EventMask::CREATE),
+            Some(Changes::All)
+        );
+        assert_eq!(
+            changed_by(config, name("notes.txt"), EventMask::CREATE),
+            None
+        );
+        // Lost events, a directory gone, an unknown watch: everything.
+        assert_eq!(
+            changed_by(None, None, EventMask::Q_OVERFLOW),
+            Some(Changes::All)
+        );
+        assert_eq!(
+            changed_by(modules, None, EventMask::IGNORED),
+            Some(Changes::All)
+        );
+        assert_eq!(
+            changed_by(None, name("a.toml"), EventMask::CREATE),
+            Some(Changes::All)
+        );
+    }
 }
