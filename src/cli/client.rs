@@ -197,8 +197,12 @@ fn no_such_object(e: &anyhow::Error) -> bool {
     })
 }
 
-fn print_table(mods: &[ModuleStatus]) {
-    println!(
+/// The status table, to print at once (stdout writes at every line end).
+fn table(mods: &[ModuleStatus]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "{:<24} {:<12} {:<22} {:<28} ERROR",
         "NAME", "STATE", "KERNEL", "MODULES"
     );
@@ -207,7 +211,8 @@ fn print_table(mods: &[ModuleStatus]) {
         if m.next_retry > 0 {
             error = format!("{error} (retry at {})", m.next_retry);
         }
-        println!(
+        let _ = writeln!(
+            out,
             "{:<24} {:<12} {:<22} {:<28} {}",
             m.name,
             m.state,
@@ -216,6 +221,7 @@ fn print_table(mods: &[ModuleStatus]) {
             error
         );
     }
+    out
 }
 
 /// Follows the module object until operation `op` finished; Ok(true) when it succeeded.
@@ -269,9 +275,13 @@ async fn run_async(bus: &BusArgs, cmd: &ClientCommand) -> Result<u8> {
     let manager = ManagerProxy::new(&conn).await?;
     match cmd {
         ClientCommand::List => {
-            for (name, _, _) in manager.list_modules().await? {
-                println!("{name}");
-            }
+            let names: String = manager
+                .list_modules()
+                .await?
+                .into_iter()
+                .map(|(name, _, _)| name + "\n")
+                .collect();
+            print!("{names}");
             Ok(0)
         }
         ClientCommand::Status { name, json } => {
@@ -294,13 +304,16 @@ async fn run_async(bus: &BusArgs, cmd: &ClientCommand) -> Result<u8> {
                     "errors": info.errors,
                     "modules": mods,
                 });
-                println!("{doc:#}");
+                // Formatted first, so stdout writes it at once, not line by line.
+                let text = format!("{doc:#}\n");
+                print!("{text}");
             } else {
                 println!("kvcd {} on kernel {}", info.version, info.kernel);
                 for e in &info.errors {
                     println!("error: {e}");
                 }
-                print_table(&mods);
+                let text = table(&mods);
+                print!("{text}");
             }
             let bad = mods
                 .iter()
