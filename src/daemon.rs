@@ -386,8 +386,10 @@ fn end_children() {
 /// Runs the daemon on the real kernel (libkmod) over `config` until it is
 /// stopped, then ends what abandoned steps left running.
 pub fn main(opts: DaemonOptions, config: Config) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread is enough for the agent and D-Bus: everything that blocks
+    // (libkmod, podman, hooks, reading the configuration) runs on the
+    // blocking pool, and the config watcher has its own thread.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
