@@ -81,8 +81,9 @@ enum Watched {
     ModulesDir,
 }
 
-/// What one inotify event about `name` in `dir` (watched as `kind`; `None`
-/// when the watch is not known) changed of what the configuration reads.
+/// What one inotify event about `name` in a watched directory (its path and
+/// what it is; `None` when the watch is not known) changed of what the
+/// configuration reads.
 fn changed_by(
     watched: Option<(&Path, Watched)>,
     name: Option<&OsStr>,
