@@ -553,6 +553,12 @@ fn load_status_unload_over_dbus_with_wait() {
         err.contains("no module config named \"nosuch\" (org.kvcd.Kvcd1.Error.NotFound)"),
         "{err}"
     );
+    // status NAME reads only that object; there is none for an unknown name.
+    for args in [&["status", "nosuch"][..], &["status", "nosuch", "--json"]] {
+        let (code, out, err) = node.kvcctl(args);
+        assert_eq!((code, out.as_str()), (1, ""), "{args:?}: {err}");
+        assert_eq!(err, "no module config named \"nosuch\"\n", "{args:?}");
+    }
 }
 
 #[test]
