@@ -2,16 +2,19 @@
 //! watcher, signals and systemd notifications (`kvcd daemon` only parses its
 //! arguments and calls [`main`]).
 
-use std::path::PathBuf;
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use tracing::{info, warn};
 
-use crate::config::{Config, DaemonSettings, Overrides};
+use crate::config::{Changes, Config, DaemonSettings, Overrides};
 use crate::kernel::KernelRelease;
 use crate::reconciler::agent::{Agent, Handle, KmodsFactory, Request};
+use crate::reconciler::status::Snapshot;
 
 /// What a daemon needs to run.
 #[derive(Debug, Clone)]
@@ -24,11 +27,13 @@ pub struct DaemonOptions {
     pub bus_address: Option<String>,
     /// The running kernel.
     pub kernel: KernelRelease,
+    /// systemd's notification socket (`$NOTIFY_SOCKET`); `None` sends no notifications.
+    pub notify_socket: Option<OsString>,
 }
 
-/// Sends `msg` to systemd's notification socket, when there is one.
-pub fn sd_notify(msg: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+/// Sends `msg` to systemd's notification socket `socket`, when there is one.
+pub fn sd_notify(socket: Option<&OsStr>, msg: &str) {
+    let Some(path) = socket else {
         return;
     };
     let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
@@ -61,9 +66,54 @@ fn watchdog_interval() -> Option<Duration> {
     Some(Duration::from_micros(usec / 2))
 }
 
-/// Watches the configuration directories (and their `modules.d/`) and tells the agent when something changed.
+/// How long a burst of file events must be quiet before the agent hears of it
+/// (an editor's save is several events).
+const SETTLE_QUIET: Duration = Duration::from_millis(25);
+/// The longest the agent waits to hear of a change while events keep coming.
+const SETTLE_MAX: Duration = Duration::from_millis(250);
+
+/// What a watched directory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watched {
+    /// A configuration directory (holding `kvcd.toml` and `modules.d/`).
+    ConfigDir,
+    /// A `modules.d/`.
+    ModulesDir,
+}
+
+/// What one inotify event about `name` in a watched directory (its path and
+/// what it is; `None` when the watch is not known) changed of what the
+/// configuration reads.
+fn changed_by(
+    watched: Option<(&Path, Watched)>,
+    name: Option<&OsStr>,
+    mask: inotify::EventMask,
+) -> Option<Changes> {
+    use inotify::EventMask;
+    // Events were lost, or a watched directory went away: read everything.
+    if mask.intersects(EventMask::Q_OVERFLOW | EventMask::IGNORED) {
+        return Some(Changes::All);
+    }
+    // The directory itself, or a watch we do not know.
+    let (Some((dir, kind)), Some(name)) = (watched, name) else {
+        return Some(Changes::All);
+    };
+    let text = name.to_string_lossy();
+    match kind {
+        // kvcd.toml or modules.d/ itself: the daemon settings, or every module config.
+        Watched::ConfigDir => (text == "kvcd.toml" || text == "modules.d").then_some(Changes::All),
+        // What the configuration reads of modules.d/ (see `merge::list_toml`).
+        Watched::ModulesDir => (!text.starts_with('.') && text.ends_with(".toml"))
+            .then(|| Changes::Files(BTreeSet::from([dir.join(name)]))),
+    }
+}
+
+/// Watches the configuration directories (and their `modules.d/`) and tells
+/// the agent which files changed, once a burst of events has been quiet for
+/// [`SETTLE_QUIET`] (or after [`SETTLE_MAX`] of constant events).
 fn watch_config(dirs: Vec<PathBuf>, handle: Handle) -> Result<()> {
-    use inotify::{Inotify, WatchMask};
+    use inotify::{Inotify, WatchDescriptor, WatchMask};
+    use std::os::fd::AsFd as _;
     let mut inotify = Inotify::init().context("inotify_init")?;
     let mask = WatchMask::CREATE
         | WatchMask::DELETE
@@ -71,41 +121,124 @@ fn watch_config(dirs: Vec<PathBuf>, handle: Handle) -> Result<()> {
         | WatchMask::MOVED_TO
         | WatchMask::MOVED_FROM
         | WatchMask::ATTRIB;
-    let add = move |inotify: &mut Inotify| {
+    let mut watched: HashMap<WatchDescriptor, (PathBuf, Watched)> = HashMap::new();
+    let add = move |inotify: &mut Inotify, watched: &mut HashMap<_, _>| {
         for d in &dirs {
-            for p in [d.clone(), d.join("modules.d")] {
+            for (p, kind) in [
+                (d.clone(), Watched::ConfigDir),
+                (d.join("modules.d"), Watched::ModulesDir),
+            ] {
                 if p.is_dir() {
-                    let _ = inotify.watches().add(&p, mask);
+                    if let Ok(wd) = inotify.watches().add(&p, mask) {
+                        watched.insert(wd, (p, kind));
+                    }
                 }
             }
         }
     };
-    add(&mut inotify);
+    add(&mut inotify, &mut watched);
+    let readable = |inotify: &Inotify, wait: Duration| {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, timeout).is_ok_and(|n| n > 0)
+    };
     std::thread::Builder::new()
         .name("kvcd-inotify".to_owned())
         .spawn(move || {
             let mut buf = [0u8; 4096];
             loop {
+                let mut changes: Option<Changes> = None;
+                let mut note =
+                    |events: inotify::Events<'_>,
+                     watched: &HashMap<WatchDescriptor, (PathBuf, Watched)>| {
+                        for ev in events {
+                            let w = watched.get(&ev.wd).map(|(p, k)| (p.as_path(), *k));
+                            if let Some(c) = changed_by(w, ev.name, ev.mask) {
+                                match &mut changes {
+                                    Some(all) => all.add(c),
+                                    None => changes = Some(c),
+                                }
+                            }
+                        }
+                    };
                 match inotify.read_events_blocking(&mut buf) {
-                    Ok(events) => drop(events.count()),
+                    Ok(events) => note(events, &watched),
                     Err(e) => {
                         warn!("config watch stopped: {e}");
                         return;
                     }
                 }
-                // Editors write several events per save: settle, then read once.
-                std::thread::sleep(Duration::from_millis(200));
-                while inotify.read_events(&mut buf).is_ok_and(|ev| ev.count() > 0) {}
-                add(&mut inotify);
-                handle.config_changed();
+                // Editors write several events per save: wait for quiet, not forever.
+                let first = Instant::now();
+                loop {
+                    let left = SETTLE_MAX.saturating_sub(first.elapsed());
+                    if left.is_zero() || !readable(&inotify, left.min(SETTLE_QUIET)) {
+                        break;
+                    }
+                    match inotify.read_events(&mut buf) {
+                        Ok(events) => note(events, &watched),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => {
+                            warn!("config watch stopped: {e}");
+                            return;
+                        }
+                    }
+                }
+                if changes == Some(Changes::All) {
+                    // A directory may have appeared (or come back).
+                    watched.clear();
+                    add(&mut inotify, &mut watched);
+                }
+                if let Some(c) = changes {
+                    handle.config_changed(c);
+                }
             }
         })
         .context("starting the config watcher")?;
     Ok(())
 }
 
+/// Sends systemd notifications in the order they are given; `READY=1` only
+/// once the snapshot the agent published last is on the bus, so whoever
+/// waits for it finds every object.
+#[derive(Debug, Clone)]
+struct Notifier {
+    tx: tokio::sync::mpsc::UnboundedSender<Option<String>>,
+}
+
+impl Notifier {
+    /// The notifier and its task; `published` is what the agent publishes,
+    /// `exported` what the D-Bus side has put on the bus.
+    fn start(
+        socket: Option<OsString>,
+        mut published: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+        mut exported: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<String>>();
+        let task = tokio::spawn(async move {
+            while let Some(Some(msg)) = rx.recv().await {
+                if msg == "READY=1" {
+                    crate::dbus::until_exported(&mut published, &mut exported).await;
+                }
+                sd_notify(socket.as_deref(), &msg);
+            }
+        });
+        (Self { tx }, task)
+    }
+
+    fn send(&self, msg: &str) {
+        let _ = self.tx.send(Some(msg.to_owned()));
+    }
+
+    /// Ends the task once what was sent before is out.
+    fn finish(&self) {
+        let _ = self.tx.send(None);
+    }
+}
+
 /// SIGHUP reloads everything; SIGTERM and SIGINT stop.
-async fn signals(handle: Handle) -> Result<()> {
+async fn signals(handle: Handle, notifier: Notifier) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -114,9 +247,9 @@ async fn signals(handle: Handle) -> Result<()> {
         tokio::select! {
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the configuration");
-                sd_notify("RELOADING=1");
+                notifier.send("RELOADING=1");
                 let _ = handle.request(Request::ReloadConfig).await;
-                sd_notify("READY=1");
+                notifier.send("READY=1");
             }
             _ = term.recv() => { info!("SIGTERM: stopping"); handle.shutdown(); }
             _ = int.recv() => { info!("SIGINT: stopping"); handle.shutdown(); }
@@ -167,16 +300,19 @@ pub async fn run(
             .await
             .context("connecting to the system bus")?,
     };
+    let (exported_tx, exported) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
+    let (notifier, notifier_task) =
+        Notifier::start(opts.notify_socket.clone(), status.clone(), exported);
     let server = tokio::spawn({
         let conn = conn.clone();
         let handle = handle.clone();
         async move {
-            if let Err(e) = crate::dbus::serve(&conn, handle, status).await {
+            if let Err(e) = crate::dbus::serve(&conn, handle, status, exported_tx).await {
                 warn!("D-Bus service stopped: {e}");
             }
         }
     });
-    let sig = tokio::spawn(signals(handle.clone()));
+    let sig = tokio::spawn(signals(handle.clone(), notifier.clone()));
     let stopper = tokio::spawn({
         let handle = handle.clone();
         async move {
@@ -187,19 +323,23 @@ pub async fn run(
     watch_config(opts.dirs.clone(), handle.clone())?;
     let watchdog = watchdog_interval().map(|every| {
         let handle = handle.clone();
+        let socket = opts.notify_socket.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 // Only a loop that answers counts as alive.
                 if handle.ping().await {
-                    sd_notify("WATCHDOG=1");
+                    sd_notify(socket.as_deref(), "WATCHDOG=1");
                 }
             }
         })
     });
     info!(KVCD_KERNEL = %opts.kernel, "kvcd {} starting", env!("CARGO_PKG_VERSION"));
-    let mut notify = |m: &str| sd_notify(m);
+    let mut notify = |m: &str| notifier.send(m);
     let result = agent.run(&mut notify).await;
+    // The agent is gone: a READY=1 waiting for the bus waits no more.
+    notifier.finish();
+    let _ = notifier_task.await;
     sig.abort();
     stopper.abort();
     server.abort();
@@ -247,8 +387,10 @@ fn end_children() {
 /// Runs the daemon on the real kernel (libkmod) over `config` until it is
 /// stopped, then ends what abandoned steps left running.
 pub fn main(opts: DaemonOptions, config: Config) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread is enough for the agent and D-Bus: everything that blocks
+    // (libkmod, podman, hooks, reading the configuration) runs on the
+    // blocking pool, and the config watcher has its own thread.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
@@ -259,4 +401,65 @@ pub fn main(opts: DaemonOptions, config: Config) -> Result<()> {
     end_children();
     rt.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::ffi::OsStr;
+    use std::path::{Path, PathBuf};
+
+    use inotify::EventMask;
+
+    use super::{Watched, changed_by};
+    use crate::config::Changes;
+
+    #[test]
+    fn events_name_the_module_config_files_they_touch() {
+        let md = Path::new("/etc/kvcd/modules.d");
+        let etc = Path::new("/etc/kvcd");
+        let modules = Some((md, Watched::ModulesDir));
+        let config = Some((etc, Watched::ConfigDir));
+        let name = |n: &'static str| Some(OsStr::new(n));
+        assert_eq!(
+            changed_by(modules, name("a.toml"), EventMask::CLOSE_WRITE),
+            Some(Changes::Files(BTreeSet::from([PathBuf::from(
+                "/etc/kvcd/modules.d/a.toml"
+            )])))
+        );
+        assert_eq!(
+            changed_by(modules, name("a.toml"), EventMask::MOVED_FROM),
+            Some(Changes::Files(BTreeSet::from([md.join("a.toml")])))
+        );
+        // What the configuration never reads: editor files, hidden files.
+        for n in [".a.toml.swp", "a.toml~", "a.tmp", ".a.toml"] {
+            assert_eq!(changed_by(modules, name(n), EventMask::CREATE), None, "{n}");
+        }
+        // kvcd.toml and modules.d/ itself: everything.
+        assert_eq!(
+            changed_by(config, name("kvcd.toml"), EventMask::CLOSE_WRITE),
+            Some(Changes::All)
+        );
+        assert_eq!(
+            changed_by(config, name("modules.d"), EventMask::CREATE),
+            Some(Changes::All)
+        );
+        assert_eq!(
+            changed_by(config, name("notes.txt"), EventMask::CREATE),
+            None
+        );
+        // Lost events, a directory gone, an unknown watch: everything.
+        assert_eq!(
+            changed_by(None, None, EventMask::Q_OVERFLOW),
+            Some(Changes::All)
+        );
+        assert_eq!(
+            changed_by(modules, None, EventMask::IGNORED),
+            Some(Changes::All)
+        );
+        assert_eq!(
+            changed_by(None, name("a.toml"), EventMask::CREATE),
+            Some(Changes::All)
+        );
+    }
 }

@@ -96,6 +96,17 @@ impl Node {
     }
 
     fn start(&mut self) {
+        self.spawn(None);
+        // Ready when the name is on the bus.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.kvcctl(&["list"]).0 != 0 {
+            assert!(Instant::now() < deadline, "daemon did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts the daemon, sending systemd notifications to `notify_socket`.
+    fn spawn(&mut self, notify_socket: Option<&Path>) {
         let fake = self.fake.clone();
         let factory: KmodsFactory =
             Arc::new(move || Ok(Box::new(fake.clone()) as Box<dyn KernelModules>));
@@ -104,6 +115,7 @@ impl Node {
             overrides: Overrides::default(),
             bus_address: Some(self.address.clone()),
             kernel: KernelRelease::parse(&self.fx.kver).unwrap(),
+            notify_socket: notify_socket.map(|p| p.as_os_str().to_owned()),
         };
         let config = Config::load(&opts.dirs, &opts.overrides);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -111,12 +123,58 @@ impl Node {
         self.daemon = Some(self.rt.spawn(run(opts, config, factory, async move {
             let _ = rx.await;
         })));
-        // Ready when the name is on the bus.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.kvcctl(&["list"]).0 != 0 {
-            assert!(Instant::now() < deadline, "daemon did not come up");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    }
+
+    /// A connection to the private bus, for calls made from the test itself.
+    fn connect(&self) -> zbus::Connection {
+        self.rt.block_on(async {
+            zbus::connection::Builder::address(self.address.as_str())
+                .unwrap()
+                .build()
+                .await
+                .unwrap()
+        })
+    }
+
+    /// The module objects on the bus (`GetManagedObjects`) by name, and the names `ListModules` gives.
+    fn objects(
+        &self,
+        conn: &zbus::Connection,
+    ) -> (
+        std::collections::BTreeMap<String, kvcd::reconciler::status::ModuleStatus>,
+        Vec<String>,
+    ) {
+        self.rt.block_on(async {
+            let objects = zbus::fdo::ObjectManagerProxy::builder(conn)
+                .destination(kvcd::dbus::BUS_NAME)
+                .unwrap()
+                .path(kvcd::dbus::MANAGER_PATH)
+                .unwrap()
+                .build()
+                .await
+                .unwrap()
+                .get_managed_objects()
+                .await
+                .unwrap();
+            let by_name = objects
+                .into_values()
+                .filter_map(|mut i| i.remove(kvcd::dbus::MODULE_INTERFACE))
+                .map(|props| {
+                    let s = kvcd::dbus::module_status(props).unwrap();
+                    (s.name.clone(), s)
+                })
+                .collect();
+            let listed = kvcd::dbus::proxy::ManagerProxy::new(conn)
+                .await
+                .unwrap()
+                .list_modules()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(n, _, _)| n)
+                .collect();
+            (by_name, listed)
+        })
     }
 
     fn stop(&mut self) {
@@ -184,6 +242,270 @@ impl Drop for Node {
     }
 }
 
+/// Many module configs that need nothing from the kernel until loaded.
+fn many(node: &Node, names: std::ops::Range<usize>) -> Vec<String> {
+    names
+        .map(|i| {
+            let name = format!("c{i:03}");
+            node.module(
+                &name,
+                &format!("modules = [\"m{i}\"]\n[directory]\npath = \"@KO@\"\n"),
+            );
+            name
+        })
+        .collect()
+}
+
+/// Waits for `want` on the notification socket; the messages seen on the way.
+fn notified(sock: &std::os::unix::net::UnixDatagram, want: &str) -> Vec<String> {
+    let mut buf = [0u8; 512];
+    let mut seen = Vec::new();
+    loop {
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no {want:?} from the daemon (got {seen:?}): {e}"));
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        seen.push(msg.clone());
+        if msg == want {
+            return seen;
+        }
+    }
+}
+
+/// READY=1 comes only once every module object is on the bus, and a
+/// configuration reload answers only once the new objects are there.
+#[test]
+fn ready_means_every_object_is_on_the_bus() {
+    let mut node = Node::new();
+    let mut names = many(&node, 0..200);
+    let sock_path = node.root.join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    // Only so that a daemon that never says READY fails the test instead of hanging it.
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    node.spawn(Some(&sock_path));
+    notified(&sock, "READY=1");
+    let conn = node.connect();
+    let (objects, listed) = node.objects(&conn);
+    assert_eq!(objects.keys().cloned().collect::<Vec<_>>(), names);
+    assert!(objects.values().all(|s| s.state.to_string() == "inactive"));
+    assert_eq!(listed, names);
+
+    // Fifty more, then ReloadConfig: when it answers they are all there.
+    names.extend(many(&node, 200..250));
+    node.rt.block_on(async {
+        kvcd::dbus::proxy::ManagerProxy::new(&conn)
+            .await
+            .unwrap()
+            .reload_config()
+            .await
+            .unwrap();
+    });
+    let (objects, listed) = node.objects(&conn);
+    assert_eq!(objects.keys().cloned().collect::<Vec<_>>(), names);
+    assert_eq!(listed, names);
+}
+
+/// The signals kvcd sends (`PropertiesChanged`, `InterfacesAdded`/`Removed`, ...).
+fn kvcd_signals(node: &Node, conn: &zbus::Connection) -> zbus::MessageStream {
+    node.rt.block_on(async {
+        let rule = zbus::MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .sender(kvcd::dbus::BUS_NAME)
+            .unwrap()
+            .build();
+        zbus::MessageStream::for_match_rule(rule, conn, None)
+            .await
+            .unwrap()
+    })
+}
+
+/// Takes signals from `stream` until `want` holds for one; returns every
+/// (member, object path, signal) taken, that one last.
+fn signals_until(
+    node: &Node,
+    stream: &mut zbus::MessageStream,
+    what: &str,
+    mut want: impl FnMut(&str, &str, &zbus::Message) -> bool,
+) -> Vec<(String, String)> {
+    use futures_util::StreamExt as _;
+    node.rt.block_on(async {
+        let mut seen = Vec::new();
+        loop {
+            // Only so that a missing signal fails the test instead of hanging it.
+            let msg = tokio::time::timeout(Duration::from_secs(30), stream.next())
+                .await
+                .unwrap_or_else(|_| panic!("no signal for {what}; saw {seen:?}"))
+                .unwrap()
+                .unwrap();
+            let hdr = msg.header();
+            let member = hdr.member().map(|m| m.to_string()).unwrap_or_default();
+            let path = hdr.path().map(|p| p.to_string()).unwrap_or_default();
+            seen.push((member.clone(), path.clone()));
+            if want(&member, &path, &msg) {
+                return seen;
+            }
+        }
+    })
+}
+
+/// The changed properties a `PropertiesChanged` carries.
+fn changed_props(
+    msg: &zbus::Message,
+) -> std::collections::HashMap<String, zbus::zvariant::OwnedValue> {
+    let (_, changed, _): (
+        String,
+        std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
+        Vec<String>,
+    ) = msg.body().deserialize().unwrap();
+    changed
+}
+
+/// A change to one of many config files re-reads that file: only its object
+/// changes. A broken edit says where and why and leaves the others alone; a
+/// deleted file removes its object, a renamed one moves it.
+#[test]
+fn a_changed_file_changes_only_its_object() {
+    let mut node = Node::new();
+    let mut names = many(&node, 0..30);
+    node.module("params", PARAM);
+    names.push("params".to_owned());
+    node.start();
+    assert_eq!(node.kvcctl(&["load", "--wait", "params"]).0, 0);
+    // The connection and the stream are dropped inside the runtime.
+    let rt = node.rt.handle().clone();
+    let _rt = rt.enter();
+    let conn = node.connect();
+    let mut stream = kvcd_signals(&node, &conn);
+    let (before, _) = node.objects(&conn);
+    assert_eq!(before.keys().cloned().collect::<Vec<_>>(), names);
+    let path = |n: &str| kvcd::dbus::module_path(n).to_string();
+
+    // A broken edit of c005: its Error says which file, which key, what was expected.
+    node.module("c005", "modules = \"m5\"\n[directory]\npath = \"@KO@\"\n");
+    let file = node.root.join("etc/modules.d/c005.toml");
+    let seen = signals_until(&node, &mut stream, "c005's error", |member, p, msg| {
+        member == "PropertiesChanged"
+            && p == path("c005")
+            && changed_props(msg).contains_key("Error")
+    });
+    assert!(
+        seen.iter().all(|(_, p)| *p == path("c005")),
+        "signals for other objects: {seen:?}"
+    );
+    let (after, _) = node.objects(&conn);
+    let error = &after["c005"].error;
+    for part in [
+        file.display().to_string(),
+        "key `modules`".to_owned(),
+        "expected".to_owned(),
+    ] {
+        assert!(error.contains(&part), "{part} not in {error:?}");
+    }
+    for n in &names {
+        if n != "c005" {
+            assert_eq!(after[n], before[n], "{n} changed");
+        }
+    }
+
+    // Editing another one (a new parameter reloads the loaded config) signals
+    // only for it: nothing else was signalled in between either.
+    let done = before["params"].completed_op;
+    node.module("params", &PARAM.replace("level=4", "level=6"));
+    let seen = signals_until(&node, &mut stream, "params reloaded", |member, p, msg| {
+        member == "PropertiesChanged"
+            && p == path("params")
+            && changed_props(msg)
+                .get("CompletedOp")
+                .is_some_and(|v| u64::try_from(v).unwrap() > done)
+    });
+    assert!(
+        seen.iter().all(|(_, p)| *p == path("params")),
+        "signals for other objects: {seen:?}"
+    );
+    assert_eq!(node.fake.0.params_of("kvcd_param"), ["level=6"]);
+
+    // Fixed again: c005 is as it was.
+    node.module("c005", "modules = [\"m5\"]\n[directory]\npath = \"@KO@\"\n");
+    signals_until(&node, &mut stream, "c005 fixed", |member, p, msg| {
+        member == "PropertiesChanged"
+            && p == path("c005")
+            && changed_props(msg)
+                .get("Error")
+                .is_some_and(|v| <&str>::try_from(v).unwrap().is_empty())
+    });
+    let (after, _) = node.objects(&conn);
+    assert_eq!(after["c005"].error, "");
+    assert_eq!(after["c005"].state, before["c005"].state);
+
+    // Deleting c007 removes its object, and only it.
+    fs::remove_file(node.root.join("etc/modules.d/c007.toml")).unwrap();
+    let seen = signals_until(&node, &mut stream, "c007 removed", |member, _, msg| {
+        member == "InterfacesRemoved"
+            && msg
+                .body()
+                .deserialize::<(zbus::zvariant::OwnedObjectPath, Vec<String>)>()
+                .unwrap()
+                .0
+                .as_str()
+                == path("c007")
+    });
+    assert!(
+        !seen.iter().any(|(m, _)| m == "InterfacesAdded"),
+        "objects added: {seen:?}"
+    );
+    let (after, listed) = node.objects(&conn);
+    names.retain(|n| n != "c007");
+    assert_eq!(after.keys().cloned().collect::<Vec<_>>(), names);
+    assert_eq!(listed, names);
+
+    // Renaming c008 to c108 moves the config: one object goes, the other comes.
+    fs::rename(
+        node.root.join("etc/modules.d/c008.toml"),
+        node.root.join("etc/modules.d/c108.toml"),
+    )
+    .unwrap();
+    names.retain(|n| n != "c008");
+    names.push("c108".to_owned());
+    names.sort();
+    let mut gone = false;
+    let mut added = false;
+    signals_until(&node, &mut stream, "c008 renamed", |member, _, msg| {
+        let body = msg.body();
+        match member {
+            "InterfacesRemoved" => {
+                let (p, _): (zbus::zvariant::OwnedObjectPath, Vec<String>) =
+                    body.deserialize().unwrap();
+                gone |= p.as_str() == path("c008");
+            }
+            "InterfacesAdded" => {
+                type Ifaces = std::collections::HashMap<
+                    String,
+                    std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
+                >;
+                let (p, _): (zbus::zvariant::OwnedObjectPath, Ifaces) = body.deserialize().unwrap();
+                added |= p.as_str() == path("c108");
+            }
+            _ => {}
+        }
+        gone && added
+    });
+    let (after, _) = node.objects(&conn);
+    assert_eq!(after.keys().cloned().collect::<Vec<_>>(), names);
+    for n in &names {
+        if !["c005", "c108", "params"].contains(&n.as_str()) {
+            assert_eq!(after[n], before[n], "{n} changed");
+        }
+    }
+    assert_eq!(
+        after["c108"].config_file,
+        node.root
+            .join("etc/modules.d/c108.toml")
+            .display()
+            .to_string()
+    );
+}
+
 const PARAM: &str = "version = \"1.2.0\"\nmodules = [\"kvcd_param\"]\n[parameters]\nkvcd_param = [\"level=4\"]\n[directory]\npath = \"@KO@\"\n";
 
 #[test]
@@ -231,6 +553,12 @@ fn load_status_unload_over_dbus_with_wait() {
         err.contains("no module config named \"nosuch\" (org.kvcd.Kvcd1.Error.NotFound)"),
         "{err}"
     );
+    // status NAME reads only that object; there is none for an unknown name.
+    for args in [&["status", "nosuch"][..], &["status", "nosuch", "--json"]] {
+        let (code, out, err) = node.kvcctl(args);
+        assert_eq!((code, out.as_str()), (1, ""), "{args:?}: {err}");
+        assert_eq!(err, "no module config named \"nosuch\"\n", "{args:?}");
+    }
 }
 
 #[test]

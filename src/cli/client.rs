@@ -11,7 +11,7 @@ use zbus::names::InterfaceName;
 
 use super::{EXIT_FAILED, EXIT_NO_DAEMON};
 use crate::dbus::proxy::ManagerProxy;
-use crate::dbus::{BUS_NAME, MODULE_INTERFACE};
+use crate::dbus::{BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH, MODULE_INTERFACE, module_path};
 use crate::reconciler::status::{ModuleStatus, Status};
 
 /// Where the agent is.
@@ -114,8 +114,95 @@ async fn module_status(
     crate::dbus::module_status(props)
 }
 
-fn print_table(mods: &[ModuleStatus]) {
-    println!(
+/// The manager's properties: version, kernel and errors.
+struct ManagerInfo {
+    version: String,
+    kernel: String,
+    errors: Vec<String>,
+}
+
+/// The manager's properties in one `GetAll`.
+async fn manager_info(conn: &Connection) -> Result<ManagerInfo> {
+    let mut props = module_properties(
+        conn,
+        &zbus::zvariant::OwnedObjectPath::try_from(MANAGER_PATH)?,
+    )
+    .await?
+    .get_all(InterfaceName::from_static_str_unchecked(MANAGER_INTERFACE))
+    .await?;
+    let mut take = |name: &str| {
+        props
+            .remove(name)
+            .with_context(|| format!("the manager object has no property {name}"))
+    };
+    Ok(ManagerInfo {
+        version: String::try_from(take("Version")?).context("property Version")?,
+        kernel: String::try_from(take("Kernel")?).context("property Kernel")?,
+        errors: Vec::<String>::try_from(take("Errors")?).context("property Errors")?,
+    })
+}
+
+/// Every module object with its status, in one `GetManagedObjects` call, by name.
+async fn all_modules(conn: &Connection) -> Result<Vec<ModuleStatus>> {
+    let objects = zbus::fdo::ObjectManagerProxy::builder(conn)
+        .destination(BUS_NAME)?
+        .path(MANAGER_PATH)?
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await?
+        .get_managed_objects()
+        .await?;
+    let mut mods = Vec::with_capacity(objects.len());
+    for (path, mut ifaces) in objects {
+        // Only module objects; the bare parent path has no interface.
+        let Some(props) = ifaces.remove(MODULE_INTERFACE) else {
+            continue;
+        };
+        mods.push(crate::dbus::module_status(props).with_context(|| format!("object {path}"))?);
+    }
+    mods.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(mods)
+}
+
+/// The status of module config `name`, `None` when there is none by that name.
+async fn one_module(conn: &Connection, name: &str) -> Result<Option<ModuleStatus>> {
+    match module_status(conn, &module_path(name)).await {
+        Ok(s) if s.name == name => Ok(Some(s)),
+        Ok(_) => Ok(None),
+        Err(e) if no_such_object(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// True when `e` says the object (or its module interface) does not exist.
+fn no_such_object(e: &anyhow::Error) -> bool {
+    use zbus::DBusError as _;
+    let unknown = |name: &str| {
+        matches!(
+            name,
+            "org.freedesktop.DBus.Error.UnknownObject"
+                | "org.freedesktop.DBus.Error.UnknownInterface"
+                | "org.freedesktop.DBus.Error.UnknownMethod"
+        )
+    };
+    e.chain().any(|c| {
+        if let Some(zbus::Error::MethodError(name, _, _)) = c.downcast_ref::<zbus::Error>() {
+            return unknown(name.as_str());
+        }
+        if let Some(zbus::Error::FDO(f)) = c.downcast_ref::<zbus::Error>() {
+            return unknown(f.name().as_str());
+        }
+        c.downcast_ref::<zbus::fdo::Error>()
+            .is_some_and(|f| unknown(f.name().as_str()))
+    })
+}
+
+/// The status table, to print at once (stdout writes at every line end).
+fn table(mods: &[ModuleStatus]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "{:<24} {:<12} {:<22} {:<28} ERROR",
         "NAME", "STATE", "KERNEL", "MODULES"
     );
@@ -124,7 +211,8 @@ fn print_table(mods: &[ModuleStatus]) {
         if m.next_retry > 0 {
             error = format!("{error} (retry at {})", m.next_retry);
         }
-        println!(
+        let _ = writeln!(
+            out,
             "{:<24} {:<12} {:<22} {:<28} {}",
             m.name,
             m.state,
@@ -133,6 +221,7 @@ fn print_table(mods: &[ModuleStatus]) {
             error
         );
     }
+    out
 }
 
 /// Follows the module object until operation `op` finished; Ok(true) when it succeeded.
@@ -186,42 +275,45 @@ async fn run_async(bus: &BusArgs, cmd: &ClientCommand) -> Result<u8> {
     let manager = ManagerProxy::new(&conn).await?;
     match cmd {
         ClientCommand::List => {
-            for (name, _, _) in manager.list_modules().await? {
-                println!("{name}");
-            }
+            let names: String = manager
+                .list_modules()
+                .await?
+                .into_iter()
+                .map(|(name, _, _)| name + "\n")
+                .collect();
+            print!("{names}");
             Ok(0)
         }
         ClientCommand::Status { name, json } => {
-            let mut mods = Vec::new();
-            for (n, path, _) in manager.list_modules().await? {
-                if name.as_ref().is_none_or(|w| *w == n) {
-                    mods.push(module_status(&conn, &path).await?);
+            // Two calls made at once, however many module configs there are.
+            let (info, mods) = match name {
+                Some(n) => {
+                    let (info, one) = tokio::try_join!(manager_info(&conn), one_module(&conn, n))?;
+                    let Some(one) = one else {
+                        eprintln!("no module config named {n:?}");
+                        return Ok(EXIT_FAILED);
+                    };
+                    (info, vec![one])
                 }
-            }
-            if let Some(n) = name {
-                if mods.is_empty() {
-                    eprintln!("no module config named {n:?}");
-                    return Ok(EXIT_FAILED);
-                }
-            }
+                None => tokio::try_join!(manager_info(&conn), all_modules(&conn))?,
+            };
             if *json {
                 let doc = serde_json::json!({
-                    "version": manager.version().await?,
-                    "kernel": manager.kernel().await?,
-                    "errors": manager.errors().await?,
+                    "version": info.version,
+                    "kernel": info.kernel,
+                    "errors": info.errors,
                     "modules": mods,
                 });
-                println!("{doc:#}");
+                // Formatted first, so stdout writes it at once, not line by line.
+                let text = format!("{doc:#}\n");
+                print!("{text}");
             } else {
-                println!(
-                    "kvcd {} on kernel {}",
-                    manager.version().await?,
-                    manager.kernel().await?
-                );
-                for e in manager.errors().await? {
+                println!("kvcd {} on kernel {}", info.version, info.kernel);
+                for e in &info.errors {
                     println!("error: {e}");
                 }
-                print_table(&mods);
+                let text = table(&mods);
+                print!("{text}");
             }
             let bad = mods
                 .iter()

@@ -28,6 +28,7 @@ pub(super) fn main(paths: &PathArgs, args: &DaemonArgs) -> Result<u8> {
         },
         bus_address: args.bus_address.clone(),
         kernel: KernelRelease::running()?,
+        notify_socket: std::env::var_os("NOTIFY_SOCKET"),
     };
     crate::daemon::main(opts, config)?;
     Ok(0)

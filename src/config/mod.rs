@@ -10,7 +10,7 @@ pub mod merge;
 mod raw;
 mod validate;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -347,14 +347,89 @@ pub struct Overrides {
     pub runtime_dir: Option<PathBuf>,
 }
 
+/// What changed in the configuration directories since they were last read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changes {
+    /// Anything may have changed: read every file.
+    All,
+    /// Only these module config files were written, created, removed or
+    /// renamed (away or into place).
+    Files(BTreeSet<PathBuf>),
+}
+
+impl Changes {
+    /// Adds what `other` says changed.
+    pub fn add(&mut self, other: Self) {
+        match (&mut *self, other) {
+            (Self::All, _) => {}
+            (me, Self::All) => *me = Self::All,
+            (Self::Files(mine), Self::Files(theirs)) => mine.extend(theirs),
+        }
+    }
+}
+
+/// Each module config file as validated on its own (before the checks across
+/// files), by path, so that a change to one file re-reads only that file.
+#[derive(Debug, Default)]
+pub struct ConfigCache {
+    modules: HashMap<PathBuf, Result<ModuleConfig, Vec<ConfigError>>>,
+}
+
+impl ConfigCache {
+    /// A cache of the valid module configs of `config`, as read by
+    /// [`Config::load`]. (An invalid entry may be invalid because of another
+    /// file; it is read again.)
+    pub fn seeded(config: &Config) -> Self {
+        let modules = config
+            .modules
+            .values()
+            .filter_map(|e| Some((e.file.clone(), Ok(e.result.as_ref().ok()?.clone()))))
+            .collect();
+        Self { modules }
+    }
+
+    /// How many files it holds.
+    pub fn len(&self) -> usize {
+        self.modules.len()
+    }
+
+    /// True when it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.modules.is_empty()
+    }
+}
+
 impl Config {
     /// Reads and validates everything under `dirs` (lowest precedence first).
     pub fn load(dirs: &[PathBuf], overrides: &Overrides) -> Self {
+        Self::load_cached(dirs, overrides, &mut ConfigCache::default(), &Changes::All)
+    }
+
+    /// Like [`Config::load`], reading again only the module config files that
+    /// `changes` names (or that `cache` does not hold); every other file comes
+    /// from `cache`. The directories are listed again, `kvcd.toml` is read
+    /// again and the checks across files (`after`, module ownership) are made
+    /// again, so the result is what [`Config::load`] gives when only the
+    /// files named changed. `cache` is left holding what this read used.
+    pub fn load_cached(
+        dirs: &[PathBuf],
+        overrides: &Overrides,
+        cache: &mut ConfigCache,
+        changes: &Changes,
+    ) -> Self {
+        match changes {
+            Changes::All => cache.modules.clear(),
+            Changes::Files(files) => {
+                for f in files {
+                    cache.modules.remove(f);
+                }
+            }
+        }
         let mut found = Found::default();
         for d in dirs {
             found.add_dir(d);
         }
-        found.assemble(dirs, overrides, Scope::Node)
+        found.assemble_cached(dirs, overrides, Scope::Node, cache)
     }
 
     /// Like [`Config::load`], for directories named on the command line: each
@@ -537,6 +612,16 @@ impl Found {
     }
 
     fn assemble(self, dirs: &[PathBuf], overrides: &Overrides, scope: Scope) -> Config {
+        self.assemble_cached(dirs, overrides, scope, &mut ConfigCache::default())
+    }
+
+    fn assemble_cached(
+        self,
+        dirs: &[PathBuf],
+        overrides: &Overrides,
+        scope: Scope,
+        cache: &mut ConfigCache,
+    ) -> Config {
         let mut errors = self.errors;
         let mut masked = Vec::new();
 
@@ -576,8 +661,15 @@ impl Found {
                     continue;
                 }
             };
-            let result = read(&m.winner.path)
-                .and_then(|text| validate::module(&name, &m.winner.path, &text, scope));
+            let result = match cache.modules.get(&m.winner.path) {
+                Some(r) => r.clone(),
+                None => {
+                    let r = read(&m.winner.path)
+                        .and_then(|text| validate::module(&name, &m.winner.path, &text, scope));
+                    cache.modules.insert(m.winner.path.clone(), r.clone());
+                    r
+                }
+            };
             modules.insert(
                 name.to_string(),
                 ModuleEntry {
@@ -587,6 +679,9 @@ impl Found {
                 },
             );
         }
+        // Files no longer in effect (removed, shadowed, masked) are forgotten.
+        let used: BTreeSet<&PathBuf> = modules.values().map(|e| &e.file).collect();
+        cache.modules.retain(|p, _| used.contains(p));
         validate::cross_check(&mut modules, scope);
 
         Config {
@@ -670,4 +765,162 @@ pub fn read(path: &Path) -> Result<String, Vec<ConfigError>> {
             e.utf8_error().valid_up_to()
         ))
     })
+}
+
+#[cfg(test)]
+mod cache_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::BTreeSet;
+    use std::fs;
+    use std::path::{Path, PathBuf};
+
+    use super::{Changes, Config, ConfigCache, Overrides};
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let md = dir.join("modules.d");
+        fs::create_dir_all(&md).unwrap();
+        let p = md.join(format!("{name}.toml"));
+        fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn config(module: &str, extra: &str) -> String {
+        format!("{extra}modules = [\"{module}\"]\n[directory]\npath = \"/nonexistent\"\n")
+    }
+
+    fn files(paths: &[&PathBuf]) -> Changes {
+        Changes::Files(paths.iter().map(|p| (*p).clone()).collect::<BTreeSet<_>>())
+    }
+
+    /// What a test compares: every module config's file and result, and the errors.
+    fn shape(c: &Config) -> String {
+        format!("{:?}\n{:?}\n{:?}", c.modules, c.errors, c.masked)
+    }
+
+    #[test]
+    fn only_the_named_files_are_read_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let etc = tmp.path().join("etc");
+        let dirs = vec![etc.clone()];
+        let a = write(&etc, "a", &config("ma", ""));
+        let b = write(&etc, "b", &config("mb", ""));
+        let first = Config::load(&dirs, &Overrides::default());
+        let mut cache = ConfigCache::seeded(&first);
+        assert_eq!(cache.len(), 2);
+
+        // Both files change on disk; only `a` is named.
+        fs::write(&a, config("ma2", "")).unwrap();
+        fs::write(&b, config("mb2", "")).unwrap();
+        let c = Config::load_cached(&dirs, &Overrides::default(), &mut cache, &files(&[&a]));
+        let modules = |c: &Config, n: &str| c.module(n).unwrap().modules[0].to_string();
+        assert_eq!(modules(&c, "a"), "ma2");
+        assert_eq!(modules(&c, "b"), "mb");
+
+        // Naming `b` too, or everything, reads what is on disk: as Config::load does.
+        let c = Config::load_cached(&dirs, &Overrides::default(), &mut cache, &files(&[&b]));
+        assert_eq!(modules(&c, "b"), "mb2");
+        let full = Config::load(&dirs, &Overrides::default());
+        assert_eq!(shape(&c), shape(&full));
+        fs::write(&a, config("ma3", "")).unwrap();
+        let c = Config::load_cached(&dirs, &Overrides::default(), &mut cache, &Changes::All);
+        assert_eq!(modules(&c, "a"), "ma3");
+    }
+
+    #[test]
+    fn checks_across_files_are_made_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let etc = tmp.path().join("etc");
+        let dirs = vec![etc.clone()];
+        let a = write(&etc, "a", &config("ma", ""));
+        write(&etc, "b", &config("mb", "after = [\"a\"]\n"));
+        let mut cache = ConfigCache::seeded(&Config::load(&dirs, &Overrides::default()));
+
+        // `a` removed: it is gone, and `b` (not read again) now names a missing config.
+        fs::remove_file(&a).unwrap();
+        let c = Config::load_cached(&dirs, &Overrides::default(), &mut cache, &files(&[&a]));
+        assert!(!c.modules.contains_key("a"));
+        let err = super::join_errors(c.modules["b"].result.as_ref().unwrap_err());
+        assert!(
+            err.contains("key `after`") && err.contains("\"a\""),
+            "{err}"
+        );
+        assert_eq!(
+            shape(&c),
+            shape(&Config::load(&dirs, &Overrides::default()))
+        );
+        assert_eq!(cache.len(), 1);
+
+        // `a` back, loading what `b` loads: both are told, `b` still from the cache.
+        write(&etc, "a", &config("mb", ""));
+        let c = Config::load_cached(&dirs, &Overrides::default(), &mut cache, &files(&[&a]));
+        for n in ["a", "b"] {
+            let err = super::join_errors(c.modules[n].result.as_ref().unwrap_err());
+            assert!(err.contains("mb"), "{n}: {err}");
+        }
+        assert_eq!(
+            shape(&c),
+            shape(&Config::load(&dirs, &Overrides::default()))
+        );
+    }
+
+    #[test]
+    fn an_invalid_edit_names_file_and_key_as_a_full_read_does() {
+        let tmp = tempfile::tempdir().unwrap();
+        let etc = tmp.path().join("etc");
+        let dirs = vec![etc.clone()];
+        let a = write(&etc, "a", &config("ma", ""));
+        write(&etc, "b", &config("mb", ""));
+        let mut cache = ConfigCache::seeded(&Config::load(&dirs, &Overrides::default()));
+        fs::write(&a, "modules = \"ma\"\n[directory]\npath = \"/x\"\n").unwrap();
+        let c = Config::load_cached(&dirs, &Overrides::default(), &mut cache, &files(&[&a]));
+        let err = super::join_errors(c.modules["a"].result.as_ref().unwrap_err());
+        assert!(
+            err.contains(&a.display().to_string()) && err.contains("key `modules`"),
+            "{err}"
+        );
+        assert!(c.modules["b"].result.is_ok());
+        assert_eq!(
+            shape(&c),
+            shape(&Config::load(&dirs, &Overrides::default()))
+        );
+    }
+
+    #[test]
+    fn a_removed_override_uncovers_the_file_it_shadowed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (usr, etc) = (tmp.path().join("usr"), tmp.path().join("etc"));
+        let dirs = vec![usr.clone(), etc.clone()];
+        write(&usr, "a", &config("from_usr", ""));
+        let over = write(&etc, "a", &config("from_etc", ""));
+        let mut cache = ConfigCache::seeded(&Config::load(&dirs, &Overrides::default()));
+        let name = |c: &Config| c.module("a").unwrap().modules[0].to_string();
+
+        // Masked: gone.
+        fs::remove_file(&over).unwrap();
+        std::os::unix::fs::symlink("/dev/null", &over).unwrap();
+        let c = Config::load_cached(&dirs, &Overrides::default(), &mut cache, &files(&[&over]));
+        assert!(!c.modules.contains_key("a"));
+        assert_eq!(c.masked, std::slice::from_ref(&over));
+
+        // The mask removed: the lower file is read.
+        fs::remove_file(&over).unwrap();
+        let c = Config::load_cached(&dirs, &Overrides::default(), &mut cache, &files(&[&over]));
+        assert_eq!(name(&c), "from_usr");
+        assert!(!cache.is_empty());
+    }
+
+    #[test]
+    fn changes_add_up() {
+        let mut c = Changes::Files(BTreeSet::from([PathBuf::from("/a")]));
+        c.add(Changes::Files(BTreeSet::from([PathBuf::from("/b")])));
+        assert_eq!(
+            c,
+            Changes::Files(BTreeSet::from([PathBuf::from("/a"), PathBuf::from("/b")]))
+        );
+        c.add(Changes::All);
+        assert_eq!(c, Changes::All);
+        c.add(Changes::Files(BTreeSet::new()));
+        assert_eq!(c, Changes::All);
+    }
 }

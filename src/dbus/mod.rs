@@ -28,6 +28,8 @@ use crate::reconciler::status::{ModuleStatus, Snapshot, Wire, module_status_fiel
 pub const BUS_NAME: &str = "org.kvcd.Kvcd1";
 /// The manager object.
 pub const MANAGER_PATH: &str = "/org/kvcd/Kvcd1";
+/// The interface of the manager object.
+pub const MANAGER_INTERFACE: &str = "org.kvcd.Kvcd1.Manager";
 /// Parent of the module objects.
 const MODULE_PREFIX: &str = "/org/kvcd/Kvcd1/module/";
 
@@ -95,6 +97,10 @@ async fn require_root(conn: &Connection, hdr: &Header<'_>) -> Result<(), Error> 
 
 struct Manager {
     agent: Handle,
+    /// What the agent publishes and what is on the bus, to answer
+    /// `ReloadConfig` once the new configuration is on the bus.
+    published: watch::Receiver<Arc<Snapshot>>,
+    exported: watch::Receiver<Arc<Snapshot>>,
     /// What the objects on the bus show (updated after they are registered,
     /// so `ListModules` never names an object that is not there yet).
     shown: Arc<Mutex<Arc<Snapshot>>>,
@@ -159,13 +165,15 @@ impl Manager {
         Ok((module_path(&name), op))
     }
 
-    /// Reads every configuration file again.
+    /// Reads every configuration file again; answers once the objects show it.
     async fn reload_config(
         &self,
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<(), Error> {
-        self.call(conn, &hdr, Request::ReloadConfig).await.map(drop)
+        self.call(conn, &hdr, Request::ReloadConfig).await?;
+        until_exported(&mut self.published.clone(), &mut self.exported.clone()).await;
+        Ok(())
     }
 
     /// Fetches and verifies every valid module config for `kernel` (in the background; see the journal).
@@ -320,11 +328,37 @@ async fn sync(
     Ok(set_changed)
 }
 
-/// Serves the agent on `conn` until the agent stops publishing; requests the bus name once the objects exist.
+/// Waits until the snapshot the agent published last is the one on the bus
+/// (every object of it exported, every property set), or until either side
+/// stops.
+pub async fn until_exported(
+    published: &mut watch::Receiver<Arc<Snapshot>>,
+    exported: &mut watch::Receiver<Arc<Snapshot>>,
+) {
+    loop {
+        {
+            let (p, e) = (published.borrow_and_update(), exported.borrow_and_update());
+            // The agent publishes only changed snapshots, and the bus side
+            // exports the very snapshot it took: the same one is the same Arc.
+            if Arc::ptr_eq(&p, &e) {
+                return;
+            }
+        }
+        tokio::select! {
+            r = published.changed() => if r.is_err() { return },
+            r = exported.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Serves the agent on `conn` until the agent stops publishing; requests the
+/// bus name once the objects exist. Each snapshot whose objects and
+/// properties are on the bus is sent on `exported` (see [`until_exported`]).
 pub async fn serve(
     conn: &Connection,
     agent: Handle,
     mut status: watch::Receiver<Arc<Snapshot>>,
+    exported: watch::Sender<Arc<Snapshot>>,
 ) -> zbus::Result<()> {
     let server = conn.object_server();
     server.at(MANAGER_PATH, zbus::fdo::ObjectManager).await?;
@@ -335,6 +369,8 @@ pub async fn serve(
             Manager {
                 agent,
                 shown: shown_snapshot.clone(),
+                published: status.clone(),
+                exported: exported.subscribe(),
             },
         )
         .await?;
@@ -344,7 +380,7 @@ pub async fn serve(
         let snap = status.borrow_and_update().clone();
         let set_changed = sync(server, &mut shown, &snap).await?;
         if let Ok(mut g) = shown_snapshot.lock() {
-            *g = snap;
+            *g = snap.clone();
         }
         if first {
             conn.request_name(BUS_NAME).await?;
@@ -357,6 +393,7 @@ pub async fn serve(
                 .modules_changed(iface.signal_emitter())
                 .await?;
         }
+        exported.send_replace(snap);
         if status.changed().await.is_err() {
             break;
         }

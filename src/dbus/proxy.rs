@@ -1,5 +1,6 @@
 //! Client side of kvcd's D-Bus API (used by `kvcctl`). Module objects are
-//! read with `GetAll` and [`super::module_status`], from the same list of
+//! read with `GetAll` (one) or `GetManagedObjects` (all) and
+//! [`super::module_status`], from the same list of
 //! fields the daemon serves.
 
 use zbus::proxy;

@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 use super::machine::{self, Ctx, Effect, Module, Operation, Ran, Refused, Status};
 use super::status::Snapshot;
 use super::{Engine, Outcome, RecordStore, Step, StepLog};
-use crate::config::{Config, DaemonSettings, ModuleConfig, Overrides};
+use crate::config::{Changes, Config, ConfigCache, DaemonSettings, ModuleConfig, Overrides};
 use crate::kernel::KernelRelease;
 use crate::kmod::KernelModules;
 use crate::state::desired;
@@ -70,7 +70,7 @@ type Reply = oneshot::Sender<Result<u64, AgentError>>;
 
 enum Event {
     Request(Request, Reply),
-    ConfigChanged,
+    ConfigChanged(Changes),
     ConfigRead(Box<Config>),
     Progress(String, Step),
     Done {
@@ -108,9 +108,9 @@ impl Handle {
         rx.await.map_err(|_| AgentError::ShuttingDown)?
     }
 
-    /// The configuration files changed.
-    pub fn config_changed(&self) {
-        let _ = self.tx.send(Event::ConfigChanged);
+    /// The configuration files changed (`changes` says which).
+    pub fn config_changed(&self, changes: Changes) {
+        let _ = self.tx.send(Event::ConfigChanged(changes));
     }
 
     /// Stop: finish what runs, start nothing new (unload first if configured).
@@ -218,8 +218,13 @@ pub struct Agent {
     cancel: Arc<AtomicBool>,
     /// Replies to `ReloadConfig`, sent once the configuration is read and applied.
     reload_replies: Vec<Reply>,
-    /// A read of the configuration is under way; `Some(true)` when another must follow it.
-    reading: Option<bool>,
+    /// Replies due once the next snapshot is published.
+    after_publish: Vec<Reply>,
+    /// A read of the configuration is under way; `Some(Some(changes))` when
+    /// another must follow it, for what changed meanwhile.
+    reading: Option<Option<Changes>>,
+    /// The module config files as last read, so a change re-reads only its files.
+    config_cache: Arc<Mutex<ConfigCache>>,
     desired: DesiredStore,
     save_needed: bool,
     /// Set once the agent is stopping: when it stops waiting for running steps.
@@ -249,6 +254,7 @@ impl Agent {
         let (tx, rx) = mpsc::unbounded_channel();
         let (status, status_rx) = watch::channel(Arc::new(Snapshot::default()));
         let settings = config.daemon.clone();
+        let config_cache = Arc::new(Mutex::new(ConfigCache::seeded(&config)));
         let agent = Self {
             dirs,
             overrides,
@@ -267,7 +273,9 @@ impl Agent {
             prepares: VecDeque::new(),
             cancel: Arc::new(AtomicBool::new(false)),
             reload_replies: Vec::new(),
+            after_publish: Vec::new(),
             reading: None,
+            config_cache,
             save_needed: false,
             stop_deadline: None,
             ready: false,
@@ -322,16 +330,26 @@ impl Agent {
         self.seq + 1
     }
 
-    /// Reads the configuration on the blocking pool; [`Event::ConfigRead`] brings it back.
-    fn read_config(&mut self) {
+    /// Reads the configuration on the blocking pool, again only the files
+    /// `changes` names; [`Event::ConfigRead`] brings it back. While a read is
+    /// under way, what changed is kept for the read that follows it.
+    fn read_config(&mut self, changes: Changes) {
         if let Some(again) = self.reading.as_mut() {
-            *again = true;
+            match again {
+                Some(c) => c.add(changes),
+                None => *again = Some(changes),
+            }
             return;
         }
-        self.reading = Some(false);
+        self.reading = Some(None);
         let (dirs, overrides, tx) = (self.dirs.clone(), self.overrides.clone(), self.tx.clone());
+        let cache = self.config_cache.clone();
         tokio::task::spawn_blocking(move || {
-            let config = Config::load(&dirs, &overrides);
+            let mut cache = cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let config = Config::load_cached(&dirs, &overrides, &mut cache, &changes);
+            drop(cache);
             let _ = tx.send(Event::ConfigRead(Box::new(config)));
         });
     }
@@ -339,13 +357,11 @@ impl Agent {
     /// A configuration was read: apply it, read again if asked meanwhile, else answer who waited.
     fn config_read(&mut self, config: Config) {
         self.apply_config(config, &BTreeSet::new());
-        let again = self.reading.take().unwrap_or(false);
-        if again {
-            self.read_config();
+        if let Some(changes) = self.reading.take().flatten() {
+            self.read_config(changes);
         } else {
-            for reply in self.reload_replies.drain(..) {
-                let _ = reply.send(Ok(self.seq));
-            }
+            // Answered once the snapshot showing the new configuration is out.
+            self.after_publish.append(&mut self.reload_replies);
         }
     }
 
@@ -483,7 +499,7 @@ impl Agent {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::Request(req, reply) => self.request(req, reply),
-            Event::ConfigChanged => self.read_config(),
+            Event::ConfigChanged(changes) => self.read_config(changes),
             Event::ConfigRead(config) => self.config_read(*config),
             Event::Progress(name, step) => {
                 if let Err(r) = self.apply(&name, machine::Event::StepProgress(step)) {
@@ -532,7 +548,7 @@ impl Agent {
         let (name, ev) = match req {
             Request::ReloadConfig => {
                 self.reload_replies.push(reply);
-                self.read_config();
+                self.read_config(Changes::All);
                 return;
             }
             Request::Prepare(kernel) => {
@@ -786,6 +802,9 @@ impl Agent {
             }
             self.save_desired();
             self.publish(notify);
+            for reply in self.after_publish.drain(..) {
+                let _ = reply.send(Ok(self.seq));
+            }
             if !self.ready && self.idle() {
                 self.ready = true;
                 notify("READY=1");
