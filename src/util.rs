@@ -82,6 +82,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn numbers_for_people() {
+        assert_eq!(thousands(4023), "4,023");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(human_bytes(512), "512 bytes");
+        assert_eq!(human_bytes(41 * 1024), "41 KiB");
+        assert_eq!(human_bytes(784 * 1024 * 1024), "784.0 MiB");
+    }
+
+    #[test]
     fn atomic_write_replaces_and_leaves_no_temp() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("sub/state.json");

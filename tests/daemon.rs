@@ -919,20 +919,7 @@ fn the_daemon_process_talks_to_systemd_and_obeys_signals() {
         .env_remove("WATCHDOG_PID")
         .spawn()
         .unwrap();
-    let mut buf = [0u8; 512];
-    let mut recv_until = |want: &str| -> Vec<String> {
-        let mut seen = Vec::new();
-        loop {
-            let n = sock
-                .recv(&mut buf)
-                .unwrap_or_else(|e| panic!("no {want:?} from the daemon (got {seen:?}): {e}"));
-            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-            seen.push(msg.clone());
-            if msg == want {
-                return seen;
-            }
-        }
-    };
+    let recv_until = |want: &str| notified(&sock, want);
     let seen = recv_until("READY=1");
     assert!(seen.contains(&"STATUS=1 inactive".to_owned()), "{seen:?}");
     recv_until("WATCHDOG=1");

@@ -1094,51 +1094,35 @@ fn a_store_that_cannot_be_written_fails_before_the_kernel_is_touched() {
 }
 
 #[test]
-fn a_kernel_without_its_module_tree_fails_at_once_naming_it() {
+fn a_kernel_without_its_module_tree_or_its_index_fails_at_once_naming_it() {
     let env = Env::new();
     let c = env.config("deps", DEPS);
-    let mut engine = env.engine();
-    let host = env.tmp.path().join("no-modules");
-    fs::create_dir_all(&host).unwrap();
-    engine.layout = ModuleStore::new(env.tmp.path().join("state"), host.clone());
-    let o = engine.load(&c);
-    let e = o.error.unwrap();
-    assert_eq!(e.step, Step::Resolve);
-    assert_eq!(
-        e.message,
-        format!(
-            "no module tree for kernel {k} at {}/{k}; kvcd needs the kernel's own modules to resolve in-tree dependencies",
-            host.display(),
-            k = env.fx.kver
-        )
-    );
-    assert!(env.fake.take_log().is_empty());
-}
-
-#[test]
-fn a_kernel_tree_without_its_index_is_refused_by_name() {
-    let env = Env::new();
-    let c = env.config("deps", DEPS);
-    let mut engine = env.engine();
+    let k = &env.fx.kver;
+    let none = env.tmp.path().join("no-modules");
+    fs::create_dir_all(&none).unwrap();
     // The kernel's modules, but no modules.dep.bin: kvcd does not index the kernel itself.
-    engine.layout = ModuleStore::new(
-        env.tmp.path().join("state"),
-        env.bare_host_tree(&env.fx.kver, false),
-    );
-    let o = engine.load(&c);
-    let e = o.error.unwrap();
-    assert_eq!(e.step, Step::Resolve);
-    assert_eq!(
-        e.message,
-        format!(
-            "{}: no modules.dep.bin: the kernel's module index is missing (depmod {k} makes it)",
-            env.tmp
-                .path()
-                .join("host-modules")
-                .join(&env.fx.kver)
-                .display(),
-            k = env.fx.kver
-        )
-    );
-    assert!(env.fake.take_log().is_empty());
+    let bare = env.bare_host_tree(k, false);
+    for (host, want) in [
+        (
+            none.clone(),
+            format!(
+                "no module tree for kernel {k} at {}/{k}; kvcd needs the kernel's own modules to resolve in-tree dependencies",
+                none.display()
+            ),
+        ),
+        (
+            bare.clone(),
+            format!(
+                "{}/{k}: no modules.dep.bin: the kernel's module index is missing (depmod {k} makes it)",
+                bare.display()
+            ),
+        ),
+    ] {
+        let mut engine = env.engine();
+        engine.layout = ModuleStore::new(env.tmp.path().join("state"), host);
+        let e = engine.load(&c).error.unwrap();
+        assert_eq!(e.step, Step::Resolve);
+        assert_eq!(e.message, want);
+        assert!(env.fake.take_log().is_empty());
+    }
 }

@@ -1584,14 +1584,4 @@ mod tests {
             );
         }
     }
-
-    #[test]
-    fn numbers_for_people() {
-        assert_eq!(crate::util::thousands(4023), "4,023");
-        assert_eq!(crate::util::thousands(999), "999");
-        assert_eq!(crate::util::thousands(1_234_567), "1,234,567");
-        assert_eq!(crate::util::human_bytes(512), "512 bytes");
-        assert_eq!(crate::util::human_bytes(41 * 1024), "41 KiB");
-        assert_eq!(crate::util::human_bytes(784 * 1024 * 1024), "784.0 MiB");
-    }
 }
