@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * kvcd_user: calls into kvcd_base, so modpost records kvcd_base in its depends=.
+ * kvcd_user: calls into kvcd_base, so depmod records kvcd_base as a dependency.
  */
 #include <linux/module.h>
 #include <linux/init.h>
