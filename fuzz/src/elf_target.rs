@@ -1,13 +1,14 @@
 //! `elf`: a module file (`.ko`, or `.ko.gz`/`.ko.xz`/`.ko.zst` when the
 //! input starts with that format's magic) through what kvcd reads of it:
-//! `ElfInfo::read` (machine, build ID), `ModInfo::read` (libkmod's
-//! `.modinfo`), `ModuleIdentity::of_file`; and the input as a live module's
-//! sysfs notes file (`gnu_build_id_in`).
+//! `ElfInfo::read` (machine, build ID, `.modinfo`, in one pass),
+//! `ModInfo::read`, `ModuleIdentity::of_file`; and the input as a live
+//! module's sysfs notes file (`gnu_build_id_in`).
 //!
 //! Invariants besides not panicking: every error names the file; the two
 //! reads agree with `ModuleIdentity::of_file`; no allocation is larger than
-//! 64 MiB for an uncompressed file (the reader reads headers and notes
-//! only) or beyond the decompression bound for a compressed one.
+//! 64 MiB for an uncompressed file (the reader reads headers, notes,
+//! section names and `.modinfo` only) or beyond the decompression bound for
+//! a compressed one.
 
 use kvcd::kmod::elf::{ElfInfo, gnu_build_id_in};
 use kvcd::kmod::{ModInfo, ModuleIdentity};
