@@ -810,6 +810,59 @@ fn kernel_match_and_after() {
 }
 
 #[test]
+fn a_dependency_from_another_config_is_not_inserted_and_a_missing_one_is_named() {
+    let env = Env::new();
+    // An app package without the base it calls into (another config ships it).
+    let pkg = env.tmp.path().join("app");
+    fs::create_dir_all(&pkg).unwrap();
+    fs::copy(env.fx.ko().join("kvcd_user.ko"), pkg.join("kvcd_user.ko")).unwrap();
+    let app = |after: &str| {
+        format!(
+            "{after}modules = [\"kvcd_user\"]\n[directory]\npath = \"{}\"\n",
+            pkg.display()
+        )
+    };
+    let c = env.config("app", &app(""));
+    let e = env.engine().prepare(&c).error.unwrap();
+    assert_eq!(e.step, Step::Resolve);
+    assert_eq!(
+        e.message,
+        format!(
+            "module kvcd_user needs module kvcd_base, which is not in the package ({}) or kernel {k}'s modules ({})",
+            pkg.display(),
+            env.in_tree("").display().to_string().trim_end_matches('/'),
+            k = env.fx.kver
+        )
+    );
+    // Loaded after the config that ships it: expected from there, not inserted.
+    env.config(
+        "base",
+        "modules = [\"kvcd_base\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    let c = env.config("app", &app("after = [\"base\"]\n"));
+    let o = env.engine().prepare(&c);
+    ok(&o);
+    assert!(
+        o.steps.iter().any(|s| s.detail
+            == "kvcd_base is not in the package or the kernel's tree: expected from base (after)"),
+        "{o:#?}"
+    );
+    ok(&env.engine().load(&env.config(
+        "base",
+        "modules = [\"kvcd_base\"]\n[directory]\npath = \"@KO@\"\n",
+    )));
+    env.fake.take_log();
+    let o = env.engine().load(&c);
+    ok(&o);
+    assert_eq!(env.fake.take_log(), strs(&["insert kvcd_user"]));
+    assert!(
+        o.steps.iter().any(|s| s.detail
+            == "kvcd_base is not in the package or the kernel's tree, but is live in the kernel: not inserted"),
+        "{o:#?}"
+    );
+}
+
+#[test]
 fn only_needed_files_are_stored_and_replaced_ones_collected() {
     let env = Env::new();
     let pkg = env.tmp.path().join("pkg");

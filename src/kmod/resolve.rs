@@ -33,6 +33,10 @@ pub enum Provider {
     },
     /// Built into the target kernel: nothing to insert.
     BuiltIn,
+    /// Neither in the package nor the kernel's tree, but provided already
+    /// (live in the kernel, or by a config this one loads after): nothing
+    /// to insert.
+    Elsewhere,
     /// Neither in the package nor known to the target kernel.
     Missing,
 }
@@ -92,7 +96,7 @@ impl Walk {
                 (path, depends, false)
             }
             Provider::InTree { path, depends } => (path, depends, true),
-            Provider::BuiltIn => {
+            Provider::BuiltIn | Provider::Elsewhere => {
                 self.seen.insert(name.clone());
                 return Ok(());
             }
@@ -121,6 +125,9 @@ impl Walk {
     }
 }
 
+/// Whether a name in neither the package nor the kernel's tree is provided already, and why.
+pub type Elsewhere<'a> = dyn Fn(&ModName) -> Option<String> + 'a;
+
 /// A driver package's files over the target kernel's tree: the real [`Providers`].
 /// Each package file the load needs is placed (stored) first and read from
 /// where it was placed, once; what was read is kept for verification.
@@ -130,6 +137,8 @@ pub struct Package<'a, F> {
     tree: &'a ModuleTree,
     place: F,
     read: BTreeMap<ModName, (PathBuf, ElfInfo)>,
+    elsewhere: Option<&'a Elsewhere<'a>>,
+    notes: Vec<String>,
 }
 
 impl<F> std::fmt::Debug for Package<'_, F> {
@@ -155,7 +164,22 @@ impl<'a, F: FnMut(&ModName, &Path) -> Result<(PathBuf, ElfInfo)>> Package<'a, F>
             tree,
             place,
             read: BTreeMap::new(),
+            elsewhere: None,
+            notes: Vec::new(),
         }
+    }
+
+    /// Asks `elsewhere` about a name in neither the package nor the kernel's
+    /// tree: `Some(why)` when it is provided already (nothing to insert).
+    #[must_use]
+    pub fn with_elsewhere(mut self, elsewhere: &'a Elsewhere<'a>) -> Self {
+        self.elsewhere = Some(elsewhere);
+        self
+    }
+
+    /// What resolution found provided elsewhere, for the log.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     /// What was read of each package file that resolution visited.
@@ -178,7 +202,16 @@ impl<F: FnMut(&ModName, &Path) -> Result<(PathBuf, ElfInfo)>> Providers for Pack
                 depends: ModInfo::of(elf).depends,
             });
         }
-        self.tree.provider(name)
+        match self.tree.provider(name)? {
+            Provider::Missing => match self.elsewhere.and_then(|f| f(name)) {
+                Some(why) => {
+                    self.notes.push(why);
+                    Ok(Provider::Elsewhere)
+                }
+                None => Ok(Provider::Missing),
+            },
+            found => Ok(found),
+        }
     }
 
     fn searched(&self) -> String {
@@ -219,6 +252,8 @@ mod tests {
                 }
             } else if self.builtin.contains(&n) {
                 Provider::BuiltIn
+            } else if n == "live_elsewhere" {
+                Provider::Elsewhere
             } else {
                 Provider::Missing
             })
@@ -280,6 +315,12 @@ mod tests {
         asked.sort();
         asked.dedup();
         assert_eq!(asked.len(), t.asked.len(), "{:?}", t.asked);
+    }
+
+    #[test]
+    fn what_is_provided_elsewhere_is_not_inserted() {
+        let mut t = table(&[("app", &["live_elsewhere", "crc32c"])], &[]);
+        assert_eq!(order(&mut t, &["app"]).unwrap(), ["/pkg/app.ko"]);
     }
 
     #[test]

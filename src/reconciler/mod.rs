@@ -626,6 +626,29 @@ impl Engine<'_> {
         }
     }
 
+    /// Why a module that is neither in `c`'s package nor the target kernel's
+    /// tree needs no insert: it is live in the kernel, or `c` loads after
+    /// other configs, whose modules it may use (kvcd loads those first; the
+    /// kernel refuses the insert if they do not provide it). `None`: it is
+    /// missing.
+    fn provided_elsewhere(&self, c: &ModuleConfig, m: &ModName) -> Option<String> {
+        if matches!(self.kmods.live(m), Ok(Some(_))) {
+            return Some(format!(
+                "{m} is not in the package or the kernel's tree, but is live in the kernel: not inserted"
+            ));
+        }
+        (!c.after.is_empty()).then(|| {
+            format!(
+                "{m} is not in the package or the kernel's tree: expected from {} (after)",
+                c.after
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+    }
+
     /// Stages with one fresh rebuild when an image built on this node fails verification.
     fn stage_with_rebuild(&self, c: &ModuleConfig, out: &mut Outcome) -> Result<Staged, Fail> {
         match self.stage(c, out, false) {
@@ -723,11 +746,16 @@ impl Engine<'_> {
             .layout
             .staging(name, &self.kernel)
             .map_err(Fail::at(Step::Stage))?;
+        let elsewhere = |m: &ModName| self.provided_elsewhere(c, m);
         let mut pkg = resolve::Package::new(&files, &dir, &tree, |m: &ModName, p: &Path| {
             let stored = staging.put(m, p)?;
             Ok((stored, staging.elf(m)?))
-        });
+        })
+        .with_elsewhere(&elsewhere);
         let order = resolve::load_order(&mut pkg, &c.modules).map_err(Fail::at(Step::Resolve))?;
+        for n in pkg.notes() {
+            self.log(out, Step::Resolve, n.clone());
+        }
         let read = pkg.into_read();
         let staged = staging.finish().map_err(Fail::at(Step::Stage))?;
         self.log(
