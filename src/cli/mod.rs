@@ -29,7 +29,7 @@ pub struct PathArgs {
     /// A configuration directory (repeatable, lowest precedence first); default /usr/lib/kvcd, /run/kvcd, /etc/kvcd.
     #[arg(long = "config-dir", value_name = "DIR", global = true)]
     pub config_dirs: Vec<PathBuf>,
-    /// State directory (module trees); default from kvcd.toml, else /var/lib/kvcd.
+    /// State directory (stored module files, image extractions); default from kvcd.toml, else /var/lib/kvcd.
     #[arg(long, value_name = "DIR", global = true)]
     pub state_dir: Option<PathBuf>,
     /// Runtime directory (what kvcd loaded); default from kvcd.toml, else /run/kvcd.

@@ -133,7 +133,7 @@ pub enum RunError {
 /// Runs `cmd` in its own process group with stdin closed, handing each line
 /// of output to `on_line` (is_stderr, line) as it comes; past `timeout` the
 /// whole group is killed (TERM, then KILL). The one process runner of kvcd:
-/// hooks, podman and depmod all go through it.
+/// hooks and podman go through it.
 pub fn run_lines(
     mut cmd: Command,
     timeout: Duration,

@@ -25,7 +25,7 @@ pub enum Status {
     Inactive,
     /// Getting the driver image (pull, build, extract).
     Fetching,
-    /// Building the module tree and checking the files.
+    /// Storing and resolving the module files and checking them.
     Verifying,
     /// Taking out in-tree modules, inserting, hooks, ready check.
     Loading,

@@ -1,8 +1,8 @@
 //! Applying module configs to the running kernel.
 //!
 //! [`Engine::load`] takes a module config from its files to modules live in
-//! the kernel: resolve the source, build (or reuse) the module tree, verify
-//! every file, take out in-tree modules it replaces, insert in dependency
+//! the kernel: resolve the source, store the files it needs and resolve their
+//! load order over the kernel's own index, verify every file, take out in-tree modules it replaces, insert in dependency
 //! order. [`Engine::unload`] reverses what the runtime record says kvcd did,
 //! and refuses (changing nothing) when a module is in use. Both are
 //! idempotent, and a failed load rolls back what that load changed.
@@ -664,7 +664,7 @@ impl Engine<'_> {
         }
     }
 
-    /// Source → module files → module tree → load order → verified; the kernel is not touched.
+    /// Source → module files → stored files and load order → verified; the kernel is not touched.
     fn stage(&self, c: &ModuleConfig, out: &mut Outcome, rebuild: bool) -> Result<Staged, Fail> {
         let name = c.name.as_str();
         let vars = self.vars(c);

@@ -45,7 +45,7 @@ pub(super) enum LoadStep {
 }
 
 /// The plan of loading `order` (dependencies first) for `c` on top of `record`.
-/// `in_tree_options` gives the module tree's options for an in-tree dependency.
+/// `in_tree_options` gives the kernel tree's modprobe.d options for an in-tree dependency.
 pub(super) fn load(
     c: &ModuleConfig,
     order: &[ModuleFile],
