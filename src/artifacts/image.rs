@@ -204,12 +204,10 @@ impl ImageStore<'_> {
             host_tree,
             depends: &|p: &Path| Ok(ModInfo::read(p)?.depends),
         };
-        let id = acquired.id.clone();
         let (extracted, info, built) = self.extract(
             &dir,
             &name,
-            &id,
-            |digest| acquired.finish(digest),
+            &acquired,
             &reference,
             &vars.kernel,
             &modules_dir,
@@ -374,17 +372,16 @@ impl ImageStore<'_> {
             .ok_or_else(|| anyhow!("image {reference} is not in local storage afterwards"))
     }
 
-    /// Copies the driver's modules (and the firmware) out of the image `id`
-    /// (mounted) into `dir/name`, atomically; `info` gives what is known of
-    /// the image from the digest the mount reported. Returns notes on what
-    /// was taken, the image's info and whether it was built on this node.
+    /// Copies the driver's modules (and the firmware) out of the image
+    /// (mounted by its ID) into `dir/name`, atomically. Returns notes on what
+    /// was taken, the image's info (a pulled image's digest from its mount)
+    /// and whether it was built on this node.
     #[allow(clippy::too_many_arguments)]
     fn extract(
         &self,
         dir: &Path,
         name: &str,
-        id: &str,
-        info: impl FnOnce(Option<String>) -> (ImageInfo, bool),
+        image: &Acquired,
         reference: &str,
         kernel: &KernelRelease,
         modules_dir: &str,
@@ -397,6 +394,7 @@ impl ImageStore<'_> {
         }
         fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         // The marker says a mount may be left if this process dies before unmounting.
+        let id = image.id.as_str();
         let marker = Layout::mount_marker(self.state_dir, id);
         let root = crate::util::write_atomic(&marker, reference.as_bytes())
             .and_then(|()| self.podman.mount(id));
@@ -445,7 +443,7 @@ impl ImageStore<'_> {
             let _ = fs::remove_file(&marker);
         }
         let done = copied.and_then(|c| unmounted.map(|()| c));
-        let ((files, notes), (info, built)) = match done.map(|c| (c, info(mounted.digest))) {
+        let ((files, notes), (info, built)) = match done.map(|c| (c, image.info(mounted.digest))) {
             Ok(f) => f,
             Err(e) => {
                 let _ = fs::remove_dir_all(&tmp);
@@ -501,9 +499,9 @@ impl Acquired {
 
     /// The image's info (with `mounted_digest`, the digest its mount
     /// reported, for a pulled one), and whether it was built on this node.
-    fn finish(self, mounted_digest: Option<String>) -> (ImageInfo, bool) {
-        let info = self.info.unwrap_or_else(|| ImageInfo {
-            id: self.id,
+    fn info(&self, mounted_digest: Option<String>) -> (ImageInfo, bool) {
+        let info = self.info.clone().unwrap_or_else(|| ImageInfo {
+            id: self.id.clone(),
             digest: mounted_digest,
             labels: BTreeMap::new(),
         });
@@ -1460,7 +1458,7 @@ mod tests {
             // A pulled image's digest comes from its mount.
             let got = store
                 .acquire(&req, REF, &|_| {}, &mut notes)
-                .map(|a| a.finish(Some("sha256:mounted".to_owned())));
+                .map(|a| a.info(Some("sha256:mounted".to_owned())));
             (got, notes, podman.log.take())
         }
 

@@ -115,42 +115,25 @@ impl ModuleStore {
         let files_dir = Layout::files_dir(&self.state_dir);
         fs::create_dir_all(&files_dir)
             .with_context(|| format!("creating {}", files_dir.display()))?;
+        let set_file = Layout::set_file(&self.state_dir, config, kernel.as_str());
         Ok(Staging {
             state_dir: &self.state_dir,
             files_dir,
-            set_file: Layout::set_file(&self.state_dir, config, kernel.as_str()),
-            old: set::read(&Layout::set_file(&self.state_dir, config, kernel.as_str()))
-                .ok()
-                .flatten(),
+            old: set::read(&set_file).ok().flatten(),
+            set_file,
             set: ModuleSet::default(),
             copied: 0,
             bytes: 0,
             _guard: guard,
         })
     }
-
-    /// Stages all of `files` (module name → file) for `config` on `kernel`; returns the stored paths.
-    pub fn stage(
-        &self,
-        config: &str,
-        kernel: &KernelRelease,
-        files: &BTreeMap<ModName, PathBuf>,
-    ) -> Result<(BTreeMap<ModName, PathBuf>, Staged)> {
-        let mut s = self.staging(config, kernel)?;
-        let mut stored = BTreeMap::new();
-        for (name, path) in files {
-            stored.insert(name.clone(), s.put(name, path)?);
-        }
-        Ok((stored, s.finish()?))
-    }
 }
 
 impl Staging<'_> {
     /// Puts the file of module `name` into the store (unless its content is
     /// there already) and into the set; returns the stored file, which is
-    /// what the load reads and inserts.
-    /// A source that looks exactly as when it was stored for this set is
-    /// not read again.
+    /// what the load reads and inserts. A source that looks exactly as when
+    /// it was stored for this set is not read again.
     pub fn put(&mut self, name: &ModName, path: &Path) -> Result<PathBuf> {
         let before = self.old.as_ref().and_then(|o| o.files.get(name.as_str()));
         let now = SourceStat::of(path);
@@ -486,6 +469,23 @@ mod tests {
         );
         std::os::unix::fs::symlink(&p, d.path().join("l.ko")).unwrap();
         assert!(hash_file(&d.path().join("l.ko")).is_err());
+    }
+
+    impl ModuleStore {
+        /// Stages all of `files` for `config` on `kernel`; the stored paths.
+        fn stage(
+            &self,
+            config: &str,
+            kernel: &KernelRelease,
+            files: &BTreeMap<ModName, PathBuf>,
+        ) -> Result<(BTreeMap<ModName, PathBuf>, Staged)> {
+            let mut s = self.staging(config, kernel)?;
+            let mut stored = BTreeMap::new();
+            for (name, path) in files {
+                stored.insert(name.clone(), s.put(name, path)?);
+            }
+            Ok((stored, s.finish()?))
+        }
     }
 
     fn stored(state: &Path) -> Vec<String> {

@@ -2,8 +2,8 @@
 //!
 //! [`Engine::load`] takes a module config from its files to modules live in
 //! the kernel: resolve the source, store the files it needs and resolve their
-//! load order over the kernel's own index, verify every file, take out in-tree modules it replaces, insert in dependency
-//! order. [`Engine::unload`] reverses what the runtime record says kvcd did,
+//! load order over the kernel's own index, verify every file, take out
+//! in-tree modules it replaces, insert in dependency order. [`Engine::unload`] reverses what the runtime record says kvcd did,
 //! and refuses (changing nothing) when a module is in use. Both are
 //! idempotent, and a failed load rolls back what that load changed.
 
