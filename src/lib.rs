@@ -5,6 +5,7 @@
 //! tests can drive it directly.
 
 pub mod artifacts;
+pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod daemon;

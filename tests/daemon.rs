@@ -36,6 +36,8 @@ struct Node {
     rt: tokio::runtime::Runtime,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     daemon: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The kernel the daemon takes for the running one; default the fixtures' kernel.
+    running: String,
 }
 
 impl Node {
@@ -84,6 +86,7 @@ impl Node {
             rt,
             stop: None,
             daemon: None,
+            running: String::new(),
         }
     }
 
@@ -114,7 +117,12 @@ impl Node {
             dirs: vec![self.root.join("etc")],
             overrides: Overrides::default(),
             bus_address: Some(self.address.clone()),
-            kernel: KernelRelease::parse(&self.fx.kver).unwrap(),
+            kernel: KernelRelease::parse(if self.running.is_empty() {
+                &self.fx.kver
+            } else {
+                &self.running
+            })
+            .unwrap(),
             notify_socket: notify_socket.map(|p| p.as_os_str().to_owned()),
         };
         let config = Config::load(&opts.dirs, &opts.overrides);
@@ -605,6 +613,7 @@ fn non_root_callers_may_read_but_not_change() {
         &["reload", "params"],
         &["reload-config"],
         &["prepare", "6.1.0-1-amd64"],
+        &["prepare-next"],
     ] {
         let (code, _, err) = node.kvcctl_as(Some(65534), verb);
         assert_eq!(code, 1, "{verb:?}: {err}");
@@ -1122,5 +1131,94 @@ fn a_preparation_counts_as_work_and_stopping_waits_for_it() {
     assert!(
         waited >= Duration::from_millis(1500),
         "stopped after {waited:?} without waiting for the preparation"
+    );
+}
+
+#[test]
+fn the_gate_shows_the_next_kernel_and_prepare_next_goes_through_the_daemon() {
+    let mut node = Node::new();
+    // Running another kernel makes the fixtures' kernel the one the node boots next.
+    node.running = "6.1.0-1-amd64".into();
+    node.module(
+        "gate",
+        "modules = [\"kvcd_param\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    node.start();
+    let kver = node.fx.kver.clone();
+
+    // Not prepared: the gate holds (exit 1) and says why, for anyone.
+    let (code, out, err) = node.kvcctl_as(Some(65534), &["next"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains(&format!("kernel {kver} (next, package")) && out.contains("NOT READY"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "gate: not-prepared: never prepared for kernel {kver}"
+        )),
+        "{out}"
+    );
+    let (_, out, _) = node.kvcctl(&["status"]);
+    assert!(out.contains("next kernels (kvcctl next):"), "{out}");
+
+    // `kvcd prepare-next` while the agent holds the lock: the agent prepares.
+    let layout = kvcd::state::Layout {
+        state_dir: node.root.join("state"),
+        runtime_dir: node.root.join("run"),
+    };
+    let lock = layout.lock().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kvcd"))
+        .arg("--config-dir")
+        .arg(node.root.join("etc"))
+        .args(["prepare-next", "--json", "--bus-address", &node.address])
+        .output()
+        .unwrap();
+    drop(lock);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(doc["kernels"][0]["release"], kver.as_str(), "{stdout}");
+    assert_eq!(
+        doc["kernels"][0]["results"][0]["state"], "prepared",
+        "{stdout}"
+    );
+    assert_eq!(doc["kernels"][0]["ready"], true, "{stdout}");
+    assert!(
+        node.root
+            .join("state/sets")
+            .join(&kver)
+            .join("gate.json")
+            .is_file()
+    );
+
+    // The property shows it without asking again, and the gate opens.
+    let conn = node.connect();
+    let next = node.rt.block_on(async {
+        kvcd::dbus::proxy::ManagerProxy::new(&conn)
+            .await
+            .unwrap()
+            .next_kernels()
+            .await
+            .unwrap()
+    });
+    assert_eq!(next.len(), 1);
+    assert_eq!(
+        (next[0].0.as_str(), next[0].1.as_str(), next[0].3),
+        (kver.as_str(), "next", true)
+    );
+    assert_eq!(next[0].4[0].0, "gate");
+    assert_eq!(next[0].4[0].1, "ready");
+    let (code, out, err) = node.kvcctl(&["next"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("gate: ready:"), "{out}");
+    assert!(
+        !node.fake.0.is_live("kvcd_param"),
+        "preparing loads nothing"
     );
 }

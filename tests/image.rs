@@ -52,6 +52,8 @@ impl Env {
             kmods: &self.fake,
             firmware_dir: self.tmp.path().join("firmware"),
             keep_kernels: 3,
+            protect: Vec::new(),
+            target_is_live: true,
             podman: Box::new(Podman::new(Path::new(podman))),
             records: RecordStore::new(&self.tmp.path().join("run")),
             on_step: None,
@@ -576,17 +578,32 @@ fn prepare_next_prepares_installed_kernels_behind_its_switch() {
 
     fs::write(etc.join("kvcd.toml"), kvcd_toml(false)).unwrap();
     let (code, out) = kvcd(&["--if-enabled"]);
+    // Switched off, the trigger only reports; it does not fail its unit.
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("prepare_next_kernels is off"), "{out}");
+    assert!(
+        out.contains(&format!("kernel {} (next, package", env.fx.kver))
+            && out.contains("NOT READY"),
+        "{out}"
+    );
+    assert!(
+        out.contains("next: not-prepared: never prepared for kernel"),
+        "{out}"
+    );
     assert!(!env.state().join("images/next").exists());
 
     fs::write(etc.join("kvcd.toml"), kvcd_toml(true)).unwrap();
     let (code, out) = kvcd(&["--if-enabled", "--json"]);
     assert_eq!(code, Some(0), "{out}");
     let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(doc["kernels"][0], env.fx.kver.as_str(), "{out}");
-    assert_eq!(doc["results"][0]["name"], "next");
-    assert_eq!(doc["results"][0]["state"], "prepared", "{out}");
+    let k = &doc["kernels"][0];
+    assert_eq!(k["release"], env.fx.kver.as_str(), "{out}");
+    assert_eq!(k["role"], "next", "{out}");
+    assert_eq!(k["origin"]["kind"], "package", "{out}");
+    assert_eq!(k["results"][0]["name"], "next");
+    assert_eq!(k["results"][0]["state"], "prepared", "{out}");
+    assert_eq!(k["ready"], true, "{out}");
+    assert_eq!(k["configs"][0]["state"], "ready", "{out}");
     assert!(
         env.state()
             .join("images/next")
@@ -594,6 +611,20 @@ fn prepare_next_prepares_installed_kernels_behind_its_switch() {
             .join("index.json")
             .exists()
     );
+
+    // Changing the config makes what was prepared stale: the gate says so.
+    env.config(
+        "next",
+        &PARAM_TAG.replace(r#"["kvcd_user", "kvcd_param"]"#, r#"["kvcd_param"]"#),
+    );
+    fs::write(etc.join("kvcd.toml"), kvcd_toml(false)).unwrap();
+    let (code, out) = kvcd(&["--if-enabled", "--json"]);
+    assert_eq!(code, Some(0), "{out}");
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let c = &doc["kernels"][0]["configs"][0];
+    assert_eq!(doc["kernels"][0]["ready"], false, "{out}");
+    assert_eq!(c["state"], "not-prepared", "{out}");
+    assert!(c["detail"].as_str().unwrap().contains("before"), "{out}");
 }
 
 #[test]

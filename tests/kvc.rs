@@ -216,8 +216,9 @@ fn prepare_runs_the_library_build_for_another_kernel_and_no_load_hooks() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
     let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(doc["kernels"][0], k.as_str(), "{text}");
-    let r = &doc["results"][0];
+    assert_eq!(doc["kernels"][0]["release"], k.as_str(), "{text}");
+    assert_eq!(doc["kernels"][0]["configs"][0]["state"], "ready", "{text}");
+    let r = &doc["kernels"][0]["results"][0];
     assert_eq!(r["state"], "prepared", "{text}");
     assert_eq!(r["podman_calls"], 1, "{text}");
     assert!(
@@ -324,6 +325,8 @@ fn fake_engine<'a>(
         kmods: fake,
         firmware_dir: tmp.join("firmware"),
         keep_kernels: 3,
+        protect: Vec::new(),
+        target_is_live: true,
         podman: Box::new(kvcd::artifacts::podman::Podman::new(Path::new("podman"))),
         records: kvcd::reconciler::RecordStore::new(&tmp.join("run")),
         on_step: None,

@@ -118,6 +118,16 @@ pub struct Manifest {
     pub files: Vec<ManifestFile>,
 }
 
+/// The complete extraction recorded in `dir` (a config's image directory for
+/// one kernel), if it is of `reference` for the config with `config_digest`.
+pub fn current_extraction(dir: &Path, config_digest: &str, reference: &str) -> Option<ImageIndex> {
+    index::read(dir).ok().flatten().filter(|i| {
+        i.config_digest == config_digest
+            && i.reference == reference
+            && dir.join(&i.dir).join(COMPLETE).exists()
+    })
+}
+
 /// Image fetching and extraction for one module config and kernel.
 #[derive(Debug)]
 pub struct ImageStore<'a> {
@@ -158,11 +168,7 @@ impl ImageStore<'_> {
         } = *req;
         let reference = expand(&src.reference, vars).context("key `image.ref`")?;
         let dir = self.dir(config_name, &vars.kernel);
-        let index = index::read(&dir).ok().flatten().filter(|i| {
-            i.config_digest == config_digest
-                && i.reference == reference
-                && dir.join(&i.dir).join(COMPLETE).exists()
-        });
+        let index = current_extraction(&dir, config_digest, &reference);
 
         // Warm path: nothing to ask podman.
         if let Some(idx) = &index {

@@ -3,7 +3,6 @@
 //! the running kernel or the kernel being applied, the images kvcd built
 //! for kernels it lets go, and stored module files no set names any more.
 
-use std::cmp::Ordering;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -13,40 +12,11 @@ use serde::Serialize;
 
 use super::podman::ContainerTool;
 use super::store;
+use crate::kernel::compare_releases;
 use crate::state::{Layout, index};
 
 /// Default number of kernels whose artifacts are kept per module config.
 pub const DEFAULT_KEEP_KERNELS: usize = 3;
-
-/// Compares kernel releases as versions: digit runs by value, the rest as text.
-pub fn compare_releases(a: &str, b: &str) -> Ordering {
-    fn chunks(s: &str) -> Vec<(bool, &str)> {
-        let mut out = Vec::new();
-        let mut start = 0;
-        let bytes = s.as_bytes();
-        for i in 1..=bytes.len() {
-            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
-                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
-                start = i;
-            }
-        }
-        out
-    }
-    let (ca, cb) = (chunks(a), chunks(b));
-    for (x, y) in ca.iter().zip(&cb) {
-        let o = match (x, y) {
-            ((true, x), (true, y)) => {
-                let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
-                x.len().cmp(&y.len()).then_with(|| x.cmp(y))
-            }
-            ((_, x), (_, y)) => x.cmp(y),
-        };
-        if o != Ordering::Equal {
-            return o;
-        }
-    }
-    ca.len().cmp(&cb.len())
-}
 
 /// What pruning removed (or would remove) for one module config.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

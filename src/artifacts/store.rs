@@ -109,6 +109,30 @@ impl ModuleStore {
         Ok(tree)
     }
 
+    /// Records that the set of `config` for `kernel` passed verification for
+    /// the config with `digest` (an empty set when there is none, as for a
+    /// KVC library config, whose files kvcd never sees).
+    pub fn mark_verified(&self, config: &str, kernel: &KernelRelease, digest: &str) -> Result<()> {
+        let _guard = STORE.lock().unwrap_or_else(PoisonError::into_inner);
+        let path = Layout::set_file(&self.state_dir, config, kernel.as_str());
+        let mut s = set::read(&path)?.unwrap_or_default();
+        if s.verified_for.as_deref() == Some(digest) {
+            return Ok(());
+        }
+        s.verified_for = Some(digest.to_owned());
+        set::write(&path, &s)
+    }
+
+    /// The set of `config` for `kernel`, if one was recorded.
+    pub fn set(&self, config: &str, kernel: &KernelRelease) -> Result<Option<ModuleSet>> {
+        set::read(&Layout::set_file(&self.state_dir, config, kernel.as_str()))
+    }
+
+    /// The stored file a set entry names.
+    pub fn stored_file(&self, file: &SetFile) -> PathBuf {
+        Layout::files_dir(&self.state_dir).join(&file.file)
+    }
+
     /// Starts staging the files of `config` for `kernel`.
     pub fn staging(&self, config: &str, kernel: &KernelRelease) -> Result<Staging<'_>> {
         let guard = STORE.lock().unwrap_or_else(PoisonError::into_inner);
@@ -187,10 +211,14 @@ impl Staging<'_> {
 
     /// Records the files put as the set of the config and kernel; when the
     /// set changed, files no set names any more are removed.
-    pub fn finish(self) -> Result<Staged> {
+    pub fn finish(mut self) -> Result<Staged> {
         let old = self.old;
         let files = |s: &ModuleSet| s.files.values().map(|f| f.file.clone()).collect::<Vec<_>>();
         let changed = old.as_ref().map(files) != Some(files(&self.set));
+        // What was verified stays verified while the files are the same.
+        if !changed {
+            self.set.verified_for = old.as_ref().and_then(|o| o.verified_for.clone());
+        }
         if old.as_ref() != Some(&self.set) {
             set::write(&self.set_file, &self.set)?;
         }

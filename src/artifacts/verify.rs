@@ -11,29 +11,63 @@ use crate::kernel::KernelRelease;
 use crate::kmod::elf::{ElfInfo, machine_name, machine_of};
 use crate::kmod::{ModInfo, ModuleFile};
 
-/// Refuses a module built for another architecture than `arch` (as `uname -m` names it).
-pub fn check_machine(file: &ModuleFile, elf: &ElfInfo, arch: &str) -> Result<()> {
-    if let Some(want) = machine_of(arch) {
-        if elf.machine != want {
-            bail!(
-                "module {} ({}) is built for {}, but this kernel runs on {arch}",
-                file.name,
-                file.path.display(),
-                machine_name(elf.machine)
-            );
-        }
-    }
-    Ok(())
+/// What the target kernel's own modules say about themselves: read from the
+/// first entry of its `modules.dep` (only that line and that file are read).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reference {
+    /// The vermagic of the kernel's own modules.
+    pub vermagic: Option<String>,
+    /// Their ELF machine.
+    pub machine: Option<u16>,
 }
 
-/// The vermagic of the host's own modules for a kernel (from the first
-/// entry of its `modules.dep`; only that line is read).
-pub fn reference_vermagic(host_tree: &Path) -> Option<String> {
-    let dep = fs::File::open(host_tree.join("modules.dep")).ok()?;
-    let mut line = String::new();
-    BufReader::new(dep).read_line(&mut line).ok()?;
-    let first = line.split(':').next()?.trim();
-    ModInfo::read(&host_tree.join(first)).ok()?.vermagic
+impl Reference {
+    /// Reads the reference module of the host tree `host_tree` (`MODULES/KERNEL`); empty when there is none.
+    pub fn of_tree(host_tree: &Path) -> Self {
+        let first = fs::File::open(host_tree.join("modules.dep"))
+            .ok()
+            .and_then(|dep| {
+                let mut line = String::new();
+                BufReader::new(dep).read_line(&mut line).ok()?;
+                Some(line.split(':').next()?.trim().to_owned())
+            })
+            .filter(|f| !f.is_empty());
+        let Some(elf) = first.and_then(|f| ElfInfo::read(&host_tree.join(f)).ok()) else {
+            return Self::default();
+        };
+        Self {
+            vermagic: ModInfo::of(&elf).vermagic,
+            machine: Some(elf.machine),
+        }
+    }
+}
+
+/// Refuses a module built for another architecture than the target kernel's
+/// own modules (`reference`), or, when those cannot be read, than `arch` (as
+/// `uname -m` names it).
+pub fn check_machine(
+    file: &ModuleFile,
+    elf: &ElfInfo,
+    reference: &Reference,
+    kernel: &KernelRelease,
+    arch: &str,
+) -> Result<()> {
+    let (want, what) = match reference.machine {
+        Some(m) => (
+            Some(m),
+            format!("kernel {kernel}'s own modules are {}", machine_name(m)),
+        ),
+        None => (machine_of(arch), format!("this kernel runs on {arch}")),
+    };
+    if want.is_some_and(|w| elf.machine != w) {
+        bail!(
+            "module {} ({}) is built for {}, but {what}",
+            file.name,
+            file.path.display(),
+            machine_name(elf.machine),
+        );
+    }
+    Ok(())
 }
 
 /// Checks one of our module files; `expected_version` is the config's `version` for configured modules.
@@ -105,15 +139,29 @@ mod tests {
             build_id: None,
             modinfo: Vec::new(),
         };
-        assert!(check_machine(&file(), &elf(62), "x86_64").is_ok());
+        let k = KernelRelease::parse("6.1.0-57-amd64").unwrap();
+        let none = Reference::default();
+        assert!(check_machine(&file(), &elf(62), &none, &k, "x86_64").is_ok());
         assert_eq!(
-            check_machine(&file(), &elf(183), "x86_64")
+            check_machine(&file(), &elf(183), &none, &k, "x86_64")
                 .unwrap_err()
                 .to_string(),
             "module m (/x/m.ko) is built for aarch64, but this kernel runs on x86_64"
         );
         // An architecture kvcd does not know is not guessed at.
-        assert!(check_machine(&file(), &elf(183), "mips").is_ok());
+        assert!(check_machine(&file(), &elf(183), &none, &k, "mips").is_ok());
+        // The target kernel's own modules decide, not the running machine.
+        let arm = Reference {
+            vermagic: None,
+            machine: Some(183),
+        };
+        assert!(check_machine(&file(), &elf(183), &arm, &k, "x86_64").is_ok());
+        assert_eq!(
+            check_machine(&file(), &elf(62), &arm, &k, "x86_64")
+                .unwrap_err()
+                .to_string(),
+            "module m (/x/m.ko) is built for x86_64, but kernel 6.1.0-57-amd64's own modules are aarch64"
+        );
     }
 
     fn info(vermagic: &str, version: Option<&str>) -> ModInfo {

@@ -1,13 +1,17 @@
 //! `kvcd apply` (one reconcile in the foreground, without D-Bus) and
-//! `kvcd prepare-next` (artifacts for installed kernels that are not running).
+//! `kvcd prepare-next` (artifacts for the kernels the node may boot next).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
 
 use super::{EXIT_FAILED, PathArgs, lock_state};
-use crate::artifacts::prune::compare_releases;
-use crate::config::Config;
-use crate::kernel::{KernelRelease, installed_kernels};
+use crate::config::{Config, ModuleConfig};
+use crate::kernel::KernelRelease;
+use crate::reconciler::next;
+use crate::reconciler::status::next_wire;
 use crate::reconciler::{Engine, OnStep, Outcome, Step, StepLog, order};
 use crate::state::Layout;
 
@@ -34,13 +38,19 @@ pub(super) struct ApplyArgs {
 /// `kvcd prepare-next` arguments.
 #[derive(Debug, Args)]
 pub(super) struct PrepareNextArgs {
-    /// Do nothing unless kvcd.toml sets `prepare_next_kernels = true` (for the path unit).
+    /// Only report readiness unless kvcd.toml sets `prepare_next_kernels = true` (for the trigger units).
     #[arg(long)]
     if_enabled: bool,
     /// Print one JSON document instead of progress lines.
     #[arg(long)]
     json: bool,
-    /// Module config names; default every valid module config.
+    /// The node's root to look for kernels under: package trees and ostree deployments (`SYSROOT/ostree/deploy`).
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    sysroot: PathBuf,
+    /// D-Bus address of a running kvcd to ask (it holds the state lock); default the system bus.
+    #[arg(long, value_name = "ADDRESS")]
+    bus_address: Option<String>,
+    /// Module config names; default those the agent wants loaded, or every valid one when it wants none.
     #[arg(value_name = "NAME")]
     names: Vec<String>,
 }
@@ -116,69 +126,115 @@ pub(super) fn run(paths: &PathArgs, args: &ApplyArgs) -> Result<u8> {
     Ok(exit_code(&outcomes))
 }
 
-/// The kernels `prepare-next` works on: installed, not running, newest first, at most `keep_kernels`.
-fn next_kernels(config: &Config, running: &KernelRelease) -> Vec<KernelRelease> {
-    let mut kernels: Vec<_> = installed_kernels(&config.daemon.kernel_modules_dir)
-        .into_iter()
-        .filter(|k| k != running)
-        .collect();
-    kernels.sort_by(|a, b| compare_releases(b.as_str(), a.as_str()));
-    kernels.truncate(config.daemon.keep_kernels);
-    kernels
+/// The configs `prepare-next` works on, in load order: `names`; else those
+/// the agent wants loaded (its desired state); else every valid one. Names
+/// that are no valid config come back with the reason.
+pub(super) fn next_configs<'c>(
+    config: &'c Config,
+    names: &[String],
+    wanted: &BTreeSet<String>,
+) -> (Vec<&'c ModuleConfig>, Vec<(String, String)>) {
+    let valid = |n: &String| config.module(n).is_ok();
+    let chosen: Vec<String> = if !names.is_empty() {
+        names.to_vec()
+    } else if wanted.iter().any(valid) {
+        wanted.iter().filter(|n| valid(n)).cloned().collect()
+    } else {
+        config
+            .modules
+            .keys()
+            .filter(|n| valid(n))
+            .cloned()
+            .collect()
+    };
+    // A config built on another's image (its `after`) is prepared after it.
+    let mut ok = Vec::new();
+    let mut bad = Vec::new();
+    for n in order::load_order(&chosen, &config.after_map()) {
+        match config.module(&n) {
+            Ok(c) => ok.push(c),
+            Err(e) => bad.push((n, e.to_string())),
+        }
+    }
+    (ok, bad)
 }
 
-/// Runs `kvcd prepare-next`; returns the exit code.
+/// Runs `kvcd prepare-next`; returns the exit code: 0 when every prepare
+/// succeeded and every config is ready for the kernels the node boots next.
 pub(super) fn prepare_next(paths: &PathArgs, args: &PrepareNextArgs) -> Result<u8> {
     let config = paths.load_strict()?;
     let d = &config.daemon;
-    if args.if_enabled && !d.prepare_next_kernels {
-        println!("prepare-next: prepare_next_kernels is off in kvcd.toml; nothing to do");
-        return Ok(0);
+    let prepare = !args.if_enabled || d.prepare_next_kernels;
+    if !prepare && !args.json {
+        println!("prepare-next: prepare_next_kernels is off in kvcd.toml; only checking readiness");
     }
-    let _lock = lock_state(d)?;
-    let running = KernelRelease::running()?;
-    let kernels = next_kernels(&config, &running);
-    let names: Vec<String> = if args.names.is_empty() {
-        config
-            .modules
-            .iter()
-            .filter(|(_, e)| e.result.is_ok())
-            .map(|(n, _)| n.clone())
-            .collect()
-    } else {
-        args.names.clone()
-    };
-    // A config built on another's image (its `after`) is prepared after it.
-    let names = order::load_order(&names, &config.after_map());
-    if kernels.is_empty() && !args.json {
-        println!(
-            "prepare-next: no installed kernel besides the running {running} in {}",
-            d.kernel_modules_dir.display()
+    let layout = Layout::from_settings(d);
+    // The agent holds the state lock while it runs: it does the work.
+    let Some(_lock) = layout.try_lock()? else {
+        return super::client::forward_prepare_next(
+            args.bus_address.as_deref(),
+            &args.sysroot,
+            &args.names,
+            prepare,
+            args.json,
         );
-    }
+    };
+    let running = KernelRelease::running()?;
+    let wanted = crate::state::desired::read(&layout.desired())
+        .map(|w| w.wanted)
+        .unwrap_or_default();
+    let (configs, invalid) = next_configs(&config, &args.names, &wanted);
+    let mut failed: Vec<Outcome> = invalid
+        .into_iter()
+        .map(|(n, e)| Outcome::failed(&n, &running, Step::Config, e))
+        .collect();
     let kmods = crate::kmod::open()?;
     let on_step: &OnStep<'_> = &print_step;
-    let mut outcomes = Vec::new();
-    for kernel in &kernels {
-        let engine = Engine::from_settings(d, kernel, &*kmods, (!args.json).then_some(on_step));
-        for name in &names {
-            let o = match config.module(name) {
-                Ok(c) => engine.prepare(c),
-                Err(e) => Outcome::failed(name, kernel, Step::Config, e.to_string()),
-            };
-            if !args.json {
-                print_outcome(&o);
-            }
-            outcomes.push(o);
+    let report = next::run(
+        &next::NextRun {
+            settings: d,
+            kmods: &*kmods,
+            sysroot: &args.sysroot,
+            running: &running,
+            on_step: (!args.json).then_some(on_step),
+            cancel: None,
+        },
+        &configs,
+        prepare,
+    );
+    for o in &failed {
+        if !args.json {
+            print_outcome(o);
         }
     }
+    failed.extend(
+        report
+            .kernels
+            .iter()
+            .flat_map(|k| k.results.iter().cloned()),
+    );
     if args.json {
-        let doc = serde_json::json!({
-            "running": running.as_str(),
-            "kernels": kernels.iter().map(KernelRelease::as_str).collect::<Vec<_>>(),
-            "results": outcomes,
-        });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        if report.kernels.is_empty() {
+            println!(
+                "prepare-next: no kernel to boot next besides the running {} under {}",
+                report.running,
+                report.sysroot.display()
+            );
+        }
+        for n in &report.notes {
+            println!("prepare-next: {n}");
+        }
+        print!("{}", super::client::next_text(&next_wire(&report)));
     }
-    Ok(exit_code(&outcomes))
+    if !prepare {
+        // Switched off, the trigger only reports: its unit does not fail.
+        return Ok(0);
+    }
+    Ok(if report.ready(false) {
+        exit_code(&failed)
+    } else {
+        EXIT_FAILED
+    })
 }

@@ -12,7 +12,7 @@ use zbus::names::InterfaceName;
 use super::{EXIT_FAILED, EXIT_NO_DAEMON};
 use crate::dbus::proxy::ManagerProxy;
 use crate::dbus::{BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH, MODULE_INTERFACE, module_path};
-use crate::reconciler::status::{ModuleStatus, Status};
+use crate::reconciler::status::{ModuleStatus, NextKernelWire, Status};
 
 /// Where the agent is.
 #[derive(Debug, Clone, Args)]
@@ -48,6 +48,80 @@ pub(super) enum ClientCommand {
         /// Kernel release.
         kernel: String,
     },
+    /// The kernels the node may boot next and whether every wanted config is
+    /// ready for each; exits 1 when one the node boots next is not (a gate to
+    /// hold a reboot on).
+    Next {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also exit 1 when a fallback kernel (an older one, a rollback) is not ready.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Prepare the wanted configs (or NAMEs) for every kernel the node may
+    /// boot next and wait until done; exits 1 when one is not ready then.
+    PrepareNext {
+        /// The node's root to look for kernels under (an ostree sysroot).
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        sysroot: String,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Module config names; default the wanted ones.
+        #[arg(value_name = "NAME")]
+        names: Vec<String>,
+    },
+}
+
+/// The next kernels as a table for people.
+pub(super) fn next_text(next: &[NextKernelWire]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for (release, role, origin, ready, configs) in next {
+        let _ = writeln!(
+            out,
+            "kernel {release} ({role}, {origin}): {}",
+            if *ready { "ready" } else { "NOT READY" }
+        );
+        for (name, state, detail) in configs {
+            let _ = writeln!(out, "  {name}: {state}: {detail}");
+        }
+    }
+    out
+}
+
+/// True when every kernel the node boots next (every kernel, with `all`) is ready.
+pub(super) fn next_ready(next: &[NextKernelWire], all: bool) -> bool {
+    next.iter()
+        .filter(|k| all || k.1 == crate::boot::Role::Next.as_str())
+        .all(|k| k.3)
+}
+
+/// `kvcd prepare-next` while the agent runs (it holds the state lock): the agent prepares.
+pub(super) fn forward_prepare_next(
+    bus_address: Option<&str>,
+    sysroot: &std::path::Path,
+    names: &[String],
+    prepare: bool,
+    json: bool,
+) -> Result<u8> {
+    let bus = BusArgs {
+        bus_address: bus_address.map(str::to_owned),
+    };
+    if !json {
+        println!("prepare-next: kvcd is running; asking it");
+    }
+    let cmd = if prepare {
+        ClientCommand::PrepareNext {
+            sysroot: sysroot.display().to_string(),
+            json,
+            names: names.to_vec(),
+        }
+    } else {
+        ClientCommand::Next { json, all: false }
+    };
+    run(&bus, &cmd)
 }
 
 /// NAME and waiting.
@@ -119,6 +193,7 @@ struct ManagerInfo {
     version: String,
     kernel: String,
     errors: Vec<String>,
+    next: Vec<NextKernelWire>,
 }
 
 /// The manager's properties in one `GetAll`.
@@ -139,6 +214,8 @@ async fn manager_info(conn: &Connection) -> Result<ManagerInfo> {
         version: String::try_from(take("Version")?).context("property Version")?,
         kernel: String::try_from(take("Kernel")?).context("property Kernel")?,
         errors: Vec::<String>::try_from(take("Errors")?).context("property Errors")?,
+        next: Vec::<NextKernelWire>::try_from(take("NextKernels")?)
+            .context("property NextKernels")?,
     })
 }
 
@@ -303,6 +380,10 @@ async fn run_async(bus: &BusArgs, cmd: &ClientCommand) -> Result<u8> {
                     "kernel": info.kernel,
                     "errors": info.errors,
                     "modules": mods,
+                    "next_kernels": info.next.iter().map(|(release, role, origin, ready, configs)| serde_json::json!({
+                        "release": release, "role": role, "origin": origin, "ready": ready,
+                        "configs": configs.iter().map(|(name, state, detail)| serde_json::json!({"name": name, "state": state, "detail": detail})).collect::<Vec<_>>(),
+                    })).collect::<Vec<_>>(),
                 });
                 // Formatted first, so stdout writes it at once, not line by line.
                 let text = format!("{doc:#}\n");
@@ -312,7 +393,11 @@ async fn run_async(bus: &BusArgs, cmd: &ClientCommand) -> Result<u8> {
                 for e in &info.errors {
                     println!("error: {e}");
                 }
-                let text = table(&mods);
+                let mut text = table(&mods);
+                if !info.next.is_empty() {
+                    text.push_str("\nnext kernels (kvcctl next):\n");
+                    text.push_str(&next_text(&info.next));
+                }
                 print!("{text}");
             }
             let bad = mods
@@ -358,6 +443,52 @@ async fn run_async(bus: &BusArgs, cmd: &ClientCommand) -> Result<u8> {
             println!("preparing every module config for {kernel}; see `journalctl -u kvcd`");
             Ok(0)
         }
+        ClientCommand::Next { json, all } => {
+            let report = manager.check_next().await.map_err(dbus_error)?;
+            let next = manager.next_kernels().await?;
+            print_next(&report, &next, *json);
+            Ok(if next_ready(&next, *all) {
+                0
+            } else {
+                EXIT_FAILED
+            })
+        }
+        ClientCommand::PrepareNext {
+            sysroot,
+            json,
+            names,
+        } => {
+            let report = manager
+                .prepare_next(sysroot, names)
+                .await
+                .map_err(dbus_error)?;
+            let next = manager.next_kernels().await?;
+            print_next(&report, &next, *json);
+            let doc: serde_json::Value = serde_json::from_str(&report).context("kvcd's report")?;
+            let failed = doc["kernels"].as_array().is_some_and(|ks| {
+                ks.iter().any(|k| {
+                    k["results"]
+                        .as_array()
+                        .is_some_and(|rs| rs.iter().any(|r| !r["error"].is_null()))
+                })
+            });
+            Ok(if next_ready(&next, false) && !failed {
+                0
+            } else {
+                EXIT_FAILED
+            })
+        }
+    }
+}
+
+/// Prints a next-kernels report: its JSON, or the table of `next`.
+fn print_next(json_report: &str, next: &[NextKernelWire], json: bool) {
+    if json {
+        println!("{json_report}");
+    } else if next.is_empty() {
+        println!("no kernel to boot next besides the running one");
+    } else {
+        print!("{}", next_text(next));
     }
 }
 

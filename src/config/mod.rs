@@ -272,7 +272,7 @@ pub struct DaemonSettings {
     pub firmware_dir: PathBuf,
     /// Kernels whose artifacts are kept per module config (besides the running one); default 3.
     pub keep_kernels: usize,
-    /// Let `kvcd prepare-next --if-enabled` (run when a kernel is installed) prepare it; default false.
+    /// Let `kvcd prepare-next --if-enabled` (run when a kernel or an ostree deployment lands) prepare it; default true.
     pub prepare_next_kernels: bool,
     /// Module configs the daemon works on at the same time; default 2.
     pub max_parallel: usize,
@@ -300,7 +300,7 @@ impl Default for DaemonSettings {
             podman: DEFAULT_PODMAN.into(),
             firmware_dir: DEFAULT_FIRMWARE_DIR.into(),
             keep_kernels: crate::artifacts::prune::DEFAULT_KEEP_KERNELS,
-            prepare_next_kernels: false,
+            prepare_next_kernels: true,
             max_parallel: 2,
             retry_base_seconds: 5,
             retry_max_seconds: 300,

@@ -10,6 +10,7 @@ pub mod proxy;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
@@ -22,7 +23,9 @@ use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
 use zbus::{Connection, ObjectServer, interface};
 
 use crate::reconciler::agent::{AgentError, Handle, Request};
-use crate::reconciler::status::{ModuleStatus, Snapshot, Wire, module_status_fields};
+use crate::reconciler::status::{
+    ModuleStatus, NextKernelWire, Snapshot, Wire, module_status_fields,
+};
 
 /// The bus name kvcd owns.
 pub const BUS_NAME: &str = "org.kvcd.Kvcd1";
@@ -186,6 +189,39 @@ impl Manager {
         self.call(conn, &hdr, Request::Prepare(kernel))
             .await
             .map(drop)
+    }
+
+    /// Looks for the kernels the node may boot next and reads every wanted
+    /// config's readiness for each (nothing is fetched); answers with the
+    /// report as JSON, and `NextKernels` shows it.
+    async fn check_next(&self) -> Result<String, Error> {
+        Ok(self
+            .agent
+            .next(PathBuf::from("/"), Vec::new(), false)
+            .await?)
+    }
+
+    /// Prepares `names` (the wanted configs when empty) for every kernel the
+    /// node may boot next under `sysroot` (`/` for the node); answers when
+    /// done with the report as JSON.
+    async fn prepare_next(
+        &self,
+        sysroot: String,
+        names: Vec<String>,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<String, Error> {
+        require_root(conn, &hdr).await?;
+        Ok(self.agent.next(PathBuf::from(sysroot), names, true).await?)
+    }
+
+    /// The kernels the node may boot next: release, role (`next` or
+    /// `fallback`), where it was found, whether every wanted config is
+    /// ready, and per config its name, state (`ready`, `not-prepared`,
+    /// `failed`, `not-applicable`) and why.
+    #[zbus(property)]
+    fn next_kernels(&self) -> Vec<NextKernelWire> {
+        self.shown().next.clone()
     }
 
     /// kvcd's version.
@@ -378,6 +414,7 @@ pub async fn serve(
     let mut first = true;
     loop {
         let snap = status.borrow_and_update().clone();
+        let next_changed = shown_snapshot.lock().map_or(true, |g| g.next != snap.next);
         let set_changed = sync(server, &mut shown, &snap).await?;
         if let Ok(mut g) = shown_snapshot.lock() {
             *g = snap.clone();
@@ -385,13 +422,15 @@ pub async fn serve(
         if first {
             conn.request_name(BUS_NAME).await?;
             first = false;
-        } else if set_changed {
+        } else if set_changed || next_changed {
             let iface = server.interface::<_, Manager>(MANAGER_PATH).await?;
-            iface
-                .get()
-                .await
-                .modules_changed(iface.signal_emitter())
-                .await?;
+            let manager = iface.get().await;
+            if set_changed {
+                manager.modules_changed(iface.signal_emitter()).await?;
+            }
+            if next_changed {
+                manager.next_kernels_changed(iface.signal_emitter()).await?;
+            }
         }
         exported.send_replace(snap);
         if status.changed().await.is_err() {

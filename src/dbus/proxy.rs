@@ -25,6 +25,13 @@ pub trait Manager {
     fn reload_config(&self) -> zbus::Result<()>;
     /// Prepare every valid config for `kernel`.
     fn prepare(&self, kernel: &str) -> zbus::Result<()>;
+    /// Readiness of the wanted configs for the kernels the node may boot next, as JSON.
+    fn check_next(&self) -> zbus::Result<String>;
+    /// Prepare configs for the kernels the node may boot next; the report as JSON.
+    fn prepare_next(&self, sysroot: &str, names: &[String]) -> zbus::Result<String>;
+    /// The kernels the node may boot next and each config's readiness.
+    #[zbus(property)]
+    fn next_kernels(&self) -> zbus::Result<Vec<crate::reconciler::status::NextKernelWire>>;
     /// kvcd's version.
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;

@@ -26,7 +26,8 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::machine::{self, Ctx, Effect, Module, Operation, Ran, Refused, Status};
-use super::status::Snapshot;
+use super::next::{self, NextReport};
+use super::status::{NextKernelWire, Snapshot, next_wire};
 use super::{Engine, Outcome, RecordStore, Step, StepLog};
 use crate::config::{Changes, Config, ConfigCache, DaemonSettings, ModuleConfig, Overrides};
 use crate::kernel::KernelRelease;
@@ -68,8 +69,23 @@ pub enum Request {
 
 type Reply = oneshot::Sender<Result<u64, AgentError>>;
 
+/// The answer to a next-kernels request: the report as JSON.
+type NextReply = oneshot::Sender<Result<String, AgentError>>;
+
+/// A request about the kernels the node may boot next.
+struct NextJob {
+    /// Where to look for kernels.
+    sysroot: PathBuf,
+    /// Configs to work on; empty: the wanted ones (every valid one when none is wanted).
+    names: Vec<String>,
+    /// Prepare, or only check readiness.
+    prepare: bool,
+    reply: Option<NextReply>,
+}
+
 enum Event {
     Request(Request, Reply),
+    Next(NextJob),
     ConfigChanged(Changes),
     ConfigRead(Box<Config>),
     Progress(String, Step),
@@ -81,6 +97,12 @@ enum Event {
         outcome: Box<Outcome>,
     },
     Prepared,
+    /// A readiness check or prepare of the next kernels finished.
+    NextDone {
+        report: Box<NextReport>,
+        prepared: bool,
+        reply: Option<NextReply>,
+    },
     Ping(oneshot::Sender<()>),
     Shutdown,
 }
@@ -104,6 +126,28 @@ impl Handle {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Event::Request(req, tx))
+            .map_err(|_| AgentError::ShuttingDown)?;
+        rx.await.map_err(|_| AgentError::ShuttingDown)?
+    }
+
+    /// Finds the kernels the node may boot next under `sysroot`, prepares
+    /// `names` (the wanted configs when empty) for them when `prepare`, and
+    /// answers with the readiness report as JSON once done.
+    pub async fn next(
+        &self,
+        sysroot: PathBuf,
+        names: Vec<String>,
+        prepare: bool,
+    ) -> Result<String, AgentError> {
+        let (tx, rx) = oneshot::channel();
+        let job = NextJob {
+            sysroot,
+            names,
+            prepare,
+            reply: Some(tx),
+        };
+        self.tx
+            .send(Event::Next(job))
             .map_err(|_| AgentError::ShuttingDown)?;
         rx.await.map_err(|_| AgentError::ShuttingDown)?
     }
@@ -231,6 +275,13 @@ pub struct Agent {
     stop_deadline: Option<Instant>,
     ready: bool,
     last_summary: String,
+    /// Next-kernel requests waiting; one runs at a time.
+    next_jobs: VecDeque<NextJob>,
+    next_running: bool,
+    /// The last readiness report, as published.
+    next: Vec<NextKernelWire>,
+    /// Next-kernel answers due once the next snapshot is published.
+    after_publish_next: Vec<(NextReply, Result<String, AgentError>)>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -280,6 +331,10 @@ impl Agent {
             stop_deadline: None,
             ready: false,
             last_summary: String::new(),
+            next_jobs: VecDeque::new(),
+            next_running: false,
+            next: Vec::new(),
+            after_publish_next: Vec::new(),
         };
         (agent, Handle { tx }, status_rx)
     }
@@ -357,6 +412,7 @@ impl Agent {
     /// A configuration was read: apply it, read again if asked meanwhile, else answer who waited.
     fn config_read(&mut self, config: Config) {
         self.apply_config(config, &BTreeSet::new());
+        self.check_next();
         if let Some(changes) = self.reading.take().flatten() {
             self.read_config(changes);
         } else {
@@ -532,6 +588,30 @@ impl Agent {
                 }
             }
             Event::Prepared => self.running = self.running.saturating_sub(1),
+            Event::Next(job) => {
+                if !self.shutting_down() {
+                    self.next_jobs.push_back(job);
+                } else if let Some(reply) = job.reply {
+                    let _ = reply.send(Err(AgentError::ShuttingDown));
+                }
+            }
+            Event::NextDone {
+                report,
+                prepared,
+                reply,
+            } => {
+                self.next_running = false;
+                if prepared {
+                    self.running = self.running.saturating_sub(1);
+                }
+                self.next = next_wire(&report);
+                if let Some(reply) = reply {
+                    let json = serde_json::to_string_pretty(&*report)
+                        .map_err(|e| AgentError::InvalidConfig(e.to_string()));
+                    // Answered once `NextKernels` shows the same.
+                    self.after_publish_next.push((reply, json));
+                }
+            }
             Event::Ping(reply) => {
                 let _ = reply.send(());
             }
@@ -588,6 +668,11 @@ impl Agent {
         self.stop_deadline =
             Some(Instant::now() + Duration::from_secs(self.settings.stop_timeout_seconds));
         self.prepares.clear();
+        for job in self.next_jobs.drain(..) {
+            if let Some(reply) = job.reply {
+                let _ = reply.send(Err(AgentError::ShuttingDown));
+            }
+        }
         self.cancel.store(true, Ordering::Relaxed);
         let unload = self.settings.unload_on_stop;
         let names: Vec<String> = self.entries.keys().cloned().collect();
@@ -665,6 +750,136 @@ impl Agent {
             };
             self.run_prepare(kernel);
         }
+        if !self.next_running
+            && (self.running < max || self.next_jobs.front().is_some_and(|j| !j.prepare))
+        {
+            if let Some(job) = self.next_jobs.pop_front() {
+                self.run_next(job);
+            }
+        }
+    }
+
+    /// Queues a readiness check of the next kernels unless one is waiting already.
+    fn check_next(&mut self) {
+        if !self
+            .next_jobs
+            .iter()
+            .any(|j| !j.prepare && j.reply.is_none())
+        {
+            self.next_jobs.push_back(NextJob {
+                sysroot: PathBuf::from("/"),
+                names: Vec::new(),
+                prepare: false,
+                reply: None,
+            });
+        }
+    }
+
+    /// Runs a next-kernels job on the blocking pool; a prepare counts like any work.
+    fn run_next(&mut self, job: NextJob) {
+        let NextJob {
+            sysroot,
+            names,
+            prepare,
+            reply,
+        } = job;
+        let ordered = self.ordered();
+        let chosen: Vec<&String> = if names.is_empty() {
+            let wanted: Vec<&String> = ordered
+                .iter()
+                .filter(|n| {
+                    self.entries
+                        .get(*n)
+                        .is_some_and(|e| e.model.wanted && e.config.is_some())
+                })
+                .collect();
+            if wanted.is_empty() {
+                ordered.iter().collect()
+            } else {
+                wanted
+            }
+        } else {
+            if let Some(bad) = names
+                .iter()
+                .find(|n| self.entries.get(*n).is_none_or(|e| e.config.is_none()))
+            {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(match self.entries.get(bad) {
+                        None => AgentError::NotFound(bad.clone()),
+                        Some(e) => AgentError::InvalidConfig(e.model.error.clone()),
+                    }));
+                }
+                return;
+            }
+            ordered.iter().filter(|n| names.contains(n)).collect()
+        };
+        let configs: Vec<ModuleConfig> = chosen
+            .into_iter()
+            .filter_map(|n| self.entries.get(n)?.config.clone())
+            .collect();
+        self.next_running = true;
+        if prepare {
+            self.running += 1;
+        }
+        let (factory, settings, tx, cancel, kernel) = (
+            self.factory.clone(),
+            self.settings.clone(),
+            self.tx.clone(),
+            self.cancel.clone(),
+            self.kernel.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let report = match factory() {
+                Ok(kmods) => next::run(
+                    &next::NextRun {
+                        settings: &settings,
+                        kmods: &*kmods,
+                        sysroot: &sysroot,
+                        running: &kernel,
+                        on_step: None,
+                        cancel: Some(&cancel),
+                    },
+                    &configs.iter().collect::<Vec<_>>(),
+                    prepare,
+                ),
+                Err(e) => {
+                    warn!("next kernels: cannot read the kernel's modules: {e:#}");
+                    NextReport {
+                        running: kernel.to_string(),
+                        sysroot,
+                        kernels: Vec::new(),
+                        notes: vec![format!("cannot read the kernel's modules: {e:#}")],
+                    }
+                }
+            };
+            for k in &report.kernels {
+                let r = &k.readiness;
+                let line = format!(
+                    "kernel {} ({}, {}): {}",
+                    r.kernel.release,
+                    r.kernel.role.as_str(),
+                    r.kernel.describe(),
+                    if r.ready {
+                        "every wanted config is ready"
+                    } else {
+                        "NOT READY"
+                    }
+                );
+                if r.ready {
+                    info!(KVCD_KERNEL = %r.kernel.release, "{line}")
+                } else {
+                    warn!(KVCD_KERNEL = %r.kernel.release, "{line}")
+                }
+                for c in r.configs.iter().filter(|c| !c.readiness.is_ready()) {
+                    warn!(KVCD_MODULE = %c.name, KVCD_KERNEL = %r.kernel.release, "not ready for kernel {}: {}: {}", r.kernel.release, c.readiness.state(), c.readiness.detail());
+                }
+            }
+            let _ = tx.send(Event::NextDone {
+                report: Box::new(report),
+                prepared: prepare,
+                reply,
+            });
+        });
     }
 
     /// Runs operation `seq` on `name` on the blocking pool; [`Event::Done`] brings the outcome.
@@ -754,6 +969,7 @@ impl Agent {
                 .map(|(n, e)| (n.clone(), e.model.published(n, self.kernel.as_str())))
                 .collect(),
             errors: self.errors.clone(),
+            next: self.next.clone(),
         }
     }
 
@@ -796,6 +1012,7 @@ impl Agent {
     /// Runs until shut down. `notify` receives sd_notify messages (READY=1, STATUS=…, STOPPING=1).
     pub async fn run(mut self, notify: &mut (dyn FnMut(&str) + Send)) -> Result<()> {
         self.start_up().await;
+        self.check_next();
         loop {
             if !self.shutting_down() || self.settings.unload_on_stop {
                 self.schedule();
@@ -804,6 +1021,9 @@ impl Agent {
             self.publish(notify);
             for reply in self.after_publish.drain(..) {
                 let _ = reply.send(Ok(self.seq));
+            }
+            for (reply, answer) in self.after_publish_next.drain(..) {
+                let _ = reply.send(answer);
             }
             if !self.ready && self.idle() {
                 self.ready = true;
@@ -962,7 +1182,9 @@ fn run_op(
     let progress = |n: &str, s: &StepLog| {
         let _ = tx.send(Event::Progress(n.to_owned(), s.step));
     };
-    let engine = Engine::from_settings(settings, kernel, &*kmods, Some(&progress));
+    let mut engine = Engine::from_settings(settings, kernel, &*kmods, Some(&progress));
+    // The agent's kernel is the one its kernel modules read.
+    engine.target_is_live = true;
     match (op, config) {
         (Operation::Unload, c) => (Ran::Unload, engine.unload(name, c)),
         (Operation::Load, Some(c)) => (Ran::Load, engine.load(c)),

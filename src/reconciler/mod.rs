@@ -11,6 +11,7 @@ pub mod agent;
 mod firmware;
 mod intent;
 pub mod machine;
+pub mod next;
 pub mod order;
 mod outcome;
 mod plan;
@@ -58,6 +59,11 @@ pub struct Engine<'a> {
     pub firmware_dir: PathBuf,
     /// Kernels whose artifacts are kept per module config, besides the running one.
     pub keep_kernels: usize,
+    /// Kernels whose artifacts pruning never removes, besides the running and target ones; default none.
+    pub protect: Vec<String>,
+    /// True when the target kernel is the one `kmods` reads (what is live
+    /// says nothing about another kernel); default: it is the running one.
+    pub target_is_live: bool,
     /// Called for every step as it happens (human output); default none.
     pub on_step: Option<&'a OnStep<'a>>,
 }
@@ -133,6 +139,8 @@ impl<'a> Engine<'a> {
             podman: Box::new(Podman::from_settings(settings)),
             firmware_dir: settings.firmware_dir.clone(),
             keep_kernels: settings.keep_kernels,
+            protect: Vec::new(),
+            target_is_live: KernelRelease::running().is_ok_and(|r| r == *kernel),
             records: RecordStore::new(&settings.runtime_dir),
             on_step,
         }
@@ -179,6 +187,9 @@ impl Engine<'_> {
                 return out;
             }
         };
+        if let Some(note) = self.cold_path_note(config) {
+            self.log(&mut out, Step::Fetch, note);
+        }
         let mut changes = Changes::resuming(&record);
         match self.try_load(config, &mut out, &mut changes, &mut record) {
             // A failing post_load hook or ready check leaves the modules in
@@ -632,7 +643,8 @@ impl Engine<'_> {
     /// kernel refuses the insert if they do not provide it). `None`: it is
     /// missing.
     fn provided_elsewhere(&self, c: &ModuleConfig, m: &ModName) -> Option<String> {
-        if matches!(self.kmods.live(m), Ok(Some(_))) {
+        // What is live now says nothing about another kernel.
+        if self.target_is_live && matches!(self.kmods.live(m), Ok(Some(_))) {
             return Some(format!(
                 "{m} is not in the package or the kernel's tree, but is live in the kernel: not inserted"
             ));
@@ -790,7 +802,7 @@ impl Engine<'_> {
         );
 
         // Verify our files before touching the kernel.
-        let reference = verify::reference_vermagic(&self.layout.host_tree(&self.kernel));
+        let reference = verify::Reference::of_tree(&self.layout.host_tree(&self.kernel));
         let arch = crate::kernel::arch();
         let mut identities = BTreeMap::new();
         for f in order.iter().filter(|f| !f.in_tree) {
@@ -798,7 +810,8 @@ impl Engine<'_> {
                 .get(&f.name)
                 .with_context(|| format!("module {} was resolved but not read", f.name))
                 .map_err(Fail::at(Step::Verify))?;
-            verify::check_machine(f, elf, &arch).map_err(Fail::at(Step::Verify))?;
+            verify::check_machine(f, elf, &reference, &self.kernel, &arch)
+                .map_err(Fail::at(Step::Verify))?;
             let info = ModInfo::of(elf);
             identities.insert(f.name.clone(), ModuleIdentity::new(elf, &info));
             let expected = c
@@ -806,9 +819,18 @@ impl Engine<'_> {
                 .contains(&f.name)
                 .then_some(c.version.as_deref())
                 .flatten();
-            verify::check(f, &info, &self.kernel, reference.as_deref(), expected)
-                .map_err(Fail::at(Step::Verify))?;
+            verify::check(
+                f,
+                &info,
+                &self.kernel,
+                reference.vermagic.as_deref(),
+                expected,
+            )
+            .map_err(Fail::at(Step::Verify))?;
         }
+        self.layout
+            .mark_verified(name, &self.kernel, &c.digest)
+            .map_err(Fail::at(Step::Stage))?;
         self.log(
             out,
             Step::Verify,
@@ -829,7 +851,12 @@ impl Engine<'_> {
             return out;
         }
         if matches!(config.source, Source::KvcLibrary { .. }) {
-            match self.prepare_kvc(config, &mut out) {
+            let prepared = self.prepare_kvc(config, &mut out).and_then(|()| {
+                self.layout
+                    .mark_verified(config.name.as_str(), &self.kernel, &config.digest)
+                    .map_err(Fail::at(Step::Stage))
+            });
+            match prepared {
                 Ok(()) => out.state = State::Prepared,
                 Err(Fail(step, err, state)) => self.fail(&mut out, step, &err, state),
             }
@@ -855,7 +882,8 @@ impl Engine<'_> {
         let running = KernelRelease::running()
             .map(|k| k.to_string())
             .unwrap_or_default();
-        let protect = [self.kernel.as_str(), running.as_str()];
+        let mut protect = vec![self.kernel.as_str(), running.as_str()];
+        protect.extend(self.protect.iter().map(String::as_str));
         match prune::prune_config(
             &self.layout.state_dir,
             Some(&*self.podman),

@@ -97,6 +97,40 @@ pub struct Snapshot {
     pub modules: BTreeMap<String, ModuleStatus>,
     /// Problems outside the module configs (e.g. a broken kvcd.toml).
     pub errors: Vec<String>,
+    /// The kernels the node may boot next and the wanted configs' readiness for each.
+    pub next: Vec<NextKernelWire>,
+}
+
+/// One kernel the node may boot next, as on D-Bus (`(sssba(sss))`): release,
+/// role (`next`/`fallback`), where it was found, ready, and per config its
+/// name, readiness state and detail.
+pub type NextKernelWire = (String, String, String, bool, Vec<(String, String, String)>);
+
+/// The D-Bus form of a readiness report.
+pub fn next_wire(report: &super::next::NextReport) -> Vec<NextKernelWire> {
+    report
+        .kernels
+        .iter()
+        .map(|k| {
+            let r = &k.readiness;
+            (
+                r.kernel.release.to_string(),
+                r.kernel.role.as_str().to_owned(),
+                r.kernel.describe(),
+                r.ready,
+                r.configs
+                    .iter()
+                    .map(|c| {
+                        (
+                            c.name.clone(),
+                            c.readiness.state().to_owned(),
+                            c.readiness.detail().to_owned(),
+                        )
+                    })
+                    .collect(),
+            )
+        })
+        .collect()
 }
 
 impl Snapshot {

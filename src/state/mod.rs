@@ -163,6 +163,20 @@ impl Layout {
         })
     }
 
+    /// Takes kvcd's lock on both directories if no other kvcd holds it; `None` when one does.
+    pub fn try_lock(&self) -> Result<Option<Lock>> {
+        let Some(state) = try_lock_dir(&self.state_dir, "state")? else {
+            return Ok(None);
+        };
+        let Some(runtime) = try_lock_dir(&self.runtime_dir, "runtime")? else {
+            return Ok(None);
+        };
+        Ok(Some(Lock {
+            _state: state,
+            _runtime: runtime,
+        }))
+    }
+
     /// Removes what killed processes left in both directories: `.tmp-…-PID`
     /// directories and `.NAME.tmp-PID` files whose process is gone. Call with
     /// the lock held, before any work; returns the paths removed.
@@ -195,20 +209,28 @@ pub struct Lock {
     _runtime: Flock<fs::File>,
 }
 
-fn lock_dir(dir: &Path, what: &str) -> Result<Flock<fs::File>> {
+fn try_lock_dir(dir: &Path, what: &str) -> Result<Option<Flock<fs::File>>> {
     fs::create_dir_all(dir)
         .with_context(|| format!("creating {what} directory {}", dir.display()))?;
     let path = dir.join("kvcd.lock");
     let file = fs::File::create(&path).with_context(|| format!("opening {}", path.display()))?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(l) => Ok(l),
-        Err((f, _)) => {
-            eprintln!("waiting for another kvcd holding {}", path.display());
-            Flock::lock(f, FlockArg::LockExclusive)
-                .map_err(|(_, e)| e)
-                .with_context(|| format!("locking {}", path.display()))
-        }
+        Ok(l) => Ok(Some(l)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(e).with_context(|| format!("locking {}", path.display())),
     }
+}
+
+fn lock_dir(dir: &Path, what: &str) -> Result<Flock<fs::File>> {
+    if let Some(l) = try_lock_dir(dir, what)? {
+        return Ok(l);
+    }
+    let path = dir.join("kvcd.lock");
+    eprintln!("waiting for another kvcd holding {}", path.display());
+    let file = fs::File::create(&path).with_context(|| format!("opening {}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .with_context(|| format!("locking {}", path.display()))
 }
 
 fn subentries(dir: &Path) -> Vec<String> {

@@ -16,6 +16,10 @@ use crate::kmod::elf::ElfInfo;
 pub struct ModuleSet {
     /// Module name → its stored file.
     pub files: BTreeMap<String, SetFile>,
+    /// The config digest these files last passed verification for (what
+    /// makes the config ready for this kernel); none until they did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_for: Option<String>,
 }
 
 /// One module's file in a set.
