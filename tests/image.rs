@@ -907,3 +907,70 @@ fn a_fifo_named_like_a_module_is_never_opened() {
         "{msg}"
     );
 }
+
+#[test]
+fn readiness_follows_the_stored_files_and_a_cold_load_says_it_was_not_prepared() {
+    use kvcd::reconciler::next::Readiness;
+    let _g = podman_lock();
+    let env = Env::new();
+    let c = env.config("ready", PARAM_TAG);
+    let engine = env.engine("podman");
+    assert!(
+        matches!(engine.readiness(&c), Readiness::NotPrepared(ref d) if d.starts_with("never prepared")),
+        "{:?}",
+        engine.readiness(&c)
+    );
+    assert_eq!(engine.prepare(&c).state, State::Prepared);
+    let r = engine.readiness(&c);
+    assert!(r.is_ready() && r.state() == "ready", "{r:?}");
+    assert!(r.detail().contains("extracted and verified"), "{r:?}");
+
+    // A stored file gone: not ready, and the module is named.
+    let files = common::module_set(&env.state(), "ready", &env.fx.kver);
+    fs::remove_file(&files["kvcd_param"]).unwrap();
+    let r = engine.readiness(&c);
+    assert!(
+        matches!(r, Readiness::NotPrepared(ref d) if d.contains("kvcd_param") && d.contains("gone")),
+        "{r:?}"
+    );
+    // Preparing again restores it.
+    assert_eq!(engine.prepare(&c).state, State::Prepared);
+    assert!(engine.readiness(&c).is_ready());
+
+    // kernel_match leaving the kernel out: nothing to prepare, not a blocker.
+    let other = env.config(
+        "elsewhere",
+        "kernel_match = \"^5\\\\.\"\nmodules = [\"kvcd_crc\"]\n[directory]\npath = \"/nonexistent\"\n",
+    );
+    let r = engine.readiness(&other);
+    assert!(
+        matches!(r, Readiness::NotApplicable(_)) && r.is_ready(),
+        "{r:?}"
+    );
+
+    // The node booted a kernel the config was prepared for another time but
+    // not this one: the load says so before fetching.
+    let sets = env.state().join("sets");
+    fs::create_dir_all(sets.join("6.1.0-1-amd64")).unwrap();
+    fs::copy(
+        sets.join(&env.fx.kver).join("ready.json"),
+        sets.join("6.1.0-1-amd64/ready.json"),
+    )
+    .unwrap();
+    fs::remove_dir_all(env.state().join("images/ready").join(&env.fx.kver)).unwrap();
+    let o = engine.load(&c);
+    assert_ok(&o);
+    assert!(
+        detail(
+            &o,
+            &format!(
+                "ready was not prepared for kernel {} before this boot (it was for 6.1.0-1-amd64): fetching it now",
+                env.fx.kver
+            )
+        ),
+        "{o:#?}"
+    );
+    // Warm again: no such note.
+    let o = engine.load(&c);
+    assert!(!detail(&o, "before this boot"), "{o:#?}");
+}
