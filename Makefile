@@ -14,6 +14,8 @@
 #   $(BINDIR)/kvcd, kvcctl
 #   $(UNITDIR)/kvcd.service, kvcd@.service, kvcd-prepare-next.{path,service}
 #   $(TMPFILESDIR)/kvcd.conf
+#   $(KERNELINSTALLDIR)/50-kvcd.install, $(SYSCONFDIR)/kernel/postinst.d/kvcd
+#                                         prepare drivers when a kernel package lands
 #   $(DATADIR)/dbus-1/system.d/org.kvcd.Kvcd1.conf        the bus policy
 #   $(DATADIR)/dbus-1/interfaces/org.kvcd.Kvcd1.*.xml     introspection data
 #   $(SYSCONFDIR)/kvcd/modules.d/, $(PREFIX)/lib/kvcd/modules.d/   (empty)
@@ -35,6 +37,7 @@ SYSCONFDIR ?= /etc
 DATADIR ?= $(PREFIX)/share
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
+KERNELINSTALLDIR ?= $(PREFIX)/lib/kernel/install.d
 DBUSPOLICYDIR ?= $(DATADIR)/dbus-1/system.d
 DBUSIFACEDIR ?= $(DATADIR)/dbus-1/interfaces
 DOCDIR ?= $(DATADIR)/doc/kvcd
@@ -89,6 +92,16 @@ else
 	done
 endif
 	$(INSTALL) -D -m 0644 systemd/kvcd.tmpfiles.conf $(DESTDIR)$(TMPFILESDIR)/kvcd.conf
+	for h in kernel/install.d/50-kvcd.install:$(KERNELINSTALLDIR) kernel/postinst.d/kvcd:$(SYSCONFDIR)/kernel/postinst.d; do \
+	    src=$${h%%:*}; dir=$${h#*:}; \
+	    if [ -n "$(strip $(UNIT_SED))" ]; then \
+	        $(INSTALL) -d -m 0755 $(DESTDIR)$$dir && \
+	        sed $(UNIT_SED) $$src > $(DESTDIR)$$dir/$${src##*/} && \
+	        chmod 0755 $(DESTDIR)$$dir/$${src##*/} || exit 1; \
+	    else \
+	        $(INSTALL) -D -m 0755 $$src $(DESTDIR)$$dir/$${src##*/} || exit 1; \
+	    fi; \
+	done
 	$(INSTALL) -D -m 0644 systemd/org.kvcd.Kvcd1.conf $(DESTDIR)$(DBUSPOLICYDIR)/org.kvcd.Kvcd1.conf
 	$(INSTALL) -d -m 0755 $(DESTDIR)$(DBUSIFACEDIR)
 	for f in docs/dbus/*.xml; do \

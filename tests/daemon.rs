@@ -1143,6 +1143,11 @@ fn the_gate_shows_the_next_kernel_and_prepare_next_goes_through_the_daemon() {
         "gate",
         "modules = [\"kvcd_param\"]\n[directory]\npath = \"@KO@\"\n",
     );
+    // One the prepare cannot give: no package for the next kernel.
+    node.module(
+        "nopkg",
+        "modules = [\"kvcd_crc\"]\n[directory]\npath = \"/nonexistent/${KERNEL_FULL_VERSION}\"\n",
+    );
     node.start();
     let kver = node.fx.kver.clone();
 
@@ -1178,17 +1183,25 @@ fn the_gate_shows_the_next_kernel_and_prepare_next_goes_through_the_daemon() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
-        Some(0),
+        Some(1),
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(doc["kernels"][0]["release"], kver.as_str(), "{stdout}");
-    assert_eq!(
-        doc["kernels"][0]["results"][0]["state"], "prepared",
-        "{stdout}"
-    );
-    assert_eq!(doc["kernels"][0]["ready"], true, "{stdout}");
+    let k = &doc["kernels"][0];
+    assert_eq!(k["release"], kver.as_str(), "{stdout}");
+    assert_eq!(k["ready"], false, "{stdout}");
+    let result = |name: &str| {
+        k["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(result("gate")["state"], "prepared", "{stdout}");
+    assert_eq!(result("nopkg")["state"], "failed", "{stdout}");
     assert!(
         node.root
             .join("state/sets")
@@ -1197,16 +1210,39 @@ fn the_gate_shows_the_next_kernel_and_prepare_next_goes_through_the_daemon() {
             .is_file()
     );
 
-    // The property shows it without asking again, and the gate opens.
+    // A later look keeps the prepare's reason, not only "not prepared".
+    let (code, out, err) = node.kvcctl(&["next"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("gate: ready:"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "nopkg: failed: resolve: module directory /nonexistent/{kver}"
+        )),
+        "{out}"
+    );
+
+    // Without the config that cannot be had, the gate opens.
+    fs::remove_file(node.root.join("etc/modules.d/nopkg.toml")).unwrap();
+    let (code, _, err) = node.kvcctl(&["reload-config"]);
+    assert_eq!(code, 0, "{err}");
+
+    // The property follows (the reload checks again) without being asked, and the gate opens.
     let conn = node.connect();
-    let next = node.rt.block_on(async {
-        kvcd::dbus::proxy::ManagerProxy::new(&conn)
-            .await
-            .unwrap()
-            .next_kernels()
-            .await
-            .unwrap()
-    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let next = loop {
+        let next = node.rt.block_on(async {
+            kvcd::dbus::proxy::ManagerProxy::new(&conn)
+                .await
+                .unwrap()
+                .next_kernels()
+                .await
+                .unwrap()
+        });
+        if next.first().is_some_and(|k| k.3) || Instant::now() > deadline {
+            break next;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(next.len(), 1);
     assert_eq!(
         (next[0].0.as_str(), next[0].1.as_str(), next[0].3),

@@ -46,8 +46,9 @@ fn os_tree(dir: &Path, release: &str, modules: Option<&Path>) {
     std::fs::write(dir.join("usr/etc/os-release"), "ID=testos\n").unwrap();
     match modules {
         Some(src) => sh(Command::new("cp").arg("-a").arg(src).arg(&m)),
+        // A tree whose index was never made (depmod did not run).
         None => {
-            std::fs::create_dir_all(&m).unwrap();
+            std::fs::create_dir_all(m.join("kernel")).unwrap();
             String::new()
         }
     };
@@ -128,7 +129,7 @@ fn prepare_next_finds_and_prepares_the_pending_ostree_deployments_kernel() {
     assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
     let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let kernels = doc["kernels"].as_array().unwrap();
-    assert_eq!(kernels.len(), 1, "{stdout}");
+    assert_eq!(kernels.len(), 2, "{stdout}");
     let k = &kernels[0];
     assert_eq!(k["release"], fx.kver.as_str(), "{stdout}");
     assert_eq!(k["role"], "next", "{stdout}");
@@ -145,13 +146,26 @@ fn prepare_next_finds_and_prepares_the_pending_ostree_deployments_kernel() {
         ) && modules_dir.ends_with("/usr/lib/modules"),
         "{stdout}"
     );
-    // The old deployment has no module tree: named, not prepared.
+    // The old deployment is a rollback: listed, not prepared (no index), and
+    // it does not hold the gate.
+    let a = &kernels[1];
+    assert_eq!(
+        (
+            a["release"].as_str(),
+            a["role"].as_str(),
+            a["ready"].as_bool()
+        ),
+        (Some(old), Some("fallback"), Some(false)),
+        "{stdout}"
+    );
+    assert_eq!(a["origin"]["default"], false, "{stdout}");
+    assert!(a["results"].as_array().unwrap().is_empty(), "{stdout}");
+    assert_eq!(a["configs"][0]["state"], "not-prepared", "{stdout}");
     assert!(
-        doc["notes"]
-            .as_array()
+        a["configs"][0]["detail"]
+            .as_str()
             .unwrap()
-            .iter()
-            .any(|n| n.as_str().unwrap().contains("has no kernel module tree")),
+            .contains("module tree has no index yet"),
         "{stdout}"
     );
     let r = &k["results"][0];

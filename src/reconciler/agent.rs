@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::machine::{self, Ctx, Effect, Module, Operation, Ran, Refused, Status};
-use super::next::{self, NextReport};
+use super::next::{self, NextReport, Readiness};
 use super::status::{NextKernelWire, Snapshot, next_wire};
 use super::{Engine, Outcome, RecordStore, Step, StepLog};
 use crate::config::{Changes, Config, ConfigCache, DaemonSettings, ModuleConfig, Overrides};
@@ -280,6 +280,8 @@ pub struct Agent {
     next_running: bool,
     /// The last readiness report, as published.
     next: Vec<NextKernelWire>,
+    /// The last prepare's error per (kernel, config), until one succeeds.
+    next_failures: BTreeMap<(String, String), String>,
     /// Next-kernel answers due once the next snapshot is published.
     after_publish_next: Vec<(NextReply, Result<String, AgentError>)>,
 }
@@ -335,6 +337,7 @@ impl Agent {
             next_running: false,
             next: Vec::new(),
             after_publish_next: Vec::new(),
+            next_failures: BTreeMap::new(),
         };
         (agent, Handle { tx }, status_rx)
     }
@@ -604,6 +607,8 @@ impl Agent {
                 if prepared {
                     self.running = self.running.saturating_sub(1);
                 }
+                let mut report = report;
+                self.remember_failures(&mut report, prepared);
                 self.next = next_wire(&report);
                 if let Some(reply) = reply {
                     let json = serde_json::to_string_pretty(&*report)
@@ -755,6 +760,36 @@ impl Agent {
         {
             if let Some(job) = self.next_jobs.pop_front() {
                 self.run_next(job);
+            }
+        }
+    }
+
+    /// Keeps the errors of the last prepare per (kernel, config), so a later
+    /// check says why a config is not ready rather than only that it is not.
+    fn remember_failures(&mut self, report: &mut NextReport, prepared: bool) {
+        for k in &mut report.kernels {
+            let release = k.readiness.kernel.release.to_string();
+            if prepared {
+                for o in &k.results {
+                    let key = (release.clone(), o.name.clone());
+                    match &o.error {
+                        Some(e) => {
+                            self.next_failures
+                                .insert(key, format!("{}: {}", e.step.as_str(), e.message));
+                        }
+                        None => {
+                            self.next_failures.remove(&key);
+                        }
+                    }
+                }
+            }
+            for c in &mut k.readiness.configs {
+                if let (Readiness::NotPrepared(_), Some(msg)) = (
+                    &c.readiness,
+                    self.next_failures.get(&(release.clone(), c.name.clone())),
+                ) {
+                    c.readiness = Readiness::Failed(msg.clone());
+                }
             }
         }
     }

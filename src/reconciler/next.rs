@@ -279,6 +279,40 @@ pub fn run(r: &NextRun<'_>, configs: &[&ModuleConfig], prepare: bool) -> NextRep
         let engine = Engine::from_settings(r.settings, &k.release, r.kmods, r.on_step)
             .for_tree(k.modules_dir.clone(), protect.clone());
         let within = k.role == crate::boot::Role::Next || i < r.settings.keep_kernels;
+        // A tree the package manager is still writing has no index yet:
+        // its kernel cannot be prepared until depmod has run.
+        let index = k
+            .modules_dir
+            .join(k.release.as_str())
+            .join("modules.dep.bin");
+        if !index.is_file() {
+            let why = format!(
+                "kernel {}'s module tree has no index yet ({}; its package's scripts run `depmod {}`)",
+                k.release,
+                index.display(),
+                k.release
+            );
+            let configs = configs
+                .iter()
+                .map(|c| ConfigReadiness {
+                    name: c.name.to_string(),
+                    readiness: if c.supports(&k.release) {
+                        Readiness::NotPrepared(why.clone())
+                    } else {
+                        engine.readiness(c)
+                    },
+                })
+                .collect::<Vec<_>>();
+            kernels.push(KernelReport {
+                readiness: KernelReadiness {
+                    ready: configs.iter().all(|c| c.readiness.is_ready()),
+                    kernel: k,
+                    configs,
+                },
+                results: Vec::new(),
+            });
+            continue;
+        }
         let mut results = Vec::new();
         if prepare && within {
             for c in configs {
