@@ -12,6 +12,9 @@ use crate::config::{ModuleConfig, PullPolicy, Source};
 use crate::kernel::expand;
 use crate::state::Layout;
 
+/// The index a kernel's module tree needs before anything can be prepared for it.
+const INDEX: &str = "modules.dep.bin";
+
 /// A module config's readiness for one kernel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "state", content = "detail", rename_all = "kebab-case")]
@@ -95,6 +98,13 @@ impl Engine<'_> {
             return Readiness::NotApplicable(format!(
                 "kernel_match in {} leaves out kernel {k}",
                 c.file.display()
+            ));
+        }
+        let index = self.layout.host_tree(k).join(INDEX);
+        if !index.is_file() {
+            return Readiness::NotPrepared(format!(
+                "kernel {k}'s module tree has no index yet ({}; its package's scripts run `depmod {k}`)",
+                index.display()
             ));
         }
         let set = match self.layout.set(c.name.as_str(), k) {
@@ -280,41 +290,10 @@ pub fn run(r: &NextRun<'_>, configs: &[&ModuleConfig], prepare: bool) -> NextRep
             .for_tree(k.modules_dir.clone(), protect.clone());
         let within = k.role == crate::boot::Role::Next || i < r.settings.keep_kernels;
         // A tree the package manager is still writing has no index yet:
-        // its kernel cannot be prepared until depmod has run.
-        let index = k
-            .modules_dir
-            .join(k.release.as_str())
-            .join("modules.dep.bin");
-        if !index.is_file() {
-            let why = format!(
-                "kernel {}'s module tree has no index yet ({}; its package's scripts run `depmod {}`)",
-                k.release,
-                index.display(),
-                k.release
-            );
-            let configs = configs
-                .iter()
-                .map(|c| ConfigReadiness {
-                    name: c.name.to_string(),
-                    readiness: if c.supports(&k.release) {
-                        Readiness::NotPrepared(why.clone())
-                    } else {
-                        engine.readiness(c)
-                    },
-                })
-                .collect::<Vec<_>>();
-            kernels.push(KernelReport {
-                readiness: KernelReadiness {
-                    ready: configs.iter().all(|c| c.readiness.is_ready()),
-                    kernel: k,
-                    configs,
-                },
-                results: Vec::new(),
-            });
-            continue;
-        }
+        // nothing can be prepared for it (its readiness says so).
+        let indexed = engine.layout.host_tree(&k.release).join(INDEX).is_file();
         let mut results = Vec::new();
-        if prepare && within {
+        if prepare && within && indexed {
             for c in configs {
                 if r.cancel
                     .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
