@@ -134,19 +134,13 @@ pub(super) fn next_configs<'c>(
     names: &[String],
     wanted: &BTreeSet<String>,
 ) -> (Vec<&'c ModuleConfig>, Vec<(String, String)>) {
-    let valid = |n: &String| config.module(n).is_ok();
-    let chosen: Vec<String> = if !names.is_empty() {
-        names.to_vec()
-    } else if wanted.iter().any(valid) {
-        wanted.iter().filter(|n| valid(n)).cloned().collect()
-    } else {
-        config
-            .modules
-            .keys()
-            .filter(|n| valid(n))
-            .cloned()
-            .collect()
-    };
+    let valid: Vec<String> = config
+        .modules
+        .keys()
+        .filter(|n| config.module(n).is_ok())
+        .cloned()
+        .collect();
+    let chosen = next::choose(names, &valid, |n| wanted.contains(n));
     // A config built on another's image (its `after`) is prepared after it.
     let mut ok = Vec::new();
     let mut bad = Vec::new();

@@ -818,36 +818,28 @@ impl Agent {
             prepare,
             reply,
         } = job;
-        let ordered = self.ordered();
-        let chosen: Vec<&String> = if names.is_empty() {
-            let wanted: Vec<&String> = ordered
-                .iter()
-                .filter(|n| {
-                    self.entries
-                        .get(*n)
-                        .is_some_and(|e| e.model.wanted && e.config.is_some())
-                })
-                .collect();
-            if wanted.is_empty() {
-                ordered.iter().collect()
-            } else {
-                wanted
+        if let Some(bad) = names
+            .iter()
+            .find(|n| self.entries.get(*n).is_none_or(|e| e.config.is_none()))
+        {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(match self.entries.get(bad) {
+                    None => AgentError::NotFound(bad.clone()),
+                    Some(e) => AgentError::InvalidConfig(e.model.error.clone()),
+                }));
             }
-        } else {
-            if let Some(bad) = names
-                .iter()
-                .find(|n| self.entries.get(*n).is_none_or(|e| e.config.is_none()))
-            {
-                if let Some(reply) = reply {
-                    let _ = reply.send(Err(match self.entries.get(bad) {
-                        None => AgentError::NotFound(bad.clone()),
-                        Some(e) => AgentError::InvalidConfig(e.model.error.clone()),
-                    }));
-                }
-                return;
-            }
-            ordered.iter().filter(|n| names.contains(n)).collect()
-        };
+            return;
+        }
+        let valid: Vec<String> = self
+            .ordered()
+            .into_iter()
+            .filter(|n| self.entries.get(n).is_some_and(|e| e.config.is_some()))
+            .collect();
+        let chosen = next::choose(&names, &valid, |n| {
+            self.entries.get(n).is_some_and(|e| e.model.wanted)
+        });
+        // In `after` order: a config may build on another's image.
+        let chosen: Vec<&String> = valid.iter().filter(|n| chosen.contains(n)).collect();
         let configs: Vec<ModuleConfig> = chosen
             .into_iter()
             .filter_map(|n| self.entries.get(n)?.config.clone())

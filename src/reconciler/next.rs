@@ -8,9 +8,10 @@ use serde::Serialize;
 
 use super::Engine;
 use crate::artifacts::image::current_extraction;
-use crate::config::{ModuleConfig, PullPolicy, Source};
-use crate::kernel::expand;
+use crate::config::{ImageSource, ModuleConfig, PullPolicy, Source};
+use crate::kernel::{TemplateError, expand};
 use crate::state::Layout;
+use crate::state::index::ImageIndex;
 
 /// The index a kernel's module tree needs before anything can be prepared for it.
 const INDEX: &str = "modules.dep.bin";
@@ -64,6 +65,23 @@ impl Engine<'_> {
         self
     }
 
+    /// The image reference of `c` for this engine's kernel and its current
+    /// extraction, if there is one (what lets a load skip podman).
+    fn current_image(
+        &self,
+        c: &ModuleConfig,
+        src: &ImageSource,
+    ) -> Result<(String, Option<ImageIndex>), TemplateError> {
+        let reference = expand(&src.reference, &self.vars(c))?;
+        let dir = Layout::image_dir(
+            &self.layout.state_dir,
+            c.name.as_str(),
+            self.kernel.as_str(),
+        );
+        let idx = current_extraction(&dir, &c.digest, &reference);
+        Ok((reference, idx))
+    }
+
     /// A note for a load that takes the cold path on a kernel the config was
     /// not prepared for although it was for others (the node rebooted into a
     /// kernel nothing prepared it for); `None` otherwise.
@@ -72,9 +90,7 @@ impl Engine<'_> {
             return None;
         };
         let k = &self.kernel;
-        let reference = expand(&src.reference, &self.vars(c)).ok()?;
-        let dir = Layout::image_dir(&self.layout.state_dir, c.name.as_str(), k.as_str());
-        if current_extraction(&dir, &c.digest, &reference).is_some() {
+        if self.current_image(c, src).ok()?.1.is_some() {
             return None;
         }
         let others: Vec<String> = Layout::set_kernels(&self.layout.state_dir, c.name.as_str())
@@ -139,12 +155,11 @@ impl Engine<'_> {
         }
         match &c.source {
             Source::Image(src) => {
-                let reference = match expand(&src.reference, &self.vars(c)) {
-                    Ok(r) => r,
+                let (reference, idx) = match self.current_image(c, src) {
+                    Ok(found) => found,
                     Err(e) => return Readiness::NotPrepared(format!("key `image.ref`: {e}")),
                 };
-                let dir = Layout::image_dir(&self.layout.state_dir, c.name.as_str(), k.as_str());
-                let Some(idx) = current_extraction(&dir, &c.digest, &reference) else {
+                let Some(idx) = idx else {
                     return Readiness::NotPrepared(format!(
                         "no current extraction of {reference} for kernel {k}: the boot would pull or build it"
                     ));
@@ -168,6 +183,21 @@ impl Engine<'_> {
                 Readiness::Ready("the library's build_kmods succeeded".to_owned())
             }
         }
+    }
+}
+
+/// The configs a next-kernels job works on: `names` when given (the caller
+/// checks them); else the `valid` ones the agent wants loaded; else every
+/// valid one (nothing is wanted yet). Order is kept; callers load-order.
+pub fn choose(names: &[String], valid: &[String], wanted: impl Fn(&str) -> bool) -> Vec<String> {
+    if !names.is_empty() {
+        return names.to_vec();
+    }
+    let chosen: Vec<String> = valid.iter().filter(|n| wanted(n)).cloned().collect();
+    if chosen.is_empty() {
+        valid.to_vec()
+    } else {
+        chosen
     }
 }
 
@@ -321,5 +351,22 @@ pub fn run(r: &NextRun<'_>, configs: &[&ModuleConfig], prepare: bool) -> NextRep
         sysroot: r.sysroot.to_owned(),
         kernels,
         notes: found.notes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::choose;
+
+    fn v(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    #[test]
+    fn names_win_then_the_wanted_then_every_valid_config() {
+        let valid = v(&["base", "nic", "gpu"]);
+        assert_eq!(choose(&v(&["x"]), &valid, |_| true), v(&["x"]));
+        assert_eq!(choose(&[], &valid, |n| n != "nic"), v(&["base", "gpu"]));
+        assert_eq!(choose(&[], &valid, |_| false), valid);
     }
 }
