@@ -56,6 +56,8 @@ pub struct Staged {
     pub bytes: u64,
     /// True when the set names other files than the one recorded before (or there was none).
     pub changed: bool,
+    /// The config digest the recorded set's files passed verification for, if any.
+    pub verified_for: Option<String>,
 }
 
 /// Files being staged for one (config, kernel); [`Staging::finish`] records them as its set.
@@ -229,6 +231,7 @@ impl Staging<'_> {
             copied: self.copied,
             bytes: self.bytes,
             changed,
+            verified_for: self.set.verified_for,
         })
     }
 }

@@ -828,9 +828,12 @@ impl Engine<'_> {
             )
             .map_err(Fail::at(Step::Verify))?;
         }
-        self.layout
-            .mark_verified(name, &self.kernel, &c.digest)
-            .map_err(Fail::at(Step::Stage))?;
+        // A warm load finds its set verified already: no second write.
+        if staged.verified_for.as_deref() != Some(c.digest.as_str()) {
+            self.layout
+                .mark_verified(name, &self.kernel, &c.digest)
+                .map_err(Fail::at(Step::Stage))?;
+        }
         self.log(
             out,
             Step::Verify,
