@@ -15,5 +15,6 @@ pub mod hooks;
 pub mod kernel;
 pub mod kmod;
 pub mod reconciler;
+pub mod signing;
 pub mod state;
 pub mod util;

@@ -1258,3 +1258,55 @@ fn the_gate_shows_the_next_kernel_and_prepare_next_goes_through_the_daemon() {
         "preparing loads nothing"
     );
 }
+
+#[test]
+fn signing_status_is_on_the_bus_and_in_kvcctl_status() {
+    let mut node = Node::new();
+    let keys = node.root.join("keys");
+    fs::create_dir_all(&keys).unwrap();
+    let (key, cert) = common::make_key(&keys, "k", "kvcd daemon test key", "rsa:2048");
+    let toml = node.root.join("etc/kvcd.toml");
+    let mut text = fs::read_to_string(&toml).unwrap();
+    text.push_str(&format!(
+        "[signing]\nkey = \"{}\"\ncert = \"{}\"\nhash = \"sha512\"\n",
+        key.display(),
+        cert.display()
+    ));
+    fs::write(&toml, text).unwrap();
+    node.module("params", PARAM);
+    node.start();
+
+    let (code, out, err) = node.kvcctl(&["load", "--wait", "params"]);
+    assert_eq!((code, out.as_str()), (0, "params: loaded\n"), "{err}");
+    // What was inserted is the signed file.
+    let path = node.fake.0.path_of("kvcd_param").unwrap();
+    let signer = common::run(Command::new("modinfo").args(["-F", "signer"]).arg(&path));
+    assert_eq!(signer.trim(), "kvcd daemon test key");
+
+    let (code, out, _) = node.kvcctl(&["status"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("\nsigning (kvcd signing):\n  signing: on\n"),
+        "{out}"
+    );
+    assert!(out.contains("  subject: kvcd daemon test key\n"), "{out}");
+    assert!(out.contains("  hash: sha512\n"), "{out}");
+    // This host's kernel has no keyring with the key.
+    assert!(out.contains("  trusted by: "), "{out}");
+
+    let (code, out, _) = node.kvcctl(&["status", "--json"]);
+    assert_eq!(code, 0);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["signing"]["subject"], "kvcd daemon test key");
+    assert_eq!(doc["signing"]["cert"], cert.display().to_string());
+
+    // A key made readable by others shows as an error after a reload.
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, _, err) = node.kvcctl(&["reload-config"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = node.kvcctl(&["status"]);
+    assert!(
+        out.contains("has mode 0644: a signing key must be readable by its owner only"),
+        "{out}"
+    );
+}

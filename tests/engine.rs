@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -14,6 +15,7 @@ use kvcd::artifacts::ModuleStore;
 use kvcd::artifacts::podman::Podman;
 use kvcd::config::{Config, ModuleConfig, Overrides};
 use kvcd::kernel::KernelRelease;
+use kvcd::reconciler::next::Readiness;
 use kvcd::reconciler::{Action, Engine, Outcome, RecordStore, State, Step};
 use nix::errno::Errno;
 
@@ -50,6 +52,7 @@ impl Env {
             podman: Box::new(Podman::new(Path::new("/nonexistent/podman"))),
             records: RecordStore::new(&self.tmp.path().join("run")),
             on_step: None,
+            signing: None,
         }
     }
 
@@ -606,7 +609,12 @@ fn a_failed_load_rolls_back_and_restores_in_tree() {
         "{}",
         e.message
     );
-    assert!(e.message.ends_with("(EKEYREJECTED)"));
+    assert!(
+        e.message
+            .contains("(EKEYREJECTED): the module carries no signature: set [signing]"),
+        "{}",
+        e.message
+    );
     assert_eq!(
         env.fake.take_log(),
         strs(&[
@@ -1180,4 +1188,160 @@ fn a_kernel_without_its_module_tree_or_its_index_fails_at_once_naming_it() {
         assert_eq!(e.message, want);
         assert!(env.fake.take_log().is_empty());
     }
+}
+
+/// `[signing]` over a fresh key: every file kvcd stages is signed by it.
+fn signing_with(key: &Path, cert: &Path) -> Option<std::sync::Arc<kvcd::signing::Signing>> {
+    Some(std::sync::Arc::new(kvcd::signing::Signing::load(
+        &kvcd::config::SigningSettings {
+            key: key.to_owned(),
+            cert: cert.to_owned(),
+            hash: kvcd::signing::Hash::Sha256,
+        },
+    )))
+}
+
+/// `modinfo -F signer` of each of the package's own stored files of `config`.
+fn signers(env: &Env, config: &str) -> BTreeMap<String, String> {
+    let state = env.tmp.path().join("state");
+    common::module_set(&state, config, &env.fx.kver)
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("kvcd_"))
+        .map(|(n, f)| {
+            let s = common::run(
+                std::process::Command::new("modinfo")
+                    .args(["-F", "signer"])
+                    .arg(&f),
+            );
+            (n, s.trim().to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn staged_modules_are_signed_and_signed_again_when_the_key_changes() {
+    let env = Env::new();
+    let keys = env.tmp.path().join("keys");
+    fs::create_dir_all(&keys).unwrap();
+    let (k1, c1) = common::make_key(&keys, "one", "kvcd engine key one", "rsa:2048");
+    let (k2, c2) = common::make_key(&keys, "two", "kvcd engine key two", "rsa:2048");
+    let c = env.config("deps", DEPS);
+
+    let mut e = env.engine();
+    e.signing = signing_with(&k1, &c1);
+    let o = e.prepare(&c);
+    ok(&o);
+    assert!(
+        o.steps.iter().any(|s| s.step == Step::Stage
+            && s.detail
+                .ends_with("; signed 4 with \"kvcd engine key one\" (sha256)")),
+        "{o:#?}"
+    );
+    let one = signers(&env, "deps");
+    assert_eq!(one.len(), 4, "{one:?}");
+    assert!(one.values().all(|s| s == "kvcd engine key one"), "{one:?}");
+    assert!(
+        matches!(e.readiness(&c), Readiness::Ready(_)),
+        "{:?}",
+        e.readiness(&c)
+    );
+
+    // The same key again: nothing is signed again.
+    let o = e.prepare(&c);
+    ok(&o);
+    assert!(
+        !o.steps.iter().any(|s| s.detail.contains("signed")),
+        "{o:#?}"
+    );
+
+    // Another key: the set is no longer ready for it, and is signed again.
+    let mut e2 = env.engine();
+    e2.signing = signing_with(&k2, &c2);
+    assert!(
+        matches!(e2.readiness(&c), Readiness::NotPrepared(_)),
+        "{:?}",
+        e2.readiness(&c)
+    );
+    ok(&e2.prepare(&c));
+    let two = signers(&env, "deps");
+    assert!(two.values().all(|s| s == "kvcd engine key two"), "{two:?}");
+    assert!(
+        matches!(e2.readiness(&c), Readiness::Ready(_)),
+        "{:?}",
+        e2.readiness(&c)
+    );
+
+    // sign = false: the package's files as they come.
+    let plain = env.config("plain", PLAIN);
+    ok(&e2.prepare(&plain));
+    let state = env.tmp.path().join("state");
+    let set = common::module_set(&state, "plain", &env.fx.kver);
+    assert_eq!(
+        fs::read(&set["simple_kmod"]).unwrap(),
+        fs::read(env.fx.ko().join("simple-kmod.ko")).unwrap(),
+        "simple_kmod was changed"
+    );
+}
+
+/// A config that opts out of signing.
+const PLAIN: &str = "sign = false\nmodules = [\"simple-kmod\"]\n[directory]\npath = \"@KO@\"\n";
+
+#[test]
+fn a_rejected_signature_names_the_signer_and_how_to_enroll_it() {
+    let env = Env::new();
+    let keys = env.tmp.path().join("keys");
+    fs::create_dir_all(&keys).unwrap();
+    let (k, cert) = common::make_key(&keys, "k", "kvcd untrusted key", "rsa:2048");
+    *env.fake.fail_insert.lock().unwrap() = Some((m("kvcd_param"), Errno::EKEYREJECTED));
+    let c = env.config("deps", DEPS);
+    let mut e = env.engine();
+    e.signing = signing_with(&k, &cert);
+    let o = e.load(&c);
+    assert_eq!(o.state, State::Failed);
+    let msg = o.error.unwrap().message;
+    assert!(msg.contains("(EKEYREJECTED)"), "{msg}");
+    assert!(
+        msg.contains("it is signed by \"kvcd untrusted key\"") && msg.contains("kvcd's own key"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!("mokutil --import {}", cert.display())) && msg.contains("MokManager"),
+        "{msg}"
+    );
+
+    // Opted out: the message says so.
+    *env.fake.fail_insert.lock().unwrap() = Some((m("simple_kmod"), Errno::EKEYREJECTED));
+    let o = e.load(&env.config("plain", PLAIN));
+    let msg = o.error.unwrap().message;
+    assert!(
+        msg.contains("carries no signature: its config sets sign = false"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn an_unusable_key_fails_the_stage_and_names_the_file() {
+    let env = Env::new();
+    let keys = env.tmp.path().join("keys");
+    fs::create_dir_all(&keys).unwrap();
+    let (k, cert) = common::make_key(&keys, "k", "kvcd key", "rsa:2048");
+    fs::set_permissions(&k, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let c = env.config("deps", DEPS);
+    let mut e = env.engine();
+    e.signing = signing_with(&k, &cert);
+    let o = e.prepare(&c);
+    assert_eq!(o.state, State::Failed);
+    let err = o.error.unwrap();
+    assert_eq!(err.step, Step::Stage);
+    assert!(
+        err.message
+            .contains(&format!("{} has mode 0644", k.display())),
+        "{}",
+        err.message
+    );
+    // Nothing was staged, and a config that opts out still prepares.
+    let sets = env.tmp.path().join("state/sets").join(&env.fx.kver);
+    assert!(!sets.join("deps.json").exists());
+    ok(&e.prepare(&env.config("plain", PLAIN)));
+    assert!(sets.join("plain.json").exists());
 }

@@ -57,6 +57,7 @@ impl Env {
             podman: Box::new(Podman::new(Path::new(podman))),
             records: RecordStore::new(&self.tmp.path().join("run")),
             on_step: None,
+            signing: None,
         }
     }
 

@@ -330,6 +330,7 @@ fn fake_engine<'a>(
         podman: Box::new(kvcd::artifacts::podman::Podman::new(Path::new("podman"))),
         records: kvcd::reconciler::RecordStore::new(&tmp.join("run")),
         on_step: None,
+        signing: None,
     }
 }
 

@@ -25,6 +25,7 @@ use sha2::{Digest as _, Sha256};
 use crate::kernel::KernelRelease;
 use crate::kmod::elf::ElfInfo;
 use crate::kmod::{ModName, ModuleTree};
+use crate::signing::{KernelTrust, SignOutcome, Signer};
 use crate::state::Layout;
 use crate::state::set::{self, ModuleSet, SetFile, SourceStat};
 use crate::util::hex;
@@ -58,6 +59,10 @@ pub struct Staged {
     pub changed: bool,
     /// The config digest the recorded set's files passed verification for, if any.
     pub verified_for: Option<String>,
+    /// Files signed now (not found signed in the set before).
+    pub signed: usize,
+    /// What signing decided beyond signing (signatures kept or replaced), for the log.
+    pub notes: Vec<String>,
 }
 
 /// Files being staged for one (config, kernel); [`Staging::finish`] records them as its set.
@@ -71,6 +76,10 @@ pub struct Staging<'s> {
     set: ModuleSet,
     copied: usize,
     bytes: u64,
+    /// The key files are signed with, and what the kernel trusts; none: stored as they come.
+    signing: Option<(&'s Signer, &'s KernelTrust)>,
+    signed: usize,
+    notes: Vec<String>,
     _guard: MutexGuard<'static, ()>,
 }
 
@@ -135,8 +144,14 @@ impl ModuleStore {
         Layout::files_dir(&self.state_dir).join(&file.file)
     }
 
-    /// Starts staging the files of `config` for `kernel`.
-    pub fn staging(&self, config: &str, kernel: &KernelRelease) -> Result<Staging<'_>> {
+    /// Starts staging the files of `config` for `kernel`, signed by
+    /// `signing` when given (see [`crate::signing`]).
+    pub fn staging<'s>(
+        &'s self,
+        config: &str,
+        kernel: &KernelRelease,
+        signing: Option<(&'s Signer, &'s KernelTrust)>,
+    ) -> Result<Staging<'s>> {
         let guard = STORE.lock().unwrap_or_else(PoisonError::into_inner);
         let files_dir = Layout::files_dir(&self.state_dir);
         fs::create_dir_all(&files_dir)
@@ -150,6 +165,9 @@ impl ModuleStore {
             set: ModuleSet::default(),
             copied: 0,
             bytes: 0,
+            signing,
+            signed: 0,
+            notes: Vec::new(),
             _guard: guard,
         })
     }
@@ -159,15 +177,21 @@ impl Staging<'_> {
     /// Puts the file of module `name` into the store (unless its content is
     /// there already) and into the set; returns the stored file, which is
     /// what the load reads and inserts. A source that looks exactly as when
-    /// it was stored for this set is not read again.
+    /// it was stored for this set (under the same signing key) is not read
+    /// again. With signing, what is stored is the signed module.
     pub fn put(&mut self, name: &ModName, path: &Path) -> Result<PathBuf> {
-        let before = self.old.as_ref().and_then(|o| o.files.get(name.as_str()));
+        let before = self
+            .old
+            .as_ref()
+            .and_then(|o| o.files.get(name.as_str()))
+            .cloned();
         let now = SourceStat::of(path);
+        let identity = self.signing.map(|(s, _)| s.identity());
         let unchanged = |e: &&SetFile| match (&e.source, &now) {
-            (Some(then), Some(now)) => then.vouches_for(now),
+            (Some(then), Some(now)) => then.vouches_for(now) && e.signed == identity,
             _ => false,
         };
-        if let Some(e) = before.filter(unchanged) {
+        if let Some(e) = before.as_ref().filter(unchanged) {
             let stored = self.files_dir.join(&e.file);
             if stored.is_file() {
                 self.bytes += now.as_ref().map_or(0, |s| s.size);
@@ -175,21 +199,87 @@ impl Staging<'_> {
                 return Ok(stored);
             }
         }
-        // kvcd's own extractions never change in place: they are linked, not copied.
-        let link = path.starts_with(self.state_dir);
-        let (rel, size, copied) = put(&self.files_dir, path, link)?;
+        let (rel, size, copied) = match self.signing {
+            Some((signer, trust)) => self.put_signed(name, path, signer, trust)?,
+            // kvcd's own extractions never change in place: they are linked, not copied.
+            None => put(
+                &self.files_dir,
+                path,
+                None,
+                path.starts_with(self.state_dir),
+            )?,
+        };
         self.copied += usize::from(copied);
         self.bytes += size;
         // What was read of the same content before still holds.
-        let elf = before.filter(|e| e.file == rel).and_then(|e| e.elf.clone());
+        let elf = before.filter(|e| e.file == rel).and_then(|e| e.elf);
         let entry = SetFile {
             source: SourceStat::of(path),
             file: rel,
             elf,
+            signed: identity,
         };
         let stored = self.files_dir.join(&entry.file);
         self.set.files.insert(name.to_string(), entry);
         Ok(stored)
+    }
+
+    /// Signs the module file at `path` into the store (see
+    /// [`Signer::sign_file`]); a module whose signature is kept is stored
+    /// as it is.
+    fn put_signed(
+        &mut self,
+        name: &ModName,
+        path: &Path,
+        signer: &Signer,
+        trust: &KernelTrust,
+    ) -> Result<(String, u64, bool)> {
+        // Stored uncompressed: `m.ko.xz` is signed as `m.ko`.
+        let file_name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("{} has no file name kvcd can store", path.display()))?;
+        let plain = [".xz", ".zst", ".gz"]
+            .iter()
+            .find_map(|c| file_name.strip_suffix(c))
+            .unwrap_or(file_name);
+        let tmp = self
+            .files_dir
+            .join(format!(".{plain}.signing-{}", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        let signed = signer
+            .sign_file(path, &tmp, trust)
+            .with_context(|| format!("signing module {name}"));
+        let stored = match signed {
+            Ok(SignOutcome::Signed { replaced }) => {
+                self.signed += 1;
+                if let Some(r) = replaced {
+                    self.notes.push(format!(
+                        "{name}: replaced its signature by \"{}\" (a key the kernel does not trust) with kvcd's",
+                        r.name
+                    ));
+                }
+                put(&self.files_dir, &tmp, Some(plain), true)
+            }
+            Ok(SignOutcome::Kept { signer, keyrings }) => {
+                if !keyrings.is_empty() {
+                    self.notes.push(format!(
+                        "{name}: kept its signature by \"{}\" (a key in {})",
+                        signer.name,
+                        keyrings.join(", ")
+                    ));
+                }
+                put(
+                    &self.files_dir,
+                    path,
+                    None,
+                    path.starts_with(self.state_dir),
+                )
+            }
+            Err(e) => Err(e),
+        };
+        let _ = fs::remove_file(&tmp);
+        stored
     }
 
     /// What the ELF file of module `name` (put before) says: read from the
@@ -232,6 +322,8 @@ impl Staging<'_> {
             bytes: self.bytes,
             changed,
             verified_for: self.set.verified_for,
+            signed: self.signed,
+            notes: self.notes,
         })
     }
 }
@@ -373,15 +465,19 @@ pub fn copy_file_hashed(from: &Path, to: &Path) -> Result<FileDigest> {
     })
 }
 
-/// Stores the file at `path` under `store` unless its content is there
-/// already (as a hard link when `link` and the file system allows it, else
-/// as a copy); returns its path relative to the store, its size, and
-/// whether it was placed now.
-fn put(store: &Path, path: &Path, link: bool) -> Result<(String, u64, bool)> {
-    let file_name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .with_context(|| format!("{} has no file name kvcd can store", path.display()))?;
+/// Stores the file at `path` under `store` as `SHA256/NAME` (NAME: `name`,
+/// default the file's own) unless its content is there already (as a hard
+/// link when `link` and the file system allows it, else as a copy);
+/// returns its path relative to the store, its size, and whether it was
+/// placed now.
+fn put(store: &Path, path: &Path, name: Option<&str>, link: bool) -> Result<(String, u64, bool)> {
+    let file_name = match name {
+        Some(n) => n,
+        None => path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("{} has no file name kvcd can store", path.display()))?,
+    };
     let d = hash_file(path)?;
     let rel = format!("{}/{file_name}", d.sha256);
     let dest = store.join(&rel);
@@ -510,7 +606,7 @@ mod tests {
             kernel: &KernelRelease,
             files: &BTreeMap<ModName, PathBuf>,
         ) -> Result<(BTreeMap<ModName, PathBuf>, Staged)> {
-            let mut s = self.staging(config, kernel)?;
+            let mut s = self.staging(config, kernel, None)?;
             let mut stored = BTreeMap::new();
             for (name, path) in files {
                 stored.insert(name.clone(), s.put(name, path)?);

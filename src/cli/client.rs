@@ -194,6 +194,7 @@ struct ManagerInfo {
     kernel: String,
     errors: Vec<String>,
     next: Vec<NextKernelWire>,
+    signing: std::collections::BTreeMap<String, String>,
 }
 
 /// The manager's properties in one `GetAll`.
@@ -216,6 +217,12 @@ async fn manager_info(conn: &Connection) -> Result<ManagerInfo> {
         errors: Vec::<String>::try_from(take("Errors")?).context("property Errors")?,
         next: Vec::<NextKernelWire>::try_from(take("NextKernels")?)
             .context("property NextKernels")?,
+        // Absent from an older daemon.
+        signing: take("Signing")
+            .ok()
+            .and_then(|v| std::collections::HashMap::<String, String>::try_from(v).ok())
+            .map(|m| m.into_iter().collect())
+            .unwrap_or_default(),
     })
 }
 
@@ -384,6 +391,7 @@ async fn run_async(bus: &BusArgs, cmd: &ClientCommand) -> Result<u8> {
                         "release": release, "role": role, "origin": origin, "ready": ready,
                         "configs": configs.iter().map(|(name, state, detail)| serde_json::json!({"name": name, "state": state, "detail": detail})).collect::<Vec<_>>(),
                     })).collect::<Vec<_>>(),
+                    "signing": info.signing,
                 });
                 // Formatted first, so stdout writes it at once, not line by line.
                 let text = format!("{doc:#}\n");
@@ -397,6 +405,12 @@ async fn run_async(bus: &BusArgs, cmd: &ClientCommand) -> Result<u8> {
                 if !info.next.is_empty() {
                     text.push_str("\nnext kernels (kvcctl next):\n");
                     text.push_str(&next_text(&info.next));
+                }
+                if !info.signing.is_empty() {
+                    text.push_str("\nsigning (kvcd signing):\n");
+                    for l in crate::signing::SigningStatus::lines_of(&info.signing) {
+                        text.push_str(&format!("  {l}\n"));
+                    }
                 }
                 print!("{text}");
             }

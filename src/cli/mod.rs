@@ -6,6 +6,7 @@ mod config;
 pub mod daemon;
 mod import_kvc;
 mod prune;
+mod signing;
 mod wrapper;
 
 use std::path::{Path, PathBuf};
@@ -98,6 +99,8 @@ enum KvcdCommand {
     Prune(prune::PruneArgs),
     /// Prepare artifacts for installed kernels that are not running (before a reboot into them).
     PrepareNext(apply::PrepareNextArgs),
+    /// Show the signing key of kvcd.toml and whether the running kernel trusts it (exit 1 when signed modules would be refused).
+    Signing(signing::SigningArgs),
     /// Run the agent: D-Bus service, config watcher, retries (what kvcd.service runs).
     Daemon(daemon::DaemonArgs),
 }
@@ -183,6 +186,7 @@ pub fn kvcd_main() -> ExitCode {
         KvcdCommand::Apply(args) => apply::run(&cli.paths, &args),
         KvcdCommand::Prune(args) => prune::run(&cli.paths, &args),
         KvcdCommand::PrepareNext(args) => apply::prepare_next(&cli.paths, &args),
+        KvcdCommand::Signing(args) => signing::run(&cli.paths, &args),
         KvcdCommand::Daemon(args) => daemon::main(&cli.paths, &args),
     };
     finish(result)

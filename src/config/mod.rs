@@ -224,6 +224,8 @@ pub struct ModuleConfig {
     pub kernel_match: Option<Regex>,
     /// Force removal of modules that are in use; default false.
     pub force_unload: bool,
+    /// Sign the modules when `[signing]` is set in kvcd.toml; default true (`sign = false` stages them as they come).
+    pub sign: bool,
     /// Module parameters (`name=value`) per module; default none.
     pub parameters: BTreeMap<ModName, Vec<String>>,
     /// Where the `.ko` files come from.
@@ -288,6 +290,24 @@ pub struct DaemonSettings {
     pub pull_timeout_seconds: u64,
     /// Longest a short podman call (inspect, mount, unmount, rmi) may take, in seconds; default 120.
     pub podman_timeout_seconds: u64,
+    /// The key staged modules are signed with (`[signing]`); default none (modules are staged as they come).
+    pub signing: Option<SigningSettings>,
+}
+
+/// `[signing]` in `kvcd.toml`: kvcd signs every module it stages with this key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SigningSettings {
+    /// The PEM (or DER) private key, RSA or EC, readable by root only.
+    pub key: PathBuf,
+    /// The key's X.509 certificate, DER or PEM: the one enrolled (MOK) on the node.
+    pub cert: PathBuf,
+    /// The digest signed; default `sha256`.
+    #[serde(serialize_with = "serialize_hash")]
+    pub hash: crate::signing::Hash,
+}
+
+fn serialize_hash<S: serde::Serializer>(h: &crate::signing::Hash, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(h.name())
 }
 
 impl Default for DaemonSettings {
@@ -308,6 +328,7 @@ impl Default for DaemonSettings {
             stop_timeout_seconds: 240,
             pull_timeout_seconds: crate::artifacts::podman::DEFAULT_PULL_TIMEOUT,
             podman_timeout_seconds: crate::artifacts::podman::DEFAULT_PODMAN_TIMEOUT,
+            signing: None,
         }
     }
 }

@@ -33,9 +33,19 @@ pub(crate) struct RawDaemon {
     pub(crate) stop_timeout_seconds: Option<S<i64>>,
     pub(crate) pull_timeout_seconds: Option<S<i64>>,
     pub(crate) podman_timeout_seconds: Option<S<i64>>,
+    pub(crate) signing: Option<S<RawSigning>>,
     /// Accepted from older kvcd.toml files and ignored: kvcd runs no depmod.
     #[serde(rename = "depmod_timeout_seconds")]
     pub(crate) _depmod_timeout_seconds: Option<toml::Value>,
+}
+
+/// `[signing]` in `kvcd.toml`: the key kvcd signs staged modules with.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSigning {
+    pub(crate) key: Option<S<String>>,
+    pub(crate) cert: Option<S<String>>,
+    pub(crate) hash: Option<S<String>>,
 }
 
 /// `modules.d/NAME.toml`.
@@ -49,6 +59,7 @@ pub(crate) struct RawModuleConfig {
     pub(crate) replace_in_tree: Option<SList>,
     pub(crate) kernel_match: Option<S<String>>,
     pub(crate) force_unload: Option<bool>,
+    pub(crate) sign: Option<bool>,
     pub(crate) parameters: Option<BTreeMap<S<String>, SList>>,
     pub(crate) directory: Option<S<RawDirectory>>,
     pub(crate) image: Option<S<RawImage>>,

@@ -9,12 +9,13 @@ use regex::Regex;
 use serde::Serialize;
 
 use super::raw::{
-    OneOrMany, RawBuild, RawDaemon, RawHooks, RawImage, RawModuleConfig, RawReady, S, SList,
+    OneOrMany, RawBuild, RawDaemon, RawHooks, RawImage, RawModuleConfig, RawReady, RawSigning, S,
+    SList,
 };
 use super::{
     BuildSpec, ConfigError, DEFAULT_BUILD_TIMEOUT, DEFAULT_HOOK_TIMEOUT, DEFAULT_IMAGE_MODULES_DIR,
     DEFAULT_READY_TIMEOUT, DaemonSettings, Hooks, ImageSource, ModuleConfig, ModuleEntry,
-    PullPolicy, ReadyCheck, ReadyKind, Source,
+    PullPolicy, ReadyCheck, ReadyKind, SigningSettings, Source,
 };
 use crate::kernel::check_template;
 use crate::kmod::ModName;
@@ -372,6 +373,9 @@ pub(super) fn daemon(file: &Path, text: &str) -> Result<DaemonSettings, Vec<Conf
             *slot = n;
         }
     }
+    if let Some(v) = &raw.signing {
+        s.signing = signing(&mut d, v);
+    }
     if let Some(v) = &raw.keep_kernels {
         match usize::try_from(*v.get_ref()) {
             Ok(n) if n >= 1 => s.keep_kernels = n,
@@ -386,6 +390,62 @@ pub(super) fn daemon(file: &Path, text: &str) -> Result<DaemonSettings, Vec<Conf
         }
     }
     d.finish(s)
+}
+
+/// `[signing]`: key and cert are required absolute paths (a PKCS#11 URI is
+/// refused by name), `hash` one kvcd signs with. The files themselves are
+/// read (and the key's permissions checked) when kvcd signs.
+fn signing(d: &mut Diag<'_>, v: &S<RawSigning>) -> Option<SigningSettings> {
+    let raw = v.get_ref();
+    let mut path = |key: &str, value: &Option<S<String>>, what: &str| -> Option<PathBuf> {
+        let Some(value) = value else {
+            d.error(
+                Some(v.span()),
+                format!("signing.{key}"),
+                format!("[signing] needs {key} = \"/absolute/path\" ({what})"),
+            );
+            return None;
+        };
+        if value.get_ref().starts_with("pkcs11:") {
+            d.error(
+                Some(value.span()),
+                format!("signing.{key}"),
+                "PKCS#11 URIs are not supported: expected the absolute path of a PEM or DER file",
+            );
+            return None;
+        }
+        absolute_path(d, &format!("signing.{key}"), value)
+    };
+    let key = path(
+        "key",
+        &raw.key,
+        "the private key, PEM, readable by root only",
+    );
+    let cert = path("cert", &raw.cert, "the key's X.509 certificate, DER or PEM");
+    let mut hash = crate::signing::Hash::Sha256;
+    if let Some(h) = &raw.hash {
+        match crate::signing::Hash::from_name(h.get_ref()) {
+            Some(x) => hash = x,
+            None => d.error(
+                Some(h.span()),
+                "signing.hash",
+                format!(
+                    "expected one of {}, found {:?}",
+                    crate::signing::Hash::ALL
+                        .iter()
+                        .map(|(n, _)| format!("\"{n}\""))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    h.get_ref()
+                ),
+            ),
+        }
+    }
+    Some(SigningSettings {
+        key: key?,
+        cert: cert?,
+        hash,
+    })
 }
 
 /// A program setting: a bare name looked up in `PATH`, or an absolute path; never a command line.
@@ -898,6 +958,7 @@ pub(super) fn module(
         replace_in_tree,
         kernel_match,
         force_unload: raw.force_unload.unwrap_or(false),
+        sign: raw.sign.unwrap_or(true),
         parameters,
         source,
         hooks,

@@ -224,6 +224,19 @@ impl Manager {
         self.shown().next.clone()
     }
 
+    /// Module signing, as text fields: `signing` (on/off), `key`, `cert`,
+    /// `subject`, `key id`, `serial`, `hash`, `error`, `trusted by` (the
+    /// running kernel's keyrings holding the cert, or `none`), `lockdown`,
+    /// `sig_enforce`, `secure boot`, `signatures enforced`.
+    #[zbus(property)]
+    fn signing(&self) -> HashMap<String, String> {
+        self.shown()
+            .signing
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
     /// kvcd's version.
     #[zbus(property)]
     fn version(&self) -> String {
@@ -414,7 +427,9 @@ pub async fn serve(
     let mut first = true;
     loop {
         let snap = status.borrow_and_update().clone();
-        let next_changed = shown_snapshot.lock().map_or(true, |g| g.next != snap.next);
+        let (next_changed, signing_changed) = shown_snapshot.lock().map_or((true, true), |g| {
+            (g.next != snap.next, g.signing != snap.signing)
+        });
         let set_changed = sync(server, &mut shown, &snap).await?;
         if let Ok(mut g) = shown_snapshot.lock() {
             *g = snap.clone();
@@ -422,7 +437,7 @@ pub async fn serve(
         if first {
             conn.request_name(BUS_NAME).await?;
             first = false;
-        } else if set_changed || next_changed {
+        } else if set_changed || next_changed || signing_changed {
             let iface = server.interface::<_, Manager>(MANAGER_PATH).await?;
             let manager = iface.get().await;
             if set_changed {
@@ -430,6 +445,9 @@ pub async fn serve(
             }
             if next_changed {
                 manager.next_kernels_changed(iface.signal_emitter()).await?;
+            }
+            if signing_changed {
+                manager.signing_changed(iface.signal_emitter()).await?;
             }
         }
         exported.send_replace(snap);

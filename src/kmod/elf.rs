@@ -39,7 +39,7 @@ pub struct ElfInfo {
 }
 
 /// A `Read + Seek` over a module file's ELF content.
-trait ReadSeek: Read + Seek {}
+pub(crate) trait ReadSeek: Read + Seek {}
 impl<T: Read + Seek> ReadSeek for T {}
 
 /// A writer that keeps at most `.1` bytes and fails past that, so no
@@ -64,7 +64,7 @@ impl Write for Capped {
 }
 
 /// Opens `path` for ELF reading, decompressing `.ko.xz`/`.ko.zst`/`.ko.gz` (at most 1 GiB).
-fn open(path: &Path) -> Result<Box<dyn ReadSeek>> {
+pub(crate) fn open(path: &Path) -> Result<Box<dyn ReadSeek>> {
     open_capped(path, MAX_DECOMPRESSED)
 }
 

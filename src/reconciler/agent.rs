@@ -284,6 +284,8 @@ pub struct Agent {
     next_failures: BTreeMap<(String, String), String>,
     /// Next-kernel answers due once the next snapshot is published.
     after_publish_next: Vec<(NextReply, Result<String, AgentError>)>,
+    /// The signing status, read when the configuration is.
+    signing: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -338,6 +340,7 @@ impl Agent {
             next: Vec::new(),
             after_publish_next: Vec::new(),
             next_failures: BTreeMap::new(),
+            signing: BTreeMap::new(),
         };
         (agent, Handle { tx }, status_rx)
     }
@@ -427,6 +430,7 @@ impl Agent {
     /// Works out what changed in `config`; new configs are wanted when `desired` names them.
     fn apply_config(&mut self, config: Config, desired: &BTreeSet<String>) {
         self.settings = config.daemon.clone();
+        self.signing = crate::signing::SigningStatus::read(self.settings.signing.as_ref()).wire();
         self.errors = config.errors.iter().map(ToString::to_string).collect();
         let now = unix_now();
         let present: BTreeSet<String> = config.modules.keys().cloned().collect();
@@ -997,6 +1001,7 @@ impl Agent {
                 .collect(),
             errors: self.errors.clone(),
             next: self.next.clone(),
+            signing: self.signing.clone(),
         }
     }
 

@@ -66,6 +66,8 @@ pub struct Engine<'a> {
     pub target_is_live: bool,
     /// Called for every step as it happens (human output); default none.
     pub on_step: Option<&'a OnStep<'a>>,
+    /// The key staged modules are signed with (`[signing]`), loaded once; default none.
+    pub signing: Option<std::sync::Arc<crate::signing::Signing>>,
 }
 
 impl std::fmt::Debug for Engine<'_> {
@@ -143,11 +145,37 @@ impl<'a> Engine<'a> {
             target_is_live: KernelRelease::running().is_ok_and(|r| r == *kernel),
             records: RecordStore::new(&settings.runtime_dir),
             on_step,
+            signing: settings
+                .signing
+                .as_ref()
+                .map(|s| std::sync::Arc::new(crate::signing::Signing::load(s))),
         }
     }
 }
 
 impl Engine<'_> {
+    /// The signer for `c`'s files: none when `[signing]` is not set or the
+    /// config sets `sign = false`; an error when the key cannot be used.
+    fn signer_for(&self, c: &ModuleConfig) -> Result<Option<&crate::signing::Signer>> {
+        match self.signing.as_deref() {
+            Some(g) if c.sign => g.signer.as_ref().map(Some).map_err(|e| {
+                anyhow!("{e} (kvcd.toml [signing]; `kvcd signing` shows the key's state)")
+            }),
+            _ => Ok(None),
+        }
+    }
+
+    /// What a config's set is marked verified for: the config's digest,
+    /// and the signing identity when its files are signed (another key or
+    /// digest makes it unprepared).
+    pub fn verified_token(&self, c: &ModuleConfig) -> String {
+        match self.signer_for(c) {
+            Ok(Some(s)) => format!("{}+{}", c.digest, s.identity()),
+            Ok(None) => c.digest.clone(),
+            Err(_) => format!("{}+unusable-signing-key", c.digest),
+        }
+    }
+
     fn log(&self, out: &mut Outcome, step: Step, detail: impl Into<String>) {
         let detail = detail.into();
         info!(
@@ -482,6 +510,14 @@ impl Engine<'_> {
                     match self.kmods.insert(&file, &params) {
                         Ok(()) => Ok(true),
                         Err(e) if e.kind == KmodErrorKind::AlreadyLoaded => Ok(false),
+                        Err(e) if e.kind == KmodErrorKind::SignatureRejected => {
+                            let why = crate::signing::Signing::explain_rejection(
+                                self.signing.as_deref(),
+                                &file.path,
+                                !c.sign,
+                            );
+                            Err(Fail::at(Step::Insert)(anyhow!("{e}: {why}")))
+                        }
                         Err(e) => Err(Fail::at(Step::Insert)(e.into())),
                     }
                 })?;
@@ -754,9 +790,11 @@ impl Engine<'_> {
             .layout
             .open_tree(&self.kernel)
             .map_err(Fail::at(Step::Resolve))?;
+        let signer = self.signer_for(c).map_err(Fail::at(Step::Stage))?;
+        let trust = self.signing.as_ref().map(|g| &g.trust);
         let mut staging = self
             .layout
-            .staging(name, &self.kernel)
+            .staging(name, &self.kernel, signer.zip(trust))
             .map_err(Fail::at(Step::Stage))?;
         let elsewhere = |m: &ModName| self.provided_elsewhere(c, m);
         let mut pkg = resolve::Package::new(&files, &dir, &tree, |m: &ModName, p: &Path| {
@@ -770,11 +808,20 @@ impl Engine<'_> {
         }
         let read = pkg.into_read();
         let staged = staging.finish().map_err(Fail::at(Step::Stage))?;
+        let signed = match signer {
+            Some(s) if staged.signed > 0 => format!(
+                "; signed {} with \"{}\" ({})",
+                staged.signed,
+                s.cert().subject,
+                s.settings().hash.name()
+            ),
+            _ => String::new(),
+        };
         self.log(
             out,
             Step::Stage,
             format!(
-                "{} file(s), {}: {}",
+                "{} file(s), {}: {}{signed}",
                 read.len(),
                 crate::util::human_bytes(staged.bytes),
                 if staged.copied == 0 {
@@ -788,6 +835,9 @@ impl Engine<'_> {
                 }
             ),
         );
+        for n in &staged.notes {
+            self.log(out, Step::Stage, n.clone());
+        }
         self.log(
             out,
             Step::Resolve,
@@ -829,9 +879,10 @@ impl Engine<'_> {
             .map_err(Fail::at(Step::Verify))?;
         }
         // A warm load finds its set verified already: no second write.
-        if staged.verified_for.as_deref() != Some(c.digest.as_str()) {
+        let token = self.verified_token(c);
+        if staged.verified_for.as_deref() != Some(token.as_str()) {
             self.layout
-                .mark_verified(name, &self.kernel, &c.digest)
+                .mark_verified(name, &self.kernel, &token)
                 .map_err(Fail::at(Step::Stage))?;
         }
         self.log(

@@ -131,7 +131,7 @@ impl Engine<'_> {
             Err(e) => return Readiness::NotPrepared(format!("{e:#}")),
         };
         match set.verified_for.as_deref() {
-            Some(d) if d == c.digest => {}
+            Some(d) if d == self.verified_token(c) => {}
             Some(_) => {
                 return Readiness::NotPrepared(format!(
                     "prepared for kernel {k} before {} last changed",

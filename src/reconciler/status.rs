@@ -99,6 +99,8 @@ pub struct Snapshot {
     pub errors: Vec<String>,
     /// The kernels the node may boot next and the wanted configs' readiness for each.
     pub next: Vec<NextKernelWire>,
+    /// Module signing: the key of `[signing]` and what the running kernel trusts ([`crate::signing::SigningStatus::wire`]).
+    pub signing: BTreeMap<String, String>,
 }
 
 /// One kernel the node may boot next, as on D-Bus (`(sssba(sss))`): release,

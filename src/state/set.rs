@@ -32,6 +32,10 @@ pub struct SetFile {
     pub source: Option<SourceStat>,
     /// What was read of the stored file (it never changes: it is named by its content).
     pub elf: Option<ElfInfo>,
+    /// The signing identity (digest and certificate fingerprint) the file was
+    /// staged under, when `[signing]` applied: another key signs it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<String>,
 }
 
 /// What tells a changed file from an unchanged one without reading it

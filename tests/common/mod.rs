@@ -336,3 +336,47 @@ pub fn silent_registry() -> u16 {
     });
     port
 }
+
+/// Runs a command, panicking with its output when it fails; returns stdout.
+pub fn run(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A self-signed key and certificate made by the openssl CLI: `KEY.pem`
+/// (mode 0600) and `KEY.der`/`KEY.crt` (DER and PEM certificate).
+pub fn make_key(dir: &Path, name: &str, cn: &str, newkey: &str) -> (PathBuf, PathBuf) {
+    let key = dir.join(format!("{name}.pem"));
+    let der = dir.join(format!("{name}.der"));
+    run(std::process::Command::new("openssl")
+        .args(["req", "-new", "-x509", "-nodes", "-days", "3650"])
+        .args([
+            "-newkey",
+            newkey,
+            "-subj",
+            &format!("/CN={cn}/"),
+            "-addext",
+            "extendedKeyUsage=codeSigning",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .args(["-outform", "DER", "-out"])
+        .arg(&der));
+    std::fs::set_permissions(
+        &key,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap();
+    run(std::process::Command::new("openssl")
+        .args(["x509", "-inform", "DER", "-in"])
+        .arg(&der)
+        .arg("-out")
+        .arg(dir.join(format!("{name}.crt"))));
+    (key, der)
+}

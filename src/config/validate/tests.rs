@@ -1103,3 +1103,46 @@ fn twenty_thousand_module_names() {
     assert_eq!((errs[0].line, errs[0].column), (Some(3), Some(1)));
     assert_eq!(errs[19_998].line, Some(20_001));
 }
+
+#[test]
+fn signing_needs_a_key_and_cert_and_a_known_hash() {
+    let e = daemon_error("[signing]\nkey = \"/etc/kvcd/key.pem\"\n");
+    assert_eq!((e.key.as_deref(), e.line), (Some("signing.cert"), Some(1)));
+    assert!(e.message.starts_with("[signing] needs cert = "), "{e}");
+
+    let e = daemon_error("[signing]\nkey = \"key.pem\"\ncert = \"/c.der\"\n");
+    assert_eq!((e.key.as_deref(), e.line), (Some("signing.key"), Some(2)));
+    assert_eq!(e.message, "expected an absolute path, found \"key.pem\"");
+
+    let e = daemon_error("[signing]\nkey = \"pkcs11:token=node;object=kvcd\"\ncert = \"/c.der\"\n");
+    assert_eq!(e.key.as_deref(), Some("signing.key"));
+    assert!(
+        e.message.starts_with("PKCS#11 URIs are not supported"),
+        "{e}"
+    );
+
+    let e = daemon_error("[signing]\nkey = \"/k.pem\"\ncert = \"/c.der\"\nhash = \"md5\"\n");
+    assert_eq!((e.key.as_deref(), e.line), (Some("signing.hash"), Some(4)));
+    assert_eq!(
+        e.message,
+        "expected one of \"sha256\", \"sha384\", \"sha512\", found \"md5\""
+    );
+
+    let e = daemon_error("[signing]\nkey = \"/k.pem\"\ncert = \"/c.der\"\nkeyring = \"x\"\n");
+    assert!(e.message.contains("unknown field `keyring`"), "{e}");
+
+    let t = Tree::new();
+    fs::write(
+        t.dirs[2].join("kvcd.toml"),
+        "[signing]\nkey = \"/k.pem\"\ncert = \"/c.der\"\nhash = \"sha512\"\n",
+    )
+    .unwrap();
+    let c = t.load();
+    assert!(c.errors.is_empty(), "{:#?}", c.errors);
+    let s = c.daemon.signing.unwrap();
+    assert_eq!(
+        (s.key.as_path(), s.cert.as_path(), s.hash.name()),
+        (Path::new("/k.pem"), Path::new("/c.der"), "sha512")
+    );
+    assert!(Tree::new().load().daemon.signing.is_none());
+}
