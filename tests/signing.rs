@@ -359,6 +359,15 @@ fn bad_keys_certificates_and_modules_are_refused_by_name() {
     let e = err(&settings(&key, &junk, Hash::Sha256));
     assert!(e.contains("junk is not an X.509 certificate"), "{e}");
 
+    // A key type the kernel cannot verify.
+    let ed = d.join("ed.pem");
+    run(Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519", "-out"])
+        .arg(&ed));
+    fs::set_permissions(&ed, fs::Permissions::from_mode(0o600)).unwrap();
+    let e = err(&settings(&ed, &der, Hash::Sha256));
+    assert!(e.contains("ed.pem is neither an RSA nor an EC key"), "{e}");
+
     // PEM certificates are read as well as DER.
     assert!(Signer::load(&settings(&key, &d.join("k.crt"), Hash::Sha256)).is_ok());
 

@@ -121,8 +121,8 @@ impl Signer {
         let algorithm = match key.id() {
             Id::RSA => KeyAlgorithm::Rsa,
             Id::EC => KeyAlgorithm::Ecdsa,
-            other => bail!(
-                "[signing] key: {} is a {other:?} key; the kernel verifies module signatures made with RSA or ECDSA keys",
+            _ => bail!(
+                "[signing] key: {} is neither an RSA nor an EC key; the kernel verifies module signatures made with RSA or ECDSA keys",
                 key_path.display()
             ),
         };
