@@ -204,7 +204,20 @@ fn prepare_runs_the_library_build_for_another_kernel_and_no_load_hooks() {
     assert_eq!((code, label.trim()), (0, "kvc-prepare"), "{label}");
     assert!(!node.tmp.path().join("run/loaded/kvc-prepare.json").exists());
 
-    // prepare-next finds the same kernel installed (not running) and the image built.
+    // prepare-next finds the same kernel installed (not running) and the image
+    // built; with [signing] set too (kvcd cannot sign a library's files, so
+    // they are ready as the library built them).
+    let keys = node.tmp.path().join("keys");
+    fs::create_dir_all(&keys).unwrap();
+    let (key, cert) = common::make_key(&keys, "k", "kvcd kvc test key", "rsa:2048");
+    let toml = node.tmp.path().join("etc/kvcd.toml");
+    let mut t = fs::read_to_string(&toml).unwrap();
+    t.push_str(&format!(
+        "[signing]\nkey = \"{}\"\ncert = \"{}\"\n",
+        key.display(),
+        cert.display()
+    ));
+    fs::write(&toml, t).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_kvcd"))
         .arg("--config-dir")
         .arg(node.tmp.path().join("etc"))

@@ -154,11 +154,13 @@ impl<'a> Engine<'a> {
 }
 
 impl Engine<'_> {
-    /// The signer for `c`'s files: none when `[signing]` is not set or the
-    /// config sets `sign = false`; an error when the key cannot be used.
+    /// The signer for `c`'s files: none when `[signing]` is not set, the
+    /// config sets `sign = false`, or its files are a KVC library's (kvcd
+    /// never sees them); an error when the key cannot be used.
     fn signer_for(&self, c: &ModuleConfig) -> Result<Option<&crate::signing::Signer>> {
+        let kvc = matches!(c.source, Source::KvcLibrary { .. });
         match self.signing.as_deref() {
-            Some(g) if c.sign => g.signer.as_ref().map(Some).map_err(|e| {
+            Some(g) if c.sign && !kvc => g.signer.as_ref().map(Some).map_err(|e| {
                 anyhow!("{e} (kvcd.toml [signing]; `kvcd signing` shows the key's state)")
             }),
             _ => Ok(None),
@@ -907,7 +909,11 @@ impl Engine<'_> {
         if matches!(config.source, Source::KvcLibrary { .. }) {
             let prepared = self.prepare_kvc(config, &mut out).and_then(|()| {
                 self.layout
-                    .mark_verified(config.name.as_str(), &self.kernel, &config.digest)
+                    .mark_verified(
+                        config.name.as_str(),
+                        &self.kernel,
+                        &self.verified_token(config),
+                    )
                     .map_err(Fail::at(Step::Stage))
             });
             match prepared {
