@@ -234,7 +234,8 @@ impl Staging<'_> {
         signer: &Signer,
         trust: &KernelTrust,
     ) -> Result<(String, u64, bool)> {
-        // Stored uncompressed: `m.ko.xz` is signed as `m.ko`.
+        // Stored uncompressed: `m.ko.xz` is signed as `m.ko`. A kill leaves
+        // the temporary file to the start-up sweep (`.NAME.tmp-PID`).
         let file_name = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -245,7 +246,7 @@ impl Staging<'_> {
             .unwrap_or(file_name);
         let tmp = self
             .files_dir
-            .join(format!(".{plain}.signing-{}", std::process::id()));
+            .join(format!(".{plain}.signing.tmp-{}", std::process::id()));
         let _ = fs::remove_file(&tmp);
         let signed = signer
             .sign_file(path, &tmp, trust)

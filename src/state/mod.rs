@@ -303,6 +303,7 @@ mod tests {
     fn temporary_names_and_their_owners() {
         assert_eq!(tmp_owner(".tmp-abc-123"), Some(123));
         assert_eq!(tmp_owner(".x.json.tmp-77"), Some(77));
+        assert_eq!(tmp_owner(".m.ko.signing.tmp-78"), Some(78));
         assert_eq!(tmp_owner("tmp-1"), None);
         assert_eq!(tmp_owner(".tmp-abc"), None);
         assert!(is_stale_tmp(&format!(".tmp-k-{DEAD}")));
