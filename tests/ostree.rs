@@ -12,18 +12,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::Fixtures;
-
-fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::{Fixtures, run as sh};
 
 /// Commits `tree` to the sysroot's repo on `testos/x` and deploys it.
 fn deploy(sysroot: &Path, tree: &Path) {

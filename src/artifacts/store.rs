@@ -242,7 +242,7 @@ impl Staging<'_> {
             .with_context(|| format!("{} has no file name kvcd can store", path.display()))?;
         let plain = [".xz", ".zst", ".gz"]
             .iter()
-            .find_map(|c| file_name.strip_suffix(c))
+            .find_map(|c| file_name.strip_suffix(c).filter(|p| p.ends_with(".ko")))
             .unwrap_or(file_name);
         let tmp = self
             .files_dir
