@@ -19,6 +19,12 @@
 #
 # Kernel command line with module.sig_enforce=1: only the signature checks
 # run (every fixture is unsigned, so nothing of ours can load there).
+# With kvcd_e2e_secureboot (the UEFI Secure Boot boot of tests/vm/e2e: the
+# kernel is locked down and trusts the test MOK): only the Secure Boot checks,
+# with the keys and certificates in /etc/kvcd-sb, the configs
+# tests/vm/alt/sb (signs with the enrolled key) and tests/vm/alt/sb-other
+# (signs with a key the kernel does not trust), and kvcd_base.ko signed on
+# the host with each key in /fixtures/sb.
 # With kvcd_e2e_verbose on the command line, passed checks show their
 # transcripts too.
 set -u
@@ -81,6 +87,12 @@ record() { [ -e "$RUN/loaded/$1.json" ]; }
 expect_rc() { [ "$RC" = "$1" ] || bad "exit status $RC, expected $1"; }
 expect_out() { has "$1" || bad "output lacks '$1'"; }
 expect_no_out() { has "$1" && bad "output has '$1'"; }
+expect_fail() { [ "$RC" != 0 ] || bad "exit status 0, expected a failure"; }
+# expect_line A B: one output line holds both A and B.
+expect_line() {
+    printf '%s\n' "$OUT" | grep -F -- "$1" | grep -q -F -- "$2" ||
+        bad "no output line has both '$1' and '$2'"
+}
 expect_loaded() { for _e; do loaded "$_e" || bad "$_e is not loaded"; done; }
 expect_unloaded() { for _e; do loaded "$_e" && bad "$_e is still loaded"; done; }
 expect_record() { record "$1" || bad "no record $RUN/loaded/$1.json"; }
@@ -293,6 +305,116 @@ sig_checks() {
     expect_no_record crc
     end
     scrub kvcd_crc crc8
+}
+
+# --- Secure Boot: a locked-down kernel that trusts the test MOK --------------------
+SB=/etc/kvcd-sb
+# A module file ends with this when it carries a signature.
+SIG_MAGIC="~Module signature appended~"
+signed_file() { [ "$(tail -c 28 "$1")" = "$SIG_MAGIC" ]; }
+
+sb_checks() {
+    begin "Secure Boot: locked down, the test MOK in .machine"
+    run cat /sys/kernel/security/lockdown
+    expect_rc 0
+    expect_out "[integrity]"
+    run keyctl list %:.machine
+    expect_rc 0
+    expect_out "kvcd test MOK"
+    expect_no_out "kvcd test untrusted"
+    run grep -F "kvcd test" /proc/keys
+    expect_out "kvcd test MOK"
+    expect_no_out "kvcd test untrusted"
+    for _k in mok other; do
+        _m=$(stat -c '%a %u' "$SB/$_k.key" 2>/dev/null)
+        [ "$_m" = "600 0" ] || bad "$SB/$_k.key has mode and owner '$_m', expected '600 0'"
+    done
+    end
+
+    # The boot chain on its own: kvcd_base signed on the host by the kernel's
+    # sign-file with each key, and not signed at all.
+    begin "Secure Boot: sign-file control (MOK loads, other key and unsigned refused)"
+    signed_file /fixtures/kvcd_base.ko && bad "/fixtures/kvcd_base.ko is signed"
+    run busybox insmod /fixtures/sb/kvcd_base.mok.ko
+    expect_rc 0
+    expect_loaded kvcd_base
+    run busybox rmmod kvcd_base
+    expect_rc 0
+    run busybox insmod /fixtures/sb/kvcd_base.other.ko
+    expect_fail
+    expect_out "Key was rejected by service"
+    expect_unloaded kvcd_base
+    run busybox insmod /fixtures/kvcd_base.ko
+    expect_fail
+    expect_out "Key was rejected by service"
+    expect_unloaded kvcd_base
+    end
+    scrub kvcd_base
+
+    begin "kvcd signing: the enrolled key"
+    run kvcd --config-dir "$ALT/sb" signing
+    expect_rc 0
+    expect_out "trusted by: .machine"
+    expect_out "lockdown: integrity"
+    expect_line "subject:" "kvcd test MOK"
+    end
+
+    begin "kvcd signing: a key the kernel does not trust"
+    run kvcd --config-dir "$ALT/sb-other" signing
+    expect_out "trusted by: none"
+    expect_line "subject:" "kvcd test untrusted"
+    end
+
+    # kvcd_user needs kvcd_base (same package, signed by kvcd too), kvcd_crc
+    # the in-tree crc8 (Debian's signature).
+    begin "kvcd signs the package's modules with the enrolled key"
+    run kvcd --config-dir "$ALT/sb" apply signed
+    expect_rc 0
+    expect_out "signed: loaded"
+    expect_loaded kvcd_base kvcd_user crc8 kvcd_crc
+    expect_record signed
+    # Signed copies are kvcd's: the package's own files stay unsigned.
+    for _f in kvcd_base kvcd_user kvcd_crc; do
+        signed_file "/usr/lib/kvcd/fixtures/$KVER/$_f.ko" &&
+            bad "/usr/lib/kvcd/fixtures/$KVER/$_f.ko was signed in place"
+    done
+    run kvcd --config-dir "$ALT/sb" apply --unload signed
+    expect_rc 0
+    expect_unloaded kvcd_user kvcd_crc kvcd_base crc8
+    expect_no_record signed
+    end
+    scrub kvcd_crc kvcd_user kvcd_base crc8
+
+    begin "sign = false under lockdown: refused, and said why"
+    run kvcd --config-dir "$ALT/sb" apply unsigned
+    expect_rc 1
+    expect_out "EKEYREJECTED"
+    expect_out "carries no signature"
+    expect_unloaded kvcd_param
+    expect_no_record unsigned
+    end
+    scrub kvcd_param
+
+    # Same package, same state directory, another key: what kvcd staged
+    # for the enrolled key above must not be what gets loaded here.
+    begin "signed with a key the kernel does not trust"
+    run kvcd --config-dir "$ALT/sb-other" apply signed
+    expect_rc 1
+    expect_out "EKEYREJECTED"
+    expect_out "kvcd test untrusted"
+    expect_out "mokutil --import"
+    expect_unloaded kvcd_user kvcd_crc kvcd_base crc8
+    expect_no_record signed
+    end
+    scrub kvcd_crc kvcd_user kvcd_base crc8
+
+    begin "clean end state"
+    for m in kvcd_base kvcd_user kvcd_crc kvcd_param crc8; do
+        expect_unloaded "$m"
+    done
+    left=$(ls "$RUN/loaded" 2>/dev/null)
+    [ -z "$left" ] || bad "records left: $left"
+    end
 }
 
 # --- normal kernel ---------------------------------------------------------------
@@ -814,6 +936,9 @@ daemon_checks() {
 }
 
 case " $(cat /proc/cmdline) " in
+    *" kvcd_e2e_secureboot "*)
+        echo "KVCD-E2E: mode secureboot (UEFI Secure Boot, lockdown)"
+        sb_checks ;;
     *" module.sig_enforce=1 "*)
         echo "KVCD-E2E: mode signature (module.sig_enforce=1)"
         sig_checks ;;
