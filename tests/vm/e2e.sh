@@ -356,11 +356,14 @@ sb_checks() {
     expect_rc 0
     expect_out "trusted by: .machine"
     expect_out "lockdown: integrity"
+    expect_out "secure boot: on"
     expect_line "subject:" "kvcd test MOK"
     end
 
+    # Exit 1: the kernel enforces signatures and trusts no key of this cert.
     begin "kvcd signing: a key the kernel does not trust"
     run kvcd --config-dir "$ALT/sb-other" signing
+    expect_rc 1
     expect_out "trusted by: none"
     expect_line "subject:" "kvcd test untrusted"
     end
