@@ -84,8 +84,9 @@ impl KernelTrust {
     /// Why the kernel enforces signatures, for humans (`lockdown (integrity)`).
     pub fn enforced_by(&self) -> String {
         let mut why = Vec::new();
+        // Set on the command line, or by the kernel itself under Secure Boot.
         if self.sig_enforce == Some(true) {
-            why.push("module.sig_enforce=1".to_owned());
+            why.push("sig_enforce".to_owned());
         }
         if let Some(m) = self.lockdown.as_deref().filter(|m| *m != "none") {
             why.push(format!("lockdown ({m})"));
