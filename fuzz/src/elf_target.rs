@@ -1,8 +1,9 @@
 //! `elf`: a module file (`.ko`, or `.ko.gz`/`.ko.xz`/`.ko.zst` when the
 //! input starts with that format's magic) through what kvcd reads of it:
 //! `ElfInfo::read` (machine, build ID, `.modinfo`, in one pass),
-//! `ModInfo::read`, `ModuleIdentity::of_file`; and the input as a live
-//! module's sysfs notes file (`gnu_build_id_in`).
+//! `ModInfo::read`, `ModuleIdentity::of_file`, the appended module
+//! signature (`signing::read_signature`: its record and its PKCS#7 signer);
+//! and the input as a live module's sysfs notes file (`gnu_build_id_in`).
 //!
 //! Invariants besides not panicking: every error names the file; the two
 //! reads agree with `ModuleIdentity::of_file`; no allocation is larger than
@@ -57,6 +58,20 @@ pub fn elf(data: &[u8]) {
             e.contains(&shown),
             "a modinfo error does not name the file: {e}"
         );
+    }
+    match kvcd::signing::read_signature(&path) {
+        Ok(Some(signer)) => assert!(
+            ext != "ko" || signer.key_id.len() + signer.issuer.len() <= data.len(),
+            "a signer larger than the file"
+        ),
+        Ok(None) => {}
+        Err(e) => {
+            let e = format!("{e:#}");
+            assert!(
+                e.contains(&shown),
+                "a signature error does not name the file: {e}"
+            );
+        }
     }
     let identity = ModuleIdentity::of_file(&path);
     match (elf, info, identity) {
