@@ -14,6 +14,7 @@ pub mod failpoint;
 pub mod hooks;
 pub mod kernel;
 pub mod kmod;
+pub mod metrics;
 pub mod reconciler;
 pub mod signing;
 pub mod state;

@@ -1310,3 +1310,123 @@ fn signing_status_is_on_the_bus_and_in_kvcctl_status() {
         "{out}"
     );
 }
+
+/// `GET /metrics` from an HTTP server on 127.0.0.1:`port`; the body.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+}
+
+#[test]
+fn metrics_go_to_a_textfile_that_promtool_accepts_and_node_exporter_serves() {
+    let mut node = Node::new();
+    let dir = node.root.join("textfile");
+    fs::create_dir_all(&dir).unwrap();
+    let prom = dir.join("kvcd.prom");
+    let toml = node.root.join("etc/kvcd.toml");
+    let mut text = fs::read_to_string(&toml).unwrap();
+    text.push_str(&format!("[metrics]\ntextfile = \"{}\"\n", prom.display()));
+    fs::write(&toml, text).unwrap();
+    node.module("params", PARAM);
+    node.start();
+    let (code, out, err) = node.kvcctl(&["load", "--wait", "params"]);
+    assert_eq!((code, out.as_str()), (0, "params: loaded\n"), "{err}");
+
+    // Written by the loop after the load's result: wait for it.
+    let want = [
+        "kvcd_up 1",
+        "kvcd_module_state{config=\"params\",state=\"loaded\"} 1",
+        "kvcd_module_state{config=\"params\",state=\"failed\"} 0",
+        "kvcd_module_wanted{config=\"params\"} 1",
+        "kvcd_module_loaded_modules{config=\"params\"} 1",
+        "kvcd_module_operations_total{config=\"params\",operation=\"load\"} 1",
+        "kvcd_module_failures_total{config=\"params\"} 0",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let t = fs::read_to_string(&prom).unwrap_or_default();
+        if want.iter().all(|w| t.lines().any(|l| l == *w)) {
+            break t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never showed {want:?}:\n{t}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("kvcd_heartbeat_timestamp_seconds ")),
+        "{metrics}"
+    );
+    // No temporary file next to it: node_exporter reads every *.prom.
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+
+    match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(fs::File::open(&prom).unwrap())
+        .output()
+    {
+        Ok(o) => assert!(
+            o.status.success(),
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => eprintln!(
+            "SKIP promtool check metrics: promtool cannot run here ({e}; scripts/setup installs prometheus)"
+        ),
+    }
+
+    // Debian's node_exporter, textfile collector only, on a free loopback port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    match Command::new("prometheus-node-exporter")
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .args(["--collector.disable-defaults", "--collector.textfile"])
+        .arg(format!("--collector.textfile.directory={}", dir.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(mut exporter) => {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let body = loop {
+                if let Some(b) = http_get(port, "/metrics") {
+                    break b;
+                }
+                assert!(Instant::now() < deadline, "node_exporter never answered");
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            let _ = exporter.kill();
+            let _ = exporter.wait();
+            for w in &want[1..] {
+                assert!(
+                    body.lines().any(|l| l == *w),
+                    "node_exporter does not serve {w:?}:\n{body}"
+                );
+            }
+            assert!(
+                body.lines().any(|l| l == "node_textfile_scrape_error 0"),
+                "{body}"
+            );
+        }
+        Err(e) => eprintln!(
+            "SKIP node_exporter scrape: prometheus-node-exporter cannot run here ({e}; scripts/setup installs it)"
+        ),
+    }
+
+    // Stopped: the file says so.
+    node.stop();
+    let t = fs::read_to_string(&prom).unwrap();
+    assert!(t.lines().any(|l| l == "kvcd_up 0"), "{t}");
+}

@@ -292,6 +292,8 @@ pub struct DaemonSettings {
     pub podman_timeout_seconds: u64,
     /// The key staged modules are signed with (`[signing]`); default none (modules are staged as they come).
     pub signing: Option<SigningSettings>,
+    /// The Prometheus textfile kvcd writes its metrics to (`[metrics] textfile`, a `*.prom` file); default none.
+    pub metrics_textfile: Option<PathBuf>,
 }
 
 /// `[signing]` in `kvcd.toml`: kvcd signs every module it stages with this key.
@@ -329,6 +331,7 @@ impl Default for DaemonSettings {
             pull_timeout_seconds: crate::artifacts::podman::DEFAULT_PULL_TIMEOUT,
             podman_timeout_seconds: crate::artifacts::podman::DEFAULT_PODMAN_TIMEOUT,
             signing: None,
+            metrics_textfile: None,
         }
     }
 }

@@ -34,6 +34,7 @@ pub(crate) struct RawDaemon {
     pub(crate) pull_timeout_seconds: Option<S<i64>>,
     pub(crate) podman_timeout_seconds: Option<S<i64>>,
     pub(crate) signing: Option<S<RawSigning>>,
+    pub(crate) metrics: Option<S<RawMetrics>>,
     /// Accepted from older kvcd.toml files and ignored: kvcd runs no depmod.
     #[serde(rename = "depmod_timeout_seconds")]
     pub(crate) _depmod_timeout_seconds: Option<toml::Value>,
@@ -46,6 +47,13 @@ pub(crate) struct RawSigning {
     pub(crate) key: Option<S<String>>,
     pub(crate) cert: Option<S<String>>,
     pub(crate) hash: Option<S<String>>,
+}
+
+/// `[metrics]` in `kvcd.toml`: where kvcd writes its Prometheus metrics.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMetrics {
+    pub(crate) textfile: Option<S<String>>,
 }
 
 /// `modules.d/NAME.toml`.

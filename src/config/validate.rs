@@ -376,6 +376,24 @@ pub(super) fn daemon(file: &Path, text: &str) -> Result<DaemonSettings, Vec<Conf
     if let Some(v) = &raw.signing {
         s.signing = signing(&mut d, v);
     }
+    if let Some(m) = &raw.metrics {
+        match &m.get_ref().textfile {
+            Some(v) if !v.get_ref().ends_with(".prom") => d.error(
+                Some(v.span()),
+                "metrics.textfile",
+                format!(
+                    "expected the path of a *.prom file (node_exporter's textfile collector reads only those), found {:?}",
+                    v.get_ref()
+                ),
+            ),
+            Some(v) => s.metrics_textfile = absolute_path(&mut d, "metrics.textfile", v),
+            None => d.error(
+                Some(m.span()),
+                "metrics.textfile",
+                "[metrics] needs textfile = \"/absolute/path/kvcd.prom\" (in node_exporter's --collector.textfile.directory)",
+            ),
+        }
+    }
     if let Some(v) = &raw.keep_kernels {
         match usize::try_from(*v.get_ref()) {
             Ok(n) if n >= 1 => s.keep_kernels = n,

@@ -95,6 +95,8 @@ enum Event {
         seq: u64,
         ran: Ran,
         outcome: Box<Outcome>,
+        /// How long the operation took, in seconds.
+        seconds: f64,
     },
     Prepared,
     /// A readiness check or prepare of the next kernels finished.
@@ -286,6 +288,12 @@ pub struct Agent {
     after_publish_next: Vec<(NextReply, Result<String, AgentError>)>,
     /// The signing status, read when the configuration is.
     signing: BTreeMap<String, String>,
+    /// What the metrics count since start.
+    counters: crate::metrics::Counters,
+    /// The metrics file (`[metrics] textfile`), if any.
+    textfile: Option<crate::metrics::Textfile>,
+    /// Set when the counters changed since the metrics were last written.
+    counted: bool,
 }
 
 impl std::fmt::Debug for Agent {
@@ -341,6 +349,9 @@ impl Agent {
             after_publish_next: Vec::new(),
             next_failures: BTreeMap::new(),
             signing: BTreeMap::new(),
+            counters: crate::metrics::Counters::default(),
+            textfile: None,
+            counted: false,
         };
         (agent, Handle { tx }, status_rx)
     }
@@ -431,6 +442,14 @@ impl Agent {
     fn apply_config(&mut self, config: Config, desired: &BTreeSet<String>) {
         self.settings = config.daemon.clone();
         self.signing = crate::signing::SigningStatus::read(self.settings.signing.as_ref()).wire();
+        if self.textfile.as_ref().map(|t| t.path()) != self.settings.metrics_textfile.as_deref() {
+            self.textfile = self
+                .settings
+                .metrics_textfile
+                .clone()
+                .map(crate::metrics::Textfile::new);
+            self.counted = true;
+        }
         self.errors = config.errors.iter().map(ToString::to_string).collect();
         let now = unix_now();
         let present: BTreeSet<String> = config.modules.keys().cloned().collect();
@@ -575,8 +594,17 @@ impl Agent {
                 seq,
                 ran,
                 outcome,
+                seconds,
             } => {
                 self.running = self.running.saturating_sub(1);
+                self.counters.record(
+                    &name,
+                    &format!("{op:?}").to_lowercase(),
+                    seconds,
+                    outcome.state == super::State::Failed,
+                    outcome.podman_calls,
+                );
+                self.counted = true;
                 let ev = machine::Event::WorkDone {
                     op,
                     seq,
@@ -927,6 +955,7 @@ impl Agent {
         let tx = self.tx.clone();
         info!(KVCD_MODULE = %name, "starting {op:?} (operation {seq})");
         tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
             let (ran, outcome) = run_op(
                 &factory,
                 &settings,
@@ -942,6 +971,7 @@ impl Agent {
                 seq,
                 ran,
                 outcome: Box::new(outcome),
+                seconds: started.elapsed().as_secs_f64(),
             });
         });
     }
@@ -1008,7 +1038,7 @@ impl Agent {
     fn publish(&mut self, notify: &mut dyn FnMut(&str)) {
         let snap = self.snapshot();
         let summary = snap.summary();
-        self.status.send_if_modified(|cur| {
+        let changed = self.status.send_if_modified(|cur| {
             if **cur == snap {
                 false
             } else {
@@ -1016,9 +1046,27 @@ impl Agent {
                 true
             }
         });
+        // Rendered only when something it shows may have changed, or the heartbeat is due.
+        let due = self
+            .textfile
+            .as_ref()
+            .is_some_and(|t| t.due().is_none_or(|d| d <= Instant::now()));
+        if changed || due || std::mem::take(&mut self.counted) {
+            let snap = self.status.borrow().clone();
+            self.write_metrics(&snap, true);
+        }
         if summary != self.last_summary {
             notify(&format!("STATUS={summary}"));
             self.last_summary = summary;
+        }
+    }
+
+    /// Writes the metrics file, if one is configured and it is due.
+    fn write_metrics(&mut self, snap: &Snapshot, up: bool) {
+        if let Some(t) = &mut self.textfile {
+            if let Err(e) = t.update(crate::metrics::render(snap, &self.counters, up)) {
+                warn!("{e:#}");
+            }
         }
     }
 
@@ -1083,9 +1131,16 @@ impl Agent {
                 break;
             }
             // Stopping clears every retry: then only the stop deadline wakes the loop.
+            let metrics_due = self
+                .textfile
+                .as_ref()
+                .and_then(crate::metrics::Textfile::due);
             let next_wake = self
                 .stop_deadline
-                .or_else(|| self.entries.values().filter_map(|e| e.retry_at).min());
+                .or_else(|| self.entries.values().filter_map(|e| e.retry_at).min())
+                .into_iter()
+                .chain(metrics_due.filter(|_| !self.shutting_down()))
+                .min();
             let ev = match next_wake {
                 Some(t) => tokio::select! {
                     ev = self.rx.recv() => ev,
@@ -1104,6 +1159,8 @@ impl Agent {
             }
         }
         self.desired.flush().await;
+        let snap = self.snapshot();
+        self.write_metrics(&snap, false);
         notify("STOPPING=1");
         info!("stopped");
         Ok(())

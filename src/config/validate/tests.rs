@@ -1146,3 +1146,32 @@ fn signing_needs_a_key_and_cert_and_a_known_hash() {
     );
     assert!(Tree::new().load().daemon.signing.is_none());
 }
+
+#[test]
+fn metrics_need_an_absolute_prom_file() {
+    let e = daemon_error("[metrics]\ntextfile = \"/var/lib/node_exporter/kvcd.txt\"\n");
+    assert_eq!(
+        (e.key.as_deref(), e.line),
+        (Some("metrics.textfile"), Some(2))
+    );
+    assert!(
+        e.message.starts_with("expected the path of a *.prom file"),
+        "{e}"
+    );
+    let e = daemon_error("[metrics]\ntextfile = \"kvcd.prom\"\n");
+    assert_eq!(e.message, "expected an absolute path, found \"kvcd.prom\"");
+    let e = daemon_error("[metrics]\n");
+    assert!(e.message.starts_with("[metrics] needs textfile = "), "{e}");
+    let t = Tree::new();
+    fs::write(
+        t.dirs[2].join("kvcd.toml"),
+        "[metrics]\ntextfile = \"/t/kvcd.prom\"\n",
+    )
+    .unwrap();
+    let c = t.load();
+    assert!(c.errors.is_empty(), "{:#?}", c.errors);
+    assert_eq!(
+        c.daemon.metrics_textfile.as_deref(),
+        Some(Path::new("/t/kvcd.prom"))
+    );
+}
