@@ -321,6 +321,13 @@ pub async fn run(
         }
     });
     watch_config(opts.dirs.clone(), handle.clone())?;
+    // Hotplug for [match]: a device that appears may be one a config waits for.
+    let devices = handle.clone();
+    if let Err(e) = crate::devices::watch_uevents(move || devices.device_added()) {
+        warn!(
+            "cannot watch kernel uevents ({e:#}): a device that appears later is seen only at the next config reload"
+        );
+    }
     let watchdog = watchdog_interval().map(|every| {
         let handle = handle.clone();
         let socket = opts.notify_socket.clone();

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dbus;
+pub mod devices;
 pub mod failpoint;
 pub mod hooks;
 pub mod kernel;

@@ -234,6 +234,8 @@ pub struct ModuleConfig {
     pub hooks: Hooks,
     /// Ready check; default none (loaded once the modules are in).
     pub ready: Option<ReadyCheck>,
+    /// The devices the driver is for (`[match]`); default none (every node).
+    pub devices: crate::devices::DeviceMatch,
 }
 
 fn serialize_regex<S: serde::Serializer>(r: &Option<Regex>, s: S) -> Result<S::Ok, S::Error> {

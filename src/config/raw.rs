@@ -74,6 +74,16 @@ pub(crate) struct RawModuleConfig {
     pub(crate) build: Option<S<RawBuild>>,
     pub(crate) hooks: Option<S<RawHooks>>,
     pub(crate) ready: Option<S<RawReady>>,
+    #[serde(rename = "match")]
+    pub(crate) devices: Option<S<RawMatch>>,
+}
+
+/// `[match]`: the devices the driver is for.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMatch {
+    pub(crate) pci: Option<SList>,
+    pub(crate) modalias: Option<SList>,
 }
 
 /// `[directory]`: a precompiled driver package on the host.

@@ -9,8 +9,8 @@ use regex::Regex;
 use serde::Serialize;
 
 use super::raw::{
-    OneOrMany, RawBuild, RawDaemon, RawHooks, RawImage, RawModuleConfig, RawReady, RawSigning, S,
-    SList,
+    OneOrMany, RawBuild, RawDaemon, RawHooks, RawImage, RawMatch, RawModuleConfig, RawReady,
+    RawSigning, S, SList,
 };
 use super::{
     BuildSpec, ConfigError, DEFAULT_BUILD_TIMEOUT, DEFAULT_HOOK_TIMEOUT, DEFAULT_IMAGE_MODULES_DIR,
@@ -953,6 +953,11 @@ pub(super) fn module(
         .map(|l| mod_names(&mut d, "replace_in_tree", l))
         .unwrap_or_default();
     let kernel_match = kernel_match(&mut d, raw.kernel_match.as_ref());
+    let devices = raw
+        .devices
+        .as_ref()
+        .map(|m| device_match(&mut d, m))
+        .unwrap_or_default();
     let parameters = parameters(&mut d, raw.parameters.as_ref(), &modules);
     let has_version = raw.version.is_some();
     let source = source(&mut d, &raw, scope, has_version);
@@ -981,7 +986,42 @@ pub(super) fn module(
         source,
         hooks,
         ready,
+        devices,
     })
+}
+
+/// `[match]`: PCI ids and modalias patterns, at least one.
+fn device_match(d: &mut Diag<'_>, m: &S<RawMatch>) -> crate::devices::DeviceMatch {
+    let raw = m.get_ref();
+    let mut out = crate::devices::DeviceMatch::default();
+    for v in raw.pci.iter().flat_map(|l| l.get_ref()) {
+        match crate::devices::check_pci(v.get_ref()) {
+            Ok(()) => out.pci.push(v.get_ref().to_ascii_lowercase()),
+            Err(msg) => d.error(Some(v.span()), "match.pci", msg),
+        }
+    }
+    for v in raw.modalias.iter().flat_map(|l| l.get_ref()) {
+        let p = v.get_ref();
+        if p.is_empty() || p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            d.error(
+                Some(v.span()),
+                "match.modalias",
+                format!("expected a modalias pattern without blanks (e.g. \"pci:v00008086d00001592*\"), found {p:?}"),
+            );
+        } else {
+            out.modalias.push(p.clone());
+        }
+    }
+    if raw.pci.as_ref().is_none_or(|l| l.get_ref().is_empty())
+        && raw.modalias.as_ref().is_none_or(|l| l.get_ref().is_empty())
+    {
+        d.error(
+            Some(m.span()),
+            "match",
+            "[match] needs pci = [\"VENDOR:DEVICE\", …] or modalias = [\"PATTERN\", …]; without either, leave [match] out",
+        );
+    }
+    out
 }
 
 /// `version`: a version string a module's `MODULE_VERSION` can be compared with.

@@ -106,6 +106,8 @@ enum Event {
         reply: Option<NextReply>,
     },
     Ping(oneshot::Sender<()>),
+    /// A device was added or bound (a kernel uevent).
+    DeviceAdded,
     Shutdown,
 }
 
@@ -157,6 +159,11 @@ impl Handle {
     /// The configuration files changed (`changes` says which).
     pub fn config_changed(&self, changes: Changes) {
         let _ = self.tx.send(Event::ConfigChanged(changes));
+    }
+
+    /// A device appeared: wanted configs that had no matching device are loaded if one matches now.
+    pub fn device_added(&self) {
+        let _ = self.tx.send(Event::DeviceAdded);
     }
 
     /// Stop: finish what runs, start nothing new (unload first if configured).
@@ -514,6 +521,8 @@ impl Agent {
                 Err(r) => warn!(KVCD_MODULE = %name, "removal not taken: {r}"),
             }
         }
+        // A reload looks for devices again too (a device added while no uevent could be read).
+        self.devices_changed();
         self.save_needed = true;
     }
 
@@ -623,6 +632,11 @@ impl Agent {
                 }
             }
             Event::Prepared => self.running = self.running.saturating_sub(1),
+            Event::DeviceAdded => {
+                if !self.shutting_down() {
+                    self.devices_changed();
+                }
+            }
             Event::Next(job) => {
                 if !self.shutting_down() {
                     self.next_jobs.push_back(job);
@@ -997,6 +1011,30 @@ impl Agent {
             prepare(&factory, &settings, &kernel, &configs, &cancel);
             let _ = tx.send(Event::Prepared);
         });
+    }
+
+    /// Loads again the wanted configs that are `unsupported` for want of a
+    /// device, now that one was added (the load checks the devices again).
+    fn devices_changed(&mut self) {
+        let waiting: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| {
+                e.model.wanted
+                    && e.model.status == Status::Unsupported
+                    && e.config.as_ref().is_some_and(|c| !c.devices.is_empty())
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in waiting {
+            info!(KVCD_MODULE = %name, "a device was added: looking for a match again");
+            let ev = machine::Event::LoadRequested {
+                seq: self.next_seq(),
+            };
+            if let Err(r) = self.apply(&name, ev) {
+                warn!(KVCD_MODULE = %name, "load after a new device not taken: {r}");
+            }
+        }
     }
 
     fn fire_retries(&mut self) {

@@ -775,6 +775,12 @@ impl Transition<'_> {
                     .config_error
                     .as_ref()
                     .map(|e| format!("invalid configuration, keeping the last good one: {e}"))
+                    .or_else(|| {
+                        // Why it does not apply (kernel_match, no matching device).
+                        (outcome.state == State::Unsupported)
+                            .then(|| outcome.steps.last().map(|s| s.detail.clone()))
+                            .flatten()
+                    })
                     .unwrap_or_default();
                 n.step.clear();
                 n.attempts = 0;

@@ -68,6 +68,8 @@ pub struct Engine<'a> {
     pub on_step: Option<&'a OnStep<'a>>,
     /// The key staged modules are signed with (`[signing]`), loaded once; default none.
     pub signing: Option<std::sync::Arc<crate::signing::Signing>>,
+    /// Where the node's devices are read for `[match]`; default `/sys`.
+    pub sysfs: PathBuf,
 }
 
 impl std::fmt::Debug for Engine<'_> {
@@ -149,6 +151,7 @@ impl<'a> Engine<'a> {
                 .signing
                 .as_ref()
                 .map(|s| std::sync::Arc::new(crate::signing::Signing::load(s))),
+            sysfs: crate::devices::sysfs_root(),
         }
     }
 }
@@ -977,8 +980,40 @@ impl Engine<'_> {
         out.error = Some(StepError { step, message: msg });
     }
 
-    /// Logs and marks `out` unsupported when `config` does not apply to the target kernel.
+    /// Why `config` does not apply to this node: no device it matches
+    /// (`Err`); else the matching device, if `[match]` is set.
+    pub fn device_for(&self, config: &ModuleConfig) -> Result<Option<String>, String> {
+        if config.devices.is_empty() {
+            return Ok(None);
+        }
+        let devices = crate::devices::scan(&self.sysfs);
+        match config.devices.find(&devices) {
+            Some(d) => Ok(Some(d.modalias.clone().unwrap_or_else(|| d.path.clone()))),
+            None => Err(format!(
+                "no matching device ([match] {}; {} device(s) under {})",
+                config.devices.describe(),
+                devices.len(),
+                self.sysfs.display()
+            )),
+        }
+    }
+
+    /// Logs and marks `out` unsupported when `config` does not apply to the
+    /// target kernel, or to this node's hardware.
     fn check_supported(&self, config: &ModuleConfig, out: &mut Outcome) -> bool {
+        match self.device_for(config) {
+            Err(why) => {
+                self.log(
+                    out,
+                    Step::Config,
+                    format!("{why}; nothing to do until one appears"),
+                );
+                out.state = State::Unsupported;
+                return false;
+            }
+            Ok(Some(d)) => self.log(out, Step::Config, format!("device {d} matches [match]")),
+            Ok(None) => {}
+        }
         if config.supports(&self.kernel) {
             return true;
         }

@@ -116,6 +116,9 @@ impl Engine<'_> {
                 c.file.display()
             ));
         }
+        if let Err(why) = self.device_for(c) {
+            return Readiness::NotApplicable(why);
+        }
         let index = self.layout.host_tree(k).join(INDEX);
         if !index.is_file() {
             return Readiness::NotPrepared(format!(
