@@ -53,7 +53,7 @@ impl Env {
             records: RecordStore::new(&self.tmp.path().join("run")),
             on_step: None,
             signing: None,
-            sysfs: std::path::PathBuf::from("/sys"),
+            sysfs: PathBuf::from("/sys"),
         }
     }
 

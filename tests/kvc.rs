@@ -344,7 +344,7 @@ fn fake_engine<'a>(
         records: kvcd::reconciler::RecordStore::new(&tmp.join("run")),
         on_step: None,
         signing: None,
-        sysfs: std::path::PathBuf::from("/sys"),
+        sysfs: PathBuf::from("/sys"),
     }
 }
 
