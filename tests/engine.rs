@@ -1346,3 +1346,59 @@ fn an_unusable_key_fails_the_stage_and_names_the_file() {
     ok(&e.prepare(&env.config("plain", PLAIN)));
     assert!(sets.join("plain.json").exists());
 }
+
+#[test]
+fn match_gates_the_load_on_a_device_of_the_node() {
+    let env = Env::new();
+    let sys = env.tmp.path().join("sys");
+    fs::create_dir_all(sys.join("bus/pci/devices")).unwrap();
+    let c = env.config(
+        "nic",
+        "modules = [\"kvcd_param\"]\n[match]\npci = [\"8086:1592\"]\n[directory]\npath = \"@KO@\"\n",
+    );
+    let mut e = env.engine();
+    e.sysfs = sys.clone();
+
+    // No such device: unsupported, said why, nothing touched.
+    let o = e.load(&c);
+    assert_eq!(o.state, State::Unsupported, "{o:#?}");
+    assert!(
+        o.steps.iter().any(|s| s
+            .detail
+            .starts_with("no matching device ([match] pci 8086:1592; 0 device(s) under")),
+        "{o:#?}"
+    );
+    assert!(env.fake.take_log().is_empty());
+    assert!(!env.records().dir().join("nic.json").exists());
+    assert!(matches!(e.readiness(&c), Readiness::NotApplicable(_)));
+
+    // Another device is not it.
+    let dev = |addr: &str, vendor: &str, device: &str| {
+        let d = sys.join("bus/pci/devices").join(addr);
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("vendor"), format!("0x{vendor}\n")).unwrap();
+        fs::write(d.join("device"), format!("0x{device}\n")).unwrap();
+        fs::write(
+            d.join("modalias"),
+            format!(
+                "pci:v0000{}d0000{}sv00000000sd00000000bc02sc00i00\n",
+                vendor.to_uppercase(),
+                device.to_uppercase()
+            ),
+        )
+        .unwrap();
+    };
+    dev("0000:00:03.0", "8086", "100e");
+    assert_eq!(e.load(&c).state, State::Unsupported);
+
+    // The device appears: the same config loads.
+    dev("0000:00:04.0", "8086", "1592");
+    let o = e.load(&c);
+    ok(&o);
+    assert!(
+        o.steps.iter().any(|s| s.detail
+            == "device pci:v00008086d00001592sv00000000sd00000000bc02sc00i00 matches [match]"),
+        "{o:#?}"
+    );
+    assert!(env.fake.is_live("kvcd_param"));
+}

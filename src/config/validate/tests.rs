@@ -1175,3 +1175,57 @@ fn metrics_need_an_absolute_prom_file() {
         Some(Path::new("/t/kvcd.prom"))
     );
 }
+
+#[test]
+fn match_takes_pci_ids_and_modalias_patterns() {
+    let t = Tree::new();
+    let md = t.dirs[2].join("modules.d");
+    fs::create_dir_all(&md).unwrap();
+    let base = "modules = [\"m\"]\n[directory]\npath = \"/opt/m\"\n";
+    fs::write(
+        md.join("ok.toml"),
+        format!(
+            "{base}[match]\npci = [\"8086:1592\", \"10DE:*\"]\nmodalias = [\"usb:v0BDAp8153*\"]\n"
+        ),
+    )
+    .unwrap();
+    fs::write(
+        md.join("bad.toml"),
+        format!("{base}[match]\npci = [\"8086\", \"zzzz:1\"]\nmodalias = [\"a b\"]\n"),
+    )
+    .unwrap();
+    fs::write(md.join("empty.toml"), format!("{base}[match]\npci = []\n")).unwrap();
+    let c = t.load();
+    let ok = c.module("ok").unwrap();
+    assert_eq!(ok.devices.pci, ["8086:1592", "10de:*"]);
+    assert_eq!(ok.devices.modalias, ["usb:v0BDAp8153*"]);
+    let Err(errs) = &c.modules["bad"].result else {
+        panic!("bad.toml is valid")
+    };
+    let keys: Vec<_> = errs
+        .iter()
+        .map(|e| (e.key.clone().unwrap_or_default(), e.line))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("match.pci".to_owned(), Some(5)),
+            ("match.pci".to_owned(), Some(5)),
+            ("match.modalias".to_owned(), Some(6))
+        ],
+        "{errs:#?}"
+    );
+    assert!(
+        errs[0]
+            .message
+            .starts_with("expected a PCI id VENDOR:DEVICE"),
+        "{errs:#?}"
+    );
+    let Err(errs) = &c.modules["empty"].result else {
+        panic!("empty.toml is valid")
+    };
+    assert!(
+        errs[0].message.starts_with("[match] needs pci = "),
+        "{errs:#?}"
+    );
+}
