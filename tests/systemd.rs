@@ -54,6 +54,7 @@ fn agent_and_template_units_verify() {
         "Type=oneshot",
         "RemainAfterExit=yes",
         "After=kvcd.service",
+        "LogExtraFields=KVCD_MODULE=%i",
     ] {
         assert!(template.contains(line), "kvcd@.service lacks {line}");
     }
