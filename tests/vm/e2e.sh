@@ -684,7 +684,8 @@ normal_checks() {
     pci_list | sed 's/^/KVCD-E2E: pci /'
     begin "[match] pci of a device the VM has"
     note "PCI devices:"
-    note "$(pci_list)"
+    TRANSCRIPT="$TRANSCRIPT
+$(pci_list | sed 's/^/# /')"
     run kvcd --config-dir "$ALT/hw" apply hw-pci
     expect_rc 0
     expect_out "hw-pci: loaded"
@@ -1052,6 +1053,9 @@ $OUT"
                 bad "the daemon log lacks 'a device was added: looking for a match again'"
             log_has "$log3" "matches [match]" ||
                 bad "the daemon log lacks 'matches [match]'"
+            note "$log3 on the device:"
+            TRANSCRIPT="$TRANSCRIPT
+$(grep -F -e "device was added" -e "matches [match]" -e "inserted kvcd_base" "$log3")"
             run kvcctl unload --wait --timeout "$WAIT_S" hotplug
             expect_rc 0
             expect_out "hotplug: inactive"
