@@ -184,15 +184,17 @@ stop_bus() {
     BUS_PID=""
 }
 
-# start_daemon LOG: kvcd daemon in the background with stderr in LOG, until
-# `kvcctl list` answers with the configs (params among them).
+# start_daemon LOG [ARG...]: kvcd [ARG...] daemon in the background with
+# stderr in LOG, until `kvcctl list` answers with the configs (among them
+# $DAEMON_READY, default params).
 start_daemon() {
     DAEMON_LOG=$1
-    NO_COLOR=1 kvcd daemon </dev/null >"$DAEMON_LOG" 2>&1 &
+    shift
+    NO_COLOR=1 kvcd "$@" daemon </dev/null >"$DAEMON_LOG" 2>&1 &
     DAEMON_PID=$!
     note "started kvcd daemon (pid $DAEMON_PID), log in $DAEMON_LOG"
     _i=0
-    until kvcctl list 2>/dev/null | grep -qx params; do
+    until kvcctl list 2>/dev/null | grep -qx "${DAEMON_READY:-params}"; do
         if exited "$DAEMON_PID"; then
             wait "$DAEMON_PID"
             bad "kvcd daemon exited at start with status $?"
@@ -274,6 +276,37 @@ expect_json_state() {
 # module_address MODULE: the module's load address from /proc/modules (root
 # sees the real one); a new insert gets a new one.
 module_address() { sed -n "s/^$1 .* \(0x[0-9a-f]*\).*/\1/p" /proc/modules; }
+
+# pci_list: the PCI devices under /sys, lspci-like: ADDR VENDOR:DEVICE CLASS.
+pci_list() {
+    for _d in /sys/bus/pci/devices/*; do
+        [ -e "$_d/vendor" ] || continue
+        echo "${_d##*/} $(sed 's/^0x//' "$_d/vendor"):$(sed 's/^0x//' "$_d/device") class $(sed 's/^0x//' "$_d/class")"
+    done
+}
+
+# pci_addr VENDOR DEVICE: the address of the first PCI device with these ids
+# (4 hex digits each, lower case); empty if none.
+pci_addr() {
+    for _d in /sys/bus/pci/devices/*; do
+        [ "$(cat "$_d/vendor" 2>/dev/null)" = "0x$1" ] &&
+            [ "$(cat "$_d/device" 2>/dev/null)" = "0x$2" ] && { echo "${_d##*/}"; return; }
+    done
+}
+
+# wait_json_state NAME STATE SECONDS: polls `kvcctl status --json NAME`
+# until NAME is in STATE; false if it is not within SECONDS. OUT holds the
+# last answer.
+wait_json_state() {
+    _i=0
+    while :; do
+        OUT=$(kvcctl status --json "$1" 2>&1)
+        case "$(json_module "$1")" in *"\"state\":\"$2\""*) return 0 ;; esac
+        [ "$_i" -ge $(($3 * 2)) ] && return 1
+        sleep 0.5
+        _i=$((_i + 1))
+    done
+}
 
 KVER=$(uname -r)
 VERBOSE=""
@@ -646,6 +679,60 @@ normal_checks() {
     end
     scrub kvcd_base
 
+    # [match]: the VM's PCI devices (qemu's default machine) decide. The
+    # listing goes to the console for the record.
+    pci_list | sed 's/^/KVCD-E2E: pci /'
+    begin "[match] pci of a device the VM has"
+    note "PCI devices:"
+    TRANSCRIPT="$TRANSCRIPT
+$(pci_list | sed 's/^/# /')"
+    run kvcd --config-dir "$ALT/hw" apply hw-pci
+    expect_rc 0
+    expect_out "hw-pci: loaded"
+    expect_out "matches [match]"
+    expect_out "pci:v00008086d00007000"
+    expect_loaded kvcd_base
+    expect_record hw-pci
+    run kvcd --config-dir "$ALT/hw" apply --unload hw-pci
+    expect_rc 0
+    expect_unloaded kvcd_base
+    expect_no_record hw-pci
+    end
+    scrub kvcd_base
+
+    begin "[match] modalias glob of a device the VM has"
+    run kvcd --config-dir "$ALT/hw" apply hw-alias
+    expect_rc 0
+    expect_out "hw-alias: loaded"
+    expect_out "matches [match]"
+    expect_out "pci:v00008086d00007000"
+    expect_loaded kvcd_param
+    expect_record hw-alias
+    run kvcd --config-dir "$ALT/hw" apply --unload hw-alias
+    expect_rc 0
+    expect_unloaded kvcd_param
+    expect_no_record hw-alias
+    end
+    scrub kvcd_param
+
+    begin "[match] with no matching device"
+    run kvcd --config-dir "$ALT/hw" apply hw-none
+    expect_rc 0
+    expect_out "hw-none: unsupported"
+    expect_out "no matching device ([match] pci dead:beef;"
+    expect_out "device(s) under /sys)"
+    expect_no_out "inserted"
+    expect_unloaded kvcd_user kvcd_base
+    expect_no_record hw-none
+    run kvcd --config-dir "$ALT/hw" apply --json hw-none
+    expect_rc 0
+    expect_out '"state": "unsupported"'
+    expect_out "no matching device"
+    expect_unloaded kvcd_user kvcd_base
+    expect_no_record hw-none
+    end
+    scrub kvcd_user kvcd_base
+
     begin "unknown config name"
     run kvcd apply no-such-config
     expect_rc 1
@@ -916,6 +1003,73 @@ daemon_checks() {
         fi
     fi
     end_with_logs "$log1" "$log2"
+
+    # Hotplug: qemu's standard VGA (1234:1111) is removed from the PCI bus,
+    # the daemon gets a wanted config that matches only it (unsupported: no
+    # matching device); a rescan adds the device back and the kernel's add
+    # uevent makes the daemon load the config.
+    log3=/tmp/kvcd-daemon.3.log
+    begin "daemon loads a [match] config when its device is added"
+    vga=$(pci_addr 1234 1111)
+    if [ -n "$DAEMON_PID" ]; then
+        bad "a daemon still runs (see the check before)"
+    elif [ -z "$vga" ]; then
+        bad "no PCI device 1234:1111 (qemu's standard VGA) in the VM"
+        note "$(pci_list)"
+    elif [ ! -e /sys/bus/pci/rescan ]; then
+        bad "the kernel has no /sys/bus/pci/rescan"
+    else
+        note "1234:1111 is at $vga"
+        run sh -c "echo 1 > /sys/bus/pci/devices/$vga/remove"
+        expect_rc 0
+        [ -e "/sys/bus/pci/devices/$vga" ] && bad "$vga is still there after remove"
+        # Only this config (its module is one /etc/kvcd's configs name too).
+        if DAEMON_READY=hotplug start_daemon "$log3" --config-dir "$ALT/hotplug"; then
+            run kvcctl load --wait --timeout 30 hotplug
+            expect_rc 0
+            expect_out "hotplug: unsupported"
+            run kvcctl status --json hotplug
+            expect_rc 0
+            expect_json_state hotplug unsupported
+            expect_out "no matching device ([match] pci 1234:1111;"
+            expect_unloaded kvcd_base
+            expect_no_record hotplug
+            run sh -c "echo 1 > /sys/bus/pci/rescan"
+            expect_rc 0
+            [ -e "/sys/bus/pci/devices/$vga" ] || bad "$vga did not come back after the rescan"
+            t0=$(date +%s)
+            if wait_json_state hotplug loaded 30; then
+                note "hotplug loaded $(($(date +%s) - t0)) s after the rescan"
+            else
+                bad "hotplug is not loaded 30 s after the rescan"
+            fi
+            TRANSCRIPT="$TRANSCRIPT
+\$ kvcctl status --json hotplug (polled)
+$OUT"
+            expect_json_state hotplug loaded kvcd_base
+            expect_loaded kvcd_base
+            expect_record hotplug
+            log_has "$log3" "a device was added: looking for a match again" ||
+                bad "the daemon log lacks 'a device was added: looking for a match again'"
+            log_has "$log3" "matches [match]" ||
+                bad "the daemon log lacks 'matches [match]'"
+            note "$log3 on the device:"
+            TRANSCRIPT="$TRANSCRIPT
+$(grep -F -e "device was added" -e "matches [match]" -e "inserted kvcd_base" "$log3")"
+            run kvcctl unload --wait --timeout "$WAIT_S" hotplug
+            expect_rc 0
+            expect_out "hotplug: inactive"
+            expect_unloaded kvcd_base
+            expect_no_record hotplug
+            if stop_daemon; then
+                [ "$EXIT_RC" = 0 ] || bad "kvcd daemon exited with status $EXIT_RC after SIGTERM, expected 0"
+            fi
+        fi
+    fi
+    # Leave the VGA on the bus whatever happened.
+    [ -n "$vga" ] && [ ! -e "/sys/bus/pci/devices/$vga" ] && echo 1 >/sys/bus/pci/rescan
+    end_with_logs "$log3"
+    scrub kvcd_base
 
     begin "kvcctl without a running daemon"
     if [ -n "$DAEMON_PID" ]; then stop_daemon; fi
