@@ -379,7 +379,8 @@ fn a_changed_file_changes_only_its_object() {
     node.module("params", PARAM);
     names.push("params".to_owned());
     node.start();
-    assert_eq!(node.kvcctl(&["load", "--wait", "params"]).0, 0);
+    let (code, out, err) = node.kvcctl(&["load", "--wait", "params"]);
+    assert_eq!(code, 0, "{out}{err}");
     // The connection and the stream are dropped inside the runtime.
     let rt = node.rt.handle().clone();
     let _rt = rt.enter();
