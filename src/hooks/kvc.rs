@@ -148,9 +148,10 @@ pub struct CallLog {
 }
 
 impl CallLog {
-    /// A new, empty call log in the temporary directory (`$TMPDIR`, default `/tmp`).
-    pub fn new() -> Result<Self> {
-        let base = std::env::temp_dir();
+    /// A new, empty call log in `base` (kvcd's runtime directory: a helper
+    /// in a transient unit sees it, where kvcd's private `/tmp` it would not).
+    pub fn new(base: &Path) -> Result<Self> {
+        fs::create_dir_all(base).with_context(|| format!("creating {}", base.display()))?;
         for n in 0..1000 {
             let path = base.join(format!("kvcd-kvc-calls.{}.{n}", std::process::id()));
             match fs::OpenOptions::new()
@@ -333,7 +334,7 @@ mod tests {
             "build_kmods() { local f; f=$(kvc_c_images --quiet x); echo \"[$f]\"; kvc_c_build -t x .; kvc_c_run x true; kvc_c_rmi x; }\n",
         )
         .unwrap();
-        let log = CallLog::new().unwrap();
+        let log = CallLog::new(t.path()).unwrap();
         let mut c = command(
             std::slice::from_ref(&lib),
             KvcAction::Build,

@@ -3,10 +3,12 @@
 //! Commands are argv, never shell strings. Each runs in its own process
 //! group with stdin closed; its output goes to a sink line by line as it
 //! comes; on timeout the whole group is killed (TERM, then KILL), so nothing
-//! it started is left behind. A command that exits in time may leave
-//! background processes it started on purpose (a helper daemon) running.
+//! it started is left behind. Run inline, a command that exits in time may
+//! leave background processes it started on purpose running; in a transient
+//! unit ([`unit`], kvcd.service's way) they end with it, as in any service.
 
 pub mod kvc;
+pub mod unit;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -133,8 +135,27 @@ pub enum RunError {
 /// Runs `cmd` in its own process group with stdin closed, handing each line
 /// of output to `on_line` (is_stderr, line) as it comes; past `timeout` the
 /// whole group is killed (TERM, then KILL). The one process runner of kvcd:
-/// hooks and podman go through it.
+/// hooks and podman go through it. Under [`unit::Placement::Units`] the
+/// command runs in a transient systemd service (see [`unit`]), which is
+/// stopped too when the timeout is reached.
 pub fn run_lines(
+    cmd: Command,
+    timeout: Duration,
+    on_line: &mut dyn FnMut(bool, String),
+) -> Result<ExitStatus, RunError> {
+    if unit::placement() == unit::Placement::Inline {
+        return run_inline(cmd, timeout, on_line);
+    }
+    let placed = unit::place(&cmd, timeout).map_err(RunError::Spawn)?;
+    let result = run_inline(placed.command, timeout, on_line);
+    if matches!(result, Err(RunError::TimedOut)) {
+        unit::stop(&placed.unit);
+    }
+    result
+}
+
+/// [`run_lines`] as a child of this process, whatever the placement.
+fn run_inline(
     mut cmd: Command,
     timeout: Duration,
     on_line: &mut dyn FnMut(bool, String),

@@ -193,7 +193,8 @@ impl Engine<'_> {
         };
         let func = action.function();
         // Counting is a report, not a reason to fail the action.
-        let calls = match kvc::CallLog::new() {
+        // Beside the records, in the runtime directory: the library may run in a transient unit.
+        let calls = match kvc::CallLog::new(&self.records.dir().with_file_name("kvc")) {
             Ok(l) => Some(l),
             Err(e) => {
                 self.log(
