@@ -371,12 +371,26 @@ impl Textfile {
         let name = self.path.file_name().unwrap_or_default().to_string_lossy();
         // Not `*.prom`: node_exporter never reads a half-written file.
         let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-        std::fs::write(&tmp, text.as_bytes())
-            .and_then(|()| std::fs::rename(&tmp, &self.path))
-            .with_context(|| format!("writing metrics to {}", self.path.display()))
-            .inspect_err(|_| {
-                let _ = std::fs::remove_file(&tmp);
-            })?;
+        // Readable by node_exporter's user whatever kvcd's umask (0077 in kvcd.service).
+        let written = std::fs::write(&tmp, text.as_bytes())
+            .and_then(|()| {
+                std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            })
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            let hint = if e.raw_os_error() == Some(libc::EROFS) {
+                format!(
+                    " ({} is read-only to kvcd: kvcd.service may write only where its \
+                     ReadWritePaths= say; add the directory in a drop-in, docs/security.md)",
+                    dir.display()
+                )
+            } else {
+                String::new()
+            };
+            return Err(anyhow::Error::new(e)
+                .context(format!("writing metrics to {}{hint}", self.path.display())));
+        }
         self.last = Some((body, now));
         Ok(())
     }
@@ -479,5 +493,22 @@ mod tests {
         assert!(f.due().is_some());
         // No temporary file is left behind.
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+        // node_exporter runs as its own user: the file is world-readable.
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&p).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o644);
+    }
+
+    #[test]
+    fn a_directory_it_cannot_write_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("missing").join("kvcd.prom");
+        let e = Textfile::new(p.clone()).update("a 1\n".into()).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.starts_with(&format!("writing metrics to {}", p.display())),
+            "{msg}"
+        );
+        assert!(msg.contains("No such file or directory"), "{msg}");
     }
 }
