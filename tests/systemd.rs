@@ -40,7 +40,7 @@ fn agent_and_template_units_verify() {
     for line in [
         "Type=notify",
         "BusName=org.kvcd.Kvcd1",
-        "ExecStart=/usr/bin/kvcd daemon",
+        "ExecStart=/usr/bin/kvcd daemon --helpers=units",
         "RuntimeDirectoryPreserve=yes",
         "WatchdogSec=",
     ] {
