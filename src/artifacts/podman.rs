@@ -217,6 +217,47 @@ pub fn is_missing_image(cause: &str) -> bool {
     cause.contains("no such image") || cause.contains("image not known")
 }
 
+/// True when `podman search --list-tags` failed because the registry does not
+/// know the repository (nothing was ever pushed there).
+pub fn is_unknown_repository(tail: &[String]) -> bool {
+    tail.iter().any(|l| {
+        l.contains("404 (Not Found)")
+            || l.contains("NAME_UNKNOWN")
+            || l.contains("repository name not known")
+    })
+}
+
+/// One repository of `podman search --list-tags --format json`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RawTags {
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+}
+
+/// Reads `podman search --list-tags --format json` output: every tag listed.
+pub fn parse_tag_list(json: &str) -> Result<Vec<String>> {
+    let list: Vec<RawTags> = serde_json::from_str(json).context(
+        "expected a JSON array of repositories, each an object with a \"Tags\" array of strings",
+    )?;
+    Ok(list
+        .into_iter()
+        .flat_map(|r| r.tags.unwrap_or_default())
+        .collect())
+}
+
+/// A reference split into its repository and its tag; `None` for a
+/// reference by digest (it names content, not a tag to publish under) or
+/// one without a tag.
+pub fn split_tag(reference: &str) -> Option<(&str, &str)> {
+    if reference.contains('@') {
+        return None;
+    }
+    let (repo, tag) = reference.rsplit_once(':')?;
+    // A colon before the last slash is a registry port, not a tag.
+    (!tag.contains('/') && !repo.is_empty() && !tag.is_empty()).then_some((repo, tag))
+}
+
 /// Podman's own reason for a failure: its last `Error: …` line, else its last
 /// line, else the exit `status`.
 fn cause(tail: &[String], status: &str) -> String {
@@ -275,6 +316,94 @@ impl Podman {
         self.pull_timeout = pull;
         self.short_timeout = short;
         self
+    }
+
+    /// The tags of `repository` (a reference without tag or digest) in its
+    /// registry; empty when the registry does not know the repository.
+    pub fn list_tags(
+        &self,
+        repository: &str,
+        auth_file: Option<&Path>,
+        tls_verify: bool,
+    ) -> Result<Vec<String>> {
+        let mut args = vec![
+            "search".to_owned(),
+            "--list-tags".to_owned(),
+            "--limit=1000000".to_owned(),
+            "--format=json".to_owned(),
+            format!("--tls-verify={tls_verify}"),
+        ];
+        if let Some(a) = auth_file {
+            args.push(format!("--authfile={}", a.display()));
+        }
+        args.push("--".to_owned());
+        args.push(repository.to_owned());
+        let what = || {
+            format!(
+                "listing the tags of {repository} in registry {}",
+                registry_of(repository)
+            )
+        };
+        let run = self
+            .run("search", &args, self.pull_timeout, None)
+            .map_err(|e| e.context(what()))?;
+        if !run.ok {
+            if is_unknown_repository(&run.tail) {
+                return Ok(Vec::new());
+            }
+            // "1 error occurred:" says nothing; the line after it does.
+            let detail = run
+                .tail
+                .iter()
+                .rev()
+                .find(|l| l.trim_start().starts_with('*'))
+                .map_or_else(
+                    || run.cause(),
+                    |l| l.trim_start_matches(['\t', ' ', '*']).to_owned(),
+                );
+            bail!("{}: {detail}", what());
+        }
+        parse_tag_list(&run.stdout).with_context(|| format!("{}: podman's output", what()))
+    }
+
+    /// Pushes the local image `reference` to its registry; gives the manifest digest pushed.
+    pub fn push(
+        &self,
+        reference: &str,
+        digest_file: &Path,
+        auth_file: Option<&Path>,
+        tls_verify: bool,
+        sink: LineSink<'_>,
+    ) -> Result<String> {
+        let mut args = vec![
+            "push".to_owned(),
+            format!("--tls-verify={tls_verify}"),
+            format!("--digestfile={}", digest_file.display()),
+        ];
+        if let Some(a) = auth_file {
+            args.push(format!("--authfile={}", a.display()));
+        }
+        args.push("--".to_owned());
+        args.push(reference.to_owned());
+        let what = || format!("pushing {reference} to registry {}", registry_of(reference));
+        let _ = std::fs::remove_file(digest_file);
+        let run = self
+            .run("push", &args, self.pull_timeout, Some(sink))
+            .map_err(|e| e.context(what()))?;
+        let digest = std::fs::read_to_string(digest_file).unwrap_or_default();
+        let _ = std::fs::remove_file(digest_file);
+        if !run.ok {
+            bail!("{}: {}", what(), run.cause());
+        }
+        let digest = digest.trim();
+        if !digest.starts_with("sha256:") {
+            bail!(
+                "{}: podman wrote no digest to {} (got {digest:?})",
+                what(),
+                digest_file.display()
+            );
+        }
+        Ok(digest.to_owned())
     }
 
     /// Runs `podman ARGS` (`what` names the call, e.g. `pull`, in errors) with `timeout`.
@@ -551,6 +680,42 @@ mod tests {
             .join("tests/fixtures/podman")
             .join(name);
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    #[test]
+    fn tag_lists_are_read_from_podman_search_and_an_unknown_repository_is_empty() {
+        assert_eq!(
+            parse_tag_list(&fixture("search-tags.json")).unwrap(),
+            ["6.1.0-57-amd64"]
+        );
+        assert!(parse_tag_list("[]").unwrap().is_empty());
+        assert!(
+            parse_tag_list("[{\"Name\": \"r\", \"Tags\": null}]")
+                .unwrap()
+                .is_empty()
+        );
+        let e = parse_tag_list("{}").unwrap_err();
+        assert!(format!("{e:#}").contains("\"Tags\" array"), "{e:#}");
+        let tail: Vec<String> = fixture("search-tags-unknown.stderr")
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert!(is_unknown_repository(&tail));
+        assert!(!is_unknown_repository(&[
+            "Error: connection refused".to_owned()
+        ]));
+    }
+
+    #[test]
+    fn references_split_into_repository_and_tag() {
+        assert_eq!(
+            split_tag("127.0.0.1:5731/kvcd/drivers:6.1.0-57-amd64"),
+            Some(("127.0.0.1:5731/kvcd/drivers", "6.1.0-57-amd64"))
+        );
+        assert_eq!(split_tag("quay.io/a/b:1.0"), Some(("quay.io/a/b", "1.0")));
+        assert_eq!(split_tag("127.0.0.1:5731/kvcd/drivers"), None);
+        assert_eq!(split_tag("quay.io/a/b@sha256:abc"), None);
+        assert_eq!(split_tag("quay.io/a/b:1@sha256:abc"), None);
     }
 
     fn lines(text: &str) -> Vec<String> {
