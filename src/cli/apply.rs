@@ -55,7 +55,7 @@ pub(super) struct PrepareNextArgs {
     names: Vec<String>,
 }
 
-fn print_step(name: &str, s: &StepLog) {
+pub(super) fn print_step(name: &str, s: &StepLog) {
     println!("{name}: {}: {}", s.step.as_str(), s.detail);
 }
 

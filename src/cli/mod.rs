@@ -6,6 +6,7 @@ mod config;
 pub mod daemon;
 mod import_kvc;
 mod prune;
+mod publish;
 mod signing;
 mod wrapper;
 
@@ -99,6 +100,8 @@ enum KvcdCommand {
     Prune(prune::PruneArgs),
     /// Prepare artifacts for installed kernels that are not running (before a reboot into them).
     PrepareNext(apply::PrepareNextArgs),
+    /// Build (or take from local storage), verify and push driver images for a list of kernels, skipping tags the registry has.
+    Publish(publish::PublishArgs),
     /// Show the signing key of kvcd.toml and whether the running kernel trusts it (exit 1 when signed modules would be refused).
     Signing(signing::SigningArgs),
     /// Run the agent: D-Bus service, config watcher, retries (what kvcd.service runs).
@@ -186,6 +189,7 @@ pub fn kvcd_main() -> ExitCode {
         KvcdCommand::Apply(args) => apply::run(&cli.paths, &args),
         KvcdCommand::Prune(args) => prune::run(&cli.paths, &args),
         KvcdCommand::PrepareNext(args) => apply::prepare_next(&cli.paths, &args),
+        KvcdCommand::Publish(args) => publish::run(&cli.paths, &args),
         KvcdCommand::Signing(args) => signing::run(&cli.paths, &args),
         KvcdCommand::Daemon(args) => daemon::main(&cli.paths, &args),
     };
