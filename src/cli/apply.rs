@@ -56,19 +56,27 @@ pub(super) struct PrepareNextArgs {
 }
 
 pub(super) fn print_step(name: &str, s: &StepLog) {
-    println!("{name}: {}: {}", s.step.as_str(), s.detail);
+    // In the journal the engine's own line, with its fields, says it already.
+    if !super::steps_to_journal() {
+        println!("{name}: {}: {}", s.step.as_str(), s.detail);
+    }
 }
 
 fn print_outcome(o: &Outcome) {
-    match &o.error {
-        None => println!("{}: {}", o.name, o.state),
-        Some(e) => println!(
+    let line = match &o.error {
+        None => format!("{}: {}", o.name, o.state),
+        Some(e) => format!(
             "{}: {} at {}: {}",
             o.name,
             o.state,
             e.step.as_str(),
             e.message
         ),
+    };
+    if super::steps_to_journal() {
+        tracing::info!(KVCD_MODULE = %o.name, KVCD_KERNEL = %o.kernel, "{line}");
+    } else {
+        println!("{line}");
     }
 }
 

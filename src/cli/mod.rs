@@ -139,12 +139,44 @@ fn lock_state(settings: &crate::config::DaemonSettings) -> anyhow::Result<crate:
     crate::state::Layout::from_settings(settings).lock()
 }
 
+/// Set when a `kvcd` verb's output goes to the journal natively (see [`init_logging`]).
+static STEPS_TO_JOURNAL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True when stdout is the journal stream systemd gave this process (`JOURNAL_STREAM` names its device and inode).
+fn stdout_is_journal() -> bool {
+    use std::os::fd::AsFd as _;
+    let Some((dev, ino)) = std::env::var("JOURNAL_STREAM")
+        .ok()
+        .and_then(|v| v.split_once(':').map(|(d, i)| (d.to_owned(), i.to_owned())))
+    else {
+        return false;
+    };
+    nix::sys::stat::fstat(std::io::stdout().as_fd())
+        .is_ok_and(|st| st.st_dev.to_string() == dev && st.st_ino.to_string() == ino)
+}
+
+/// True when a `kvcd` verb logs its steps to the journal with `KVCD_*` fields
+/// instead of printing them (its stdout is the journal, as under a unit).
+pub(crate) fn steps_to_journal() -> bool {
+    STEPS_TO_JOURNAL.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Logging: `KVCD_LOG` or `RUST_LOG` if set, else by `-v` (the daemon logs at info by default).
-/// The daemon writes to the journal, with `KVCD_*` fields, when the journal socket exists.
-fn init_logging(verbose: u8, daemon: bool) {
+/// The daemon writes to the journal, with `KVCD_*` fields, when the journal socket exists;
+/// so does a `kvcd` verb (`steps`) whose stdout is the journal (a unit's
+/// `kvcd prepare-next`): its step lines then carry the fields too.
+fn init_logging(verbose: u8, daemon: bool, steps: bool) {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    let default = match (verbose, daemon) {
+    let native = daemon || (steps && stdout_is_journal());
+    let journal = (native && Path::new("/run/systemd/journal/socket").exists())
+        .then(|| tracing_journald::layer().ok())
+        .flatten()
+        .map(|l| {
+            l.with_field_prefix(None)
+                .with_syslog_identifier("kvcd".to_owned())
+        });
+    let default = match (verbose, daemon || journal.is_some()) {
         (0, false) => "off",
         (0, true) | (1, _) => "kvcd=info",
         _ => "kvcd=debug",
@@ -152,16 +184,12 @@ fn init_logging(verbose: u8, daemon: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KVCD_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("RUST_LOG"))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let journal = (daemon && Path::new("/run/systemd/journal/socket").exists())
-        .then(|| tracing_journald::layer().ok())
-        .flatten()
-        .map(|l| {
-            l.with_field_prefix(None)
-                .with_syslog_identifier("kvcd".to_owned())
-        });
     let registry = tracing_subscriber::registry().with(filter);
     let _ = match journal {
-        Some(j) => registry.with(j).try_init(),
+        Some(j) => {
+            STEPS_TO_JOURNAL.store(!daemon, std::sync::atomic::Ordering::Relaxed);
+            registry.with(j).try_init()
+        }
         None => registry
             .with(
                 tracing_subscriber::fmt::layer()
@@ -184,7 +212,8 @@ fn default_sigpipe() {
 pub fn kvcd_main() -> ExitCode {
     default_sigpipe();
     let cli = KvcdCli::parse();
-    init_logging(cli.verbose, matches!(cli.command, KvcdCommand::Daemon(_)));
+    let daemon = matches!(cli.command, KvcdCommand::Daemon(_));
+    init_logging(cli.verbose, daemon, !daemon);
     let result = match cli.command {
         KvcdCommand::Apply(args) => apply::run(&cli.paths, &args),
         KvcdCommand::Prune(args) => prune::run(&cli.paths, &args),
@@ -200,7 +229,7 @@ pub fn kvcd_main() -> ExitCode {
 pub fn kvcctl_main() -> ExitCode {
     default_sigpipe();
     let cli = KvcctlCli::parse();
-    init_logging(0, false);
+    init_logging(0, false, false);
     let result = match cli.command {
         KvcctlCommand::Config(cmd) => config::run(&cli.paths, &cmd),
         KvcctlCommand::Client(cmd) => client::run(&cli.bus, &cmd),

@@ -98,6 +98,15 @@ impl Published {
         self
     }
 
+    /// Prints the line; in the journal, with the config's and the kernel's fields.
+    fn print(&self) {
+        if super::steps_to_journal() {
+            tracing::info!(KVCD_MODULE = %self.config, KVCD_KERNEL = %self.kernel, "{}", self.line());
+        } else {
+            println!("{}", self.line());
+        }
+    }
+
     fn line(&self) -> String {
         let image = self.image.as_deref().unwrap_or("-");
         let what = match self.action {
@@ -381,14 +390,14 @@ pub(super) fn run(paths: &PathArgs, args: &PublishArgs) -> Result<u8> {
         }
         for p in bad {
             if !args.json {
-                println!("{}", p.line());
+                p.print();
             }
             results.push(p);
         }
         for c in configs {
             let p = publish_one(&engine, c, &mut tags, &digest_file, args.dry_run, sink);
             if !args.json {
-                println!("{}", p.line());
+                p.print();
             }
             results.push(p);
         }
