@@ -72,6 +72,9 @@ pub struct Podman {
     calls: Cell<usize>,
     pull_timeout: Duration,
     short_timeout: Duration,
+    /// Where image mounts are bound again for kvcd to see them, when podman
+    /// runs in transient units (`RUNTIME/mounts`); none when it runs inline.
+    shared_mounts: Option<PathBuf>,
 }
 
 /// What `podman image inspect` says about an image.
@@ -299,15 +302,38 @@ impl Podman {
             calls: Cell::new(0),
             pull_timeout: Duration::from_secs(DEFAULT_PULL_TIMEOUT),
             short_timeout: Duration::from_secs(DEFAULT_PODMAN_TIMEOUT),
+            shared_mounts: None,
         }
     }
 
-    /// Podman with the program and timeouts of `settings` (kvcd.toml).
+    /// Podman with the program and timeouts of `settings` (kvcd.toml); when
+    /// commands run in transient units, image mounts are shared through the
+    /// runtime directory.
     pub fn from_settings(settings: &crate::config::DaemonSettings) -> Self {
-        Self::new(&settings.podman).with_timeouts(
+        let mut p = Self::new(&settings.podman).with_timeouts(
             Duration::from_secs(settings.pull_timeout_seconds),
             Duration::from_secs(settings.podman_timeout_seconds),
-        )
+        );
+        if crate::hooks::unit::placement() == crate::hooks::unit::Placement::Units {
+            p.shared_mounts = Some(settings.runtime_dir.join("mounts"));
+        }
+        p
+    }
+
+    /// Runs a helper (`mount`, `umount`) for `what` with the short timeout.
+    fn helper(&self, what: &str, argv: &[&std::ffi::OsStr]) -> Result<()> {
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..]);
+        let Ran { result, tail } =
+            run_tailed(cmd, self.short_timeout, TAIL, TailOf::Both, &mut |_, _| {});
+        match result {
+            Ok(status) if status.success() => Ok(()),
+            Ok(status) => bail!("{what}: {}", cause(&tail, &describe(status))),
+            Err(RunError::Spawn(e)) => Err(anyhow!(e).context(what.to_owned())),
+            Err(RunError::TimedOut) => {
+                bail!("{what}: timed out after {}s", self.short_timeout.as_secs())
+            }
+        }
     }
 
     /// The same podman with other timeouts: `pull` for pulls, `short` for inspect, mount, unmount and rmi.
@@ -601,10 +627,85 @@ impl ContainerTool for Podman {
         if !run.ok {
             bail!("mounting image {image_id}: {}", run.cause());
         }
-        parse_image_mount(&run.stdout).with_context(|| format!("mounting image {image_id}"))
+        let m =
+            parse_image_mount(&run.stdout).with_context(|| format!("mounting image {image_id}"))?;
+        let Some(shared) = &self.shared_mounts else {
+            return Ok(m);
+        };
+        // podman's mount point sits under its storage, which it makes a
+        // private mount: a mount there never reaches kvcd's namespace. A
+        // read-only bind under the runtime directory (a shared mount) does.
+        let at = shared_mount_point(shared, image_id)?;
+        let bound = std::fs::create_dir_all(&at)
+            .with_context(|| format!("creating {}", at.display()))
+            .and_then(|()| {
+                if is_mount_point(&at) {
+                    self.helper(
+                        &format!("unmounting a stale {}", at.display()),
+                        &["umount".as_ref(), at.as_os_str()],
+                    )?;
+                }
+                self.helper(
+                    &format!("binding {} to {}", m.path.display(), at.display()),
+                    &[
+                        "mount".as_ref(),
+                        "--bind".as_ref(),
+                        "-o".as_ref(),
+                        "ro".as_ref(),
+                        m.path.as_os_str(),
+                        at.as_os_str(),
+                    ],
+                )
+            });
+        if let Err(e) = bound {
+            let _ = self.podman_unmount(image_id);
+            return Err(e.context(format!("mounting image {image_id}")));
+        }
+        Ok(Mounted {
+            path: at,
+            digest: m.digest,
+        })
     }
 
     fn unmount(&self, image_id: &str) -> Result<()> {
+        if let Some(shared) = &self.shared_mounts {
+            let at = shared_mount_point(shared, image_id)?;
+            if is_mount_point(&at) {
+                self.helper(
+                    &format!("unmounting {}", at.display()),
+                    &["umount".as_ref(), at.as_os_str()],
+                )
+                .with_context(|| format!("unmounting image {image_id}"))?;
+            }
+            let _ = std::fs::remove_dir(&at);
+        }
+        self.podman_unmount(image_id)
+    }
+}
+
+/// Where image `id` is bound under `shared` (a plain ID: no path may hide in it).
+fn shared_mount_point(shared: &Path, id: &str) -> Result<PathBuf> {
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+        bail!("image ID {id:?} is not a plain ID");
+    }
+    Ok(shared.join(id))
+}
+
+/// True when `path` is a mount point (its device differs from its parent's).
+fn is_mount_point(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let (Ok(m), Some(Ok(p))) = (
+        std::fs::symlink_metadata(path),
+        path.parent().map(std::fs::metadata),
+    ) else {
+        return false;
+    };
+    m.dev() != p.dev()
+}
+
+impl Podman {
+    /// `podman image unmount ID`.
+    fn podman_unmount(&self, image_id: &str) -> Result<()> {
         let args = ["image", "unmount", "--", image_id].map(String::from);
         let run = self
             .run("image unmount", &args, self.short_timeout, None)
