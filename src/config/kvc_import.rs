@@ -602,6 +602,16 @@ pub fn convert(name: &str, source: &Path, text: &str, libraries: &[PathBuf]) -> 
             ));
             None
         }
+        Some(v) if !library => match crate::kernel::check_version(&v.value) {
+            Ok(()) => Some(v.value.clone()),
+            Err(e) => {
+                problems.push(format!(
+                    "{SOFTWARE_VERSION} (line {}) cannot be the config's `version`: {e}",
+                    v.line
+                ));
+                None
+            }
+        },
         Some(v) => Some(v.value.clone()),
         None => None,
     };
@@ -1009,6 +1019,26 @@ KMOD_NAMES="simple-kmod simple-procfs-kmod"
         )
         .unwrap_or_else(|e| panic!("{text}\n{e:?}"));
         (text, cfg)
+    }
+
+    #[test]
+    fn a_version_kvcd_would_refuse_fails_the_conversion_with_the_line() {
+        // Found by the kvc_import fuzz target: 131 characters.
+        let long = format!("dd0a{}7d4", "q".repeat(124));
+        let c = conv("simple-kmod", &SIMPLE.replace("dd1a7d4", &long), &[]);
+        let e = c.result.unwrap_err();
+        assert!(
+            e.contains("KMOD_SOFTWARE_VERSION (line 3) cannot be the config's `version`: expected a version like"),
+            "{e}"
+        );
+        let c = conv("simple-kmod", &SIMPLE.replace("dd1a7d4", "1..2"), &[]);
+        assert!(c.result.is_err());
+        let c = conv(
+            "simple-kmod",
+            &SIMPLE.replace("dd1a7d4", &"7".repeat(128)),
+            &[],
+        );
+        render(&c);
     }
 
     #[test]
