@@ -240,6 +240,10 @@ struct Entry {
     config: Option<ModuleConfig>,
     /// When the retry the model waits for fires.
     retry_at: Option<Instant>,
+    /// A device was added while this config was not waiting for one (an
+    /// operation under way may have looked before it appeared): look again
+    /// if that operation ends without a matching device.
+    devices_dirty: bool,
 }
 
 /// What start-up found on disk and in the kernel for one module config.
@@ -474,6 +478,7 @@ impl Agent {
                     model,
                     config: good,
                     retry_at: None,
+                    devices_dirty: false,
                 };
                 self.entries.insert(name, entry);
                 continue;
@@ -630,6 +635,7 @@ impl Agent {
                     }
                     Err(r) => warn!(KVCD_MODULE = %name, "result of {op:?} not taken: {r}"),
                 }
+                self.recheck_devices(&name);
             }
             Event::Prepared => self.running = self.running.saturating_sub(1),
             Event::DeviceAdded => {
@@ -1015,25 +1021,47 @@ impl Agent {
 
     /// Loads again the wanted configs that are `unsupported` for want of a
     /// device, now that one was added (the load checks the devices again).
+    /// The others with a `[match]` are marked: an operation under way may
+    /// have read the devices before this one appeared (a bus rescan adds
+    /// several in a row), so it looks again when it ends unsupported.
     fn devices_changed(&mut self) {
-        let waiting: Vec<String> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| {
-                e.model.wanted
-                    && e.model.status == Status::Unsupported
-                    && e.config.as_ref().is_some_and(|c| !c.devices.is_empty())
-            })
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in waiting {
-            info!(KVCD_MODULE = %name, "a device was added: looking for a match again");
-            let ev = machine::Event::LoadRequested {
-                seq: self.next_seq(),
-            };
-            if let Err(r) = self.apply(&name, ev) {
-                warn!(KVCD_MODULE = %name, "load after a new device not taken: {r}");
+        let mut waiting = Vec::new();
+        for (n, e) in &mut self.entries {
+            if !e.model.wanted || e.config.as_ref().is_none_or(|c| c.devices.is_empty()) {
+                continue;
             }
+            if e.model.status == Status::Unsupported {
+                waiting.push(n.clone());
+            } else {
+                e.devices_dirty = true;
+            }
+        }
+        for name in waiting {
+            self.load_for_device(&name);
+        }
+    }
+
+    /// After an operation of `name` ended: when it found no device but one
+    /// was added meanwhile, it looks again.
+    fn recheck_devices(&mut self, name: &str) {
+        let stopping = self.shutting_down();
+        let Some(e) = self.entries.get_mut(name) else {
+            return;
+        };
+        let dirty = std::mem::take(&mut e.devices_dirty);
+        if dirty && !stopping && e.model.wanted && e.model.status == Status::Unsupported {
+            self.load_for_device(name);
+        }
+    }
+
+    /// Asks for a load of `name` because a device was added.
+    fn load_for_device(&mut self, name: &str) {
+        info!(KVCD_MODULE = %name, "a device was added: looking for a match again");
+        let ev = machine::Event::LoadRequested {
+            seq: self.next_seq(),
+        };
+        if let Err(r) = self.apply(name, ev) {
+            warn!(KVCD_MODULE = %name, "load after a new device not taken: {r}");
         }
     }
 
