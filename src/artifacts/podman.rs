@@ -220,6 +220,25 @@ pub fn is_missing_image(cause: &str) -> bool {
     cause.contains("no such image") || cause.contains("image not known")
 }
 
+/// The arguments of a podman call that talks to a registry: `HEAD…
+/// --tls-verify=… [--authfile=…] -- TARGET` (the target after `--`, so it is
+/// never taken for an option).
+fn registry_args(
+    head: &[&str],
+    tls_verify: bool,
+    auth_file: Option<&Path>,
+    target: &str,
+) -> Vec<String> {
+    let mut args: Vec<String> = head.iter().map(|a| (*a).to_owned()).collect();
+    args.push(format!("--tls-verify={tls_verify}"));
+    if let Some(a) = auth_file {
+        args.push(format!("--authfile={}", a.display()));
+    }
+    args.push("--".to_owned());
+    args.push(target.to_owned());
+    args
+}
+
 /// True when `podman search --list-tags` failed because the registry does not
 /// know the repository (nothing was ever pushed there).
 pub fn is_unknown_repository(tail: &[String]) -> bool {
@@ -352,18 +371,12 @@ impl Podman {
         auth_file: Option<&Path>,
         tls_verify: bool,
     ) -> Result<Vec<String>> {
-        let mut args = vec![
-            "search".to_owned(),
-            "--list-tags".to_owned(),
-            "--limit=1000000".to_owned(),
-            "--format=json".to_owned(),
-            format!("--tls-verify={tls_verify}"),
-        ];
-        if let Some(a) = auth_file {
-            args.push(format!("--authfile={}", a.display()));
-        }
-        args.push("--".to_owned());
-        args.push(repository.to_owned());
+        let args = registry_args(
+            &["search", "--list-tags", "--limit=1000000", "--format=json"],
+            tls_verify,
+            auth_file,
+            repository,
+        );
         let what = || {
             format!(
                 "listing the tags of {repository} in registry {}",
@@ -401,16 +414,8 @@ impl Podman {
         tls_verify: bool,
         sink: LineSink<'_>,
     ) -> Result<String> {
-        let mut args = vec![
-            "push".to_owned(),
-            format!("--tls-verify={tls_verify}"),
-            format!("--digestfile={}", digest_file.display()),
-        ];
-        if let Some(a) = auth_file {
-            args.push(format!("--authfile={}", a.display()));
-        }
-        args.push("--".to_owned());
-        args.push(reference.to_owned());
+        let digest_arg = format!("--digestfile={}", digest_file.display());
+        let args = registry_args(&["push", &digest_arg], tls_verify, auth_file, reference);
         let what = || format!("pushing {reference} to registry {}", registry_of(reference));
         let _ = std::fs::remove_file(digest_file);
         let run = self
@@ -522,12 +527,7 @@ impl ContainerTool for Podman {
         tls_verify: bool,
         sink: LineSink<'_>,
     ) -> Result<Option<String>> {
-        let mut args = vec!["pull".to_owned(), format!("--tls-verify={tls_verify}")];
-        if let Some(a) = auth_file {
-            args.push(format!("--authfile={}", a.display()));
-        }
-        args.push("--".to_owned());
-        args.push(reference.to_owned());
+        let args = registry_args(&["pull"], tls_verify, auth_file, reference);
         let what = || {
             format!(
                 "pulling {reference} from registry {}",
