@@ -73,11 +73,7 @@ fn print_outcome(o: &Outcome) {
             e.message
         ),
     };
-    if super::steps_to_journal() {
-        tracing::info!(KVCD_MODULE = %o.name, KVCD_KERNEL = %o.kernel, "{line}");
-    } else {
-        println!("{line}");
-    }
+    super::print_result(&o.name, &o.kernel, &line);
 }
 
 fn exit_code(outcomes: &[Outcome]) -> u8 {

@@ -157,8 +157,18 @@ fn stdout_is_journal() -> bool {
 
 /// True when a `kvcd` verb logs its steps to the journal with `KVCD_*` fields
 /// instead of printing them (its stdout is the journal, as under a unit).
-pub(crate) fn steps_to_journal() -> bool {
+fn steps_to_journal() -> bool {
     STEPS_TO_JOURNAL.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Prints a result `line` about module config `module` on `kernel`; when the
+/// verb's output is the journal, logs it there with their `KVCD_*` fields instead.
+pub(super) fn print_result(module: &str, kernel: &str, line: &str) {
+    if steps_to_journal() {
+        tracing::info!(KVCD_MODULE = %module, KVCD_KERNEL = %kernel, "{line}");
+    } else {
+        println!("{line}");
+    }
 }
 
 /// Logging: `KVCD_LOG` or `RUST_LOG` if set, else by `-v` (the daemon logs at info by default).

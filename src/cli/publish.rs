@@ -100,11 +100,7 @@ impl Published {
 
     /// Prints the line; in the journal, with the config's and the kernel's fields.
     fn print(&self) {
-        if super::steps_to_journal() {
-            tracing::info!(KVCD_MODULE = %self.config, KVCD_KERNEL = %self.kernel, "{}", self.line());
-        } else {
-            println!("{}", self.line());
-        }
+        super::print_result(&self.config, &self.kernel, &self.line());
     }
 
     fn line(&self) -> String {
