@@ -78,6 +78,15 @@ impl Node {
     }
 }
 
+/// Removes `REPO:TAG` for each tag from podman's local storage (absent ones are fine).
+fn remove_images(repo: &str, tags: &[&str]) {
+    for t in tags {
+        let _ = Command::new("podman")
+            .args(["rmi", "--force", &format!("{repo}:{t}")])
+            .output();
+    }
+}
+
 fn json(out: &str) -> serde_json::Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
 }
@@ -262,11 +271,7 @@ fn publish_for_two_kernels_then_a_node_prepares_both_with_zero_builds() {
     assert_eq!(calls, ["search"], "one tag list per repository: {calls:?}");
 
     // 3. A node: its own state, the images gone from local storage, no build context.
-    for k in [&kver_a, &kver_b] {
-        let _ = Command::new("podman")
-            .args(["rmi", "--force", &format!("{repo}:{k}")])
-            .output();
-    }
+    remove_images(&repo, &[&kver_a, &kver_b]);
     node.write_config(&image.replace("tls_verify", "pull = \"missing\"\ntls_verify"));
     for k in [&kver_a, &kver_b] {
         let (rc, out, err) = node.kvcd(
@@ -292,11 +297,7 @@ fn publish_for_two_kernels_then_a_node_prepares_both_with_zero_builds() {
         0,
         "{calls:?}"
     );
-    for k in [&kver_a, &kver_b] {
-        let _ = Command::new("podman")
-            .args(["rmi", "--force", &format!("{repo}:{k}")])
-            .output();
-    }
+    remove_images(&repo, &[&kver_a, &kver_b]);
 }
 
 #[test]
